@@ -1,0 +1,41 @@
+"""jaxsplit: horizontal layer splitting (``W = W1 + W2``) for JAX/Flax parameter trees."""
+
+# core: config, selection, split/merge
+from jaxsplit import kernels as kernels
+from jaxsplit.config import Percentile as Percentile
+from jaxsplit.config import Relative as Relative
+from jaxsplit.config import Sigma as Sigma
+from jaxsplit.config import SplitConfig as SplitConfig
+from jaxsplit.select import find_layers as find_layers
+from jaxsplit.transform import LayerPlan as LayerPlan
+from jaxsplit.transform import SplitReport as SplitReport
+from jaxsplit.transform import match_layers as match_layers
+from jaxsplit.transform import merge_params as merge_params
+from jaxsplit.transform import split_params as split_params
+from jaxsplit.transform import split_with_report as split_with_report
+
+# quantization evaluator (quant.py, evaluate.py)
+
+# methods and automatic thresholds
+
+# wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # core
+    "kernels",
+    "Percentile",
+    "Relative",
+    "Sigma",
+    "SplitConfig",
+    "find_layers",
+    "LayerPlan",
+    "SplitReport",
+    "match_layers",
+    "merge_params",
+    "split_params",
+    "split_with_report",
+    # quantization evaluator
+    # methods and automatic thresholds
+]

@@ -61,7 +61,9 @@ def check_real(
 
 @dataclasses.dataclass(frozen=True)
 class Relative:
-    """Threshold ``fraction × max|W|`` of each layer (``Relative(0.5)`` splits the top half of the range).
+    """Threshold ``fraction × max|W|`` of each layer.
+
+    ``Relative(0.5)`` splits the top half of the range.
 
     Example:
       >>> Relative(0.5)

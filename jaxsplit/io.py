@@ -13,13 +13,15 @@ only with ``overwrite=True``. Nothing is ever written next to, or into, the inpu
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pathlib
 import shutil
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -150,7 +152,7 @@ def load(path: str | os.PathLike, *, fmt: str | None = None) -> dict[str, Any]:
         raise
     except Exception as e:  # the readers raise many kinds; all mean "not a valid checkpoint"
         raise CheckpointError(
-            f"cannot read {str(path)!r} as a {fmt} checkpoint (truncated or corrupt?): "
+            f"cannot read {str(path)!r} as {fmt} (truncated or corrupt?): "
             f"{type(e).__name__}: {_first_line(e)}"
         ) from e
     if not isinstance(tree, Mapping):
@@ -284,6 +286,20 @@ def _orbax():
     return ocp
 
 
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Silences orbax's warnings and absl log lines (our errors say what went wrong)."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR + 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        absl.setLevel(level)
+
+
 def _read_orbax(p: pathlib.Path) -> dict:
     import jax
 
@@ -295,10 +311,14 @@ def _read_orbax(p: pathlib.Path) -> dict:
                 f"{str(p)!r} is not an orbax checkpoint directory (no _METADATA file)"
             )
         p = inner[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_orbax():
         ck = ocp.PyTreeCheckpointer()
-        meta = ck.metadata(p.absolute()).item_metadata.tree
+        meta = ck.metadata(p.absolute()).item_metadata
+        if meta is None:
+            raise CheckpointError(
+                f"cannot read {str(p)!r} as orbax: unreadable metadata (truncated or corrupt?)"
+            )
+        meta = meta.tree
         args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
         tree = ck.restore(p.absolute(), args=ocp.args.PyTreeRestore(restore_args=args))
     return to_numpy_tree(tree)
@@ -307,8 +327,7 @@ def _read_orbax(p: pathlib.Path) -> dict:
 def _write_orbax(tree: dict, p: pathlib.Path) -> None:
     if not _leaves(tree):
         raise ValueError("an orbax checkpoint cannot hold an empty tree (no arrays)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_orbax():
         _orbax().PyTreeCheckpointer().save(p.absolute(), tree)
 
 

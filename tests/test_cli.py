@@ -234,6 +234,8 @@ def test_missing_checkpoint(ckpt, capsys, tmp_path):
         _check_bad(capsys, tmp_path, cmd, 2, r"^jaxsplit \w+: error: CKPT 'gone(\.npz)?' does not")
 
 
+# orbax's async reader leaves an "event loop is closed" callback behind when a read fails
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("fmt", io.FORMATS)
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 def test_truncated_or_corrupt_checkpoint(tmp_path, monkeypatch, capsys, fmt, damage):
@@ -246,7 +248,7 @@ def test_truncated_or_corrupt_checkpoint(tmp_path, monkeypatch, capsys, fmt, dam
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 3] if damage == "truncated" else os.urandom(len(data)))
     for cmd in (["inspect", src], ["split", src, "out.npz", *SPLIT]):
-        _check_bad(capsys, tmp_path, cmd, 1, rf"error: cannot read '{src}' as a {fmt} checkpoint")
+        _check_bad(capsys, tmp_path, cmd, 1, rf"error: cannot read '{src}' as {fmt}")
 
 
 def test_not_an_orbax_directory(tmp_path, monkeypatch, capsys):

@@ -170,10 +170,13 @@ def test_bad_files_raise_checkpoint_error(tmp_path, fmt, damage):
     out = io.save(_tree(), tmp_path / NAMES[fmt])
     data = out.read_bytes()
     out.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(len(data)))
-    with pytest.raises(io.CheckpointError, match=f"cannot read .* as a {fmt} checkpoint"):
+    with pytest.raises(
+        io.CheckpointError, match=rf"cannot read .* as {fmt} \(truncated or corrupt\?\)"
+    ):
         io.load(out)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_bad_orbax_directories(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(io.CheckpointError, match="not an orbax checkpoint directory"):
@@ -181,7 +184,7 @@ def test_bad_orbax_directories(tmp_path):
     out = io.save(_tree(), tmp_path / "ckpt")
     for f in (out / "d").iterdir():  # the array data
         f.write_bytes(b"")
-    with pytest.raises(io.CheckpointError, match="cannot read .* as a orbax checkpoint"):
+    with pytest.raises(io.CheckpointError, match="cannot read .* as orbax"):
         io.load(out)
 
 

@@ -24,7 +24,9 @@ from jaxsplit.quant import fake_quant as fake_quant
 
 # methods and automatic thresholds
 
+# isort: split
 # wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
+from jaxsplit import linen as linen
 
 __version__ = "0.1.0"
 
@@ -49,4 +51,6 @@ __all__ = [
     "quant_error",
     "evaluate_outputs",
     # methods and automatic thresholds
+    # wrappers
+    "linen",
 ]

@@ -27,6 +27,7 @@ from jaxsplit.quant import fake_quant as fake_quant
 # isort: split
 # wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
 from jaxsplit import linen as linen
+from jaxsplit import nnx as nnx
 
 __version__ = "0.1.0"
 
@@ -53,4 +54,5 @@ __all__ = [
     # methods and automatic thresholds
     # wrappers
     "linen",
+    "nnx",
 ]

@@ -14,7 +14,12 @@ from jaxsplit.transform import merge_params as merge_params
 from jaxsplit.transform import split_params as split_params
 from jaxsplit.transform import split_with_report as split_with_report
 
+# isort: split
 # quantization evaluator (quant.py, evaluate.py)
+from jaxsplit import quant as quant
+from jaxsplit.evaluate import quant_error as quant_error
+from jaxsplit.quant import QuantSpec as QuantSpec
+from jaxsplit.quant import fake_quant as fake_quant
 
 # methods and automatic thresholds
 
@@ -37,5 +42,9 @@ __all__ = [
     "split_params",
     "split_with_report",
     # quantization evaluator
+    "quant",
+    "QuantSpec",
+    "fake_quant",
+    "quant_error",
     # methods and automatic thresholds
 ]

@@ -128,7 +128,8 @@ class DemoRow(NamedTuple):
       accuracy: test accuracy with every kernel's branches quantized separately.
       weight_sqnr_db: ``10 log10(sum W² / sum (sum_i Q(W_i) - W)²)`` over all kernels.
       split_layers: layers that were split.
-      extra_params: non-zero values the split adds (branches other than ``branch_0``).
+      extra_params: non-zero values the split adds (non-zeros summed over the branches
+        minus those of the original kernels, as ``quant_error`` counts them).
       extra_params_frac: ``extra_params`` over the model's parameter count.
     """
 
@@ -261,7 +262,8 @@ def effective_kernels(variables: Mapping, spec: QuantSpec) -> tuple[dict, dict]:
     ``sum_i Q(W_i)``: that is what the demo feeds its single compiled forward pass.
 
     Returns:
-      ``({path: simulated kernel}, {path: extra non-zeros})``.
+      ``({path: simulated kernel}, {path: extra non-zeros})``; the extra non-zeros are
+      those summed over the branches minus those of the kernel (their exact sum).
 
     Example:
       >>> import numpy as np
@@ -296,7 +298,10 @@ def _layer_branches(tree: Mapping) -> dict[str, tuple]:
 @functools.partial(jax.jit, static_argnames="spec")
 def _simulate(branches: dict, spec: QuantSpec):
     eff = {p: sum(quant.quantize(b, spec) for b in bs) for p, bs in branches.items()}
-    extra = {p: sum(jnp.count_nonzero(b) for b in bs[1:]) for p, bs in branches.items()}
+    extra = {
+        p: sum(jnp.count_nonzero(b) for b in bs) - jnp.count_nonzero(sum(bs))
+        for p, bs in branches.items()
+    }
     return eff, extra
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from jaxsplit import kernels, quant
 from jaxsplit.config import SplitConfig, ThresholdSpec, resolve_parts, threshold_parts
+from jaxsplit.evaluate import sqnr_db
 from jaxsplit.quant import QuantSpec
 from jaxsplit.transform import _check_layer, _resolve_selection, _x64
 
@@ -51,8 +52,9 @@ class SweepRow(NamedTuple):
       bits, granularity: the ``QuantSpec``'s (``spec`` holds its full label).
       spec: ``spec_label(spec)``.
       n_split: values with ``|w| > threshold_abs``; ``frac_split`` = ``n_split / size``.
-      extra_nonzero: non-zero values the split adds (in branches other than ``branch_0``),
-        as a fraction of the kernel's size: the parameter cost of the split.
+      extra_nonzero: non-zero values the split adds (non-zeros summed over the branches
+        minus those of ``W``, as in ``quant_error``), as a fraction of the kernel's size:
+        the parameter cost of the split.
       mse_before: measured MSE of ``Q(W)`` (no split).
       mse: measured MSE of ``sum_i Q(W_i)`` against ``W``.
       predicted_mse: Widrow's naive prediction (independent rounding per branch).
@@ -202,8 +204,8 @@ def _resolve_all(w, values, kinds: tuple[str, ...]):
 def _measure(branches, w, spec: QuantSpec):
     """``(mse, predicted, predicted_correlated, extra_nonzero)`` of one split."""
     m = quant.branches_mse(branches, w, spec)
-    extra = sum(jnp.sum(b != 0, dtype=jnp.int32) for b in branches[1:])
-    return m.measured, m.predicted, m.predicted_correlated, extra
+    nonzero = sum(jnp.sum(b != 0, dtype=jnp.int32) for b in branches)
+    return m.measured, m.predicted, m.predicted_correlated, nonzero - jnp.sum(w != 0)
 
 
 @functools.partial(jax.jit, static_argnames=("kinds", "methods", "specs"))
@@ -341,16 +343,8 @@ def _rows(path, w, labels, methods, specs, out) -> list[SweepRow]:
                         predicted_mse=float(pred[i]),
                         predicted_mse_correlated=float(pred_c[i]),
                         reduction=1.0 - m / before if before > 0 else math.nan,
-                        sqnr_before_db=_db(signal, before),
-                        sqnr_db=_db(signal, m),
+                        sqnr_before_db=sqnr_db(signal, before),
+                        sqnr_db=sqnr_db(signal, m),
                     )
                 )
     return rows
-
-
-def _db(signal: float, noise: float) -> float:
-    if noise <= 0:
-        return math.inf
-    if signal <= 0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsplit import Relative, SplitConfig, match_layers, quant, split_params
+from jaxsplit import Relative, SplitConfig, match_layers, quant, quant_error, split_params
 from jaxsplit.demo import DemoConfig, DemoResult, effective_kernels, run_demo, variants
 from jaxsplit.demo_model import DigitsCNN, load_digits_split
 from jaxsplit.quant import QuantSpec
@@ -57,6 +57,24 @@ def test_splitting_improves_weight_sqnr_at_every_bit_width(result):
     sqnr = {(r.variant, r.bits): r.weight_sqnr_db for r in res.rows}
     for bits in (8, 4):
         assert sqnr["balance rel:0.5", bits] > sqnr["no split", bits] + 3.0
+
+
+def test_weight_sqnr_and_extra_params_agree_with_quant_error():
+    """The demo's single-pass figures equal the evaluator's totals for the same split."""
+    from jaxsplit.demo import _layer_branches, _simulate, _sqnr_db
+
+    rng = np.random.default_rng(1)
+    p = {
+        "a": {"kernel": rng.standard_t(3, (16, 8)).astype(np.float32)},
+        "b": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32)},
+    }
+    p2 = split_params(p, SplitConfig(layers=["a"], threshold=Relative(0.3)))
+    spec = QuantSpec(bits=3)
+    eff, extra = _simulate(_layer_branches(p2), spec)
+    ws = {k: jnp.asarray(v["kernel"]) for k, v in p.items()}
+    total = quant_error(p, p2, spec).total()
+    assert float(_sqnr_db(ws, eff)) == pytest.approx(total["sqnr_after"], rel=1e-5)
+    assert int(sum(extra.values())) == total["extra_nonzero"]
 
 
 def test_effective_kernels_quantize_each_branch_separately():

@@ -2,19 +2,18 @@
 
 import csv
 import io
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsplit import Percentile, Relative, Sigma, SplitConfig, kernels, match_layers, quant
+from jaxsplit import Percentile, Relative, Sigma, SplitConfig, quant_error, split_with_report
 from jaxsplit.quant import QuantSpec
 from jaxsplit.sweep import SweepResult, _sweep_kernel, spec_label, sweep, threshold_label
 
 SPECS = (QuantSpec(bits=8), QuantSpec(bits=4, granularity="per_channel"))
-THRESHOLDS = (0.5, Relative(0.5), Sigma(2.0), Percentile(99.0))
+THRESHOLDS = (0.5, Relative(0.5), Percentile(99.0))
 
 
 def _params():
@@ -49,39 +48,32 @@ def test_one_row_per_layer_and_grid_point(result):
 
 
 def test_rows_equal_the_direct_evaluator(result):
-    """Each row equals match_layers (threshold, count) + kernels.split + quant.branches_mse."""
+    """Each row equals split_params + quant_error (the evaluator) at the same grid point."""
     params = _params()
-    by_label = {threshold_label(t): t for t in THRESHOLDS}
-    plans = {}
+    rows = {(r.layer, r.threshold, r.method, r.spec): r for r in result.rows}
+    checked = 0
     for t in THRESHOLDS:
-        rep = match_layers(params, SplitConfig(layers=["**"], threshold=t))
-        plans.update({(p.path, threshold_label(t)): p for p in rep.layers})
-    for r in result.rows:
-        plan = plans[r.layer, r.threshold]
-        assert r.n_split == plan.n_split
-        assert r.threshold_abs == pytest.approx(plan.threshold, rel=1e-6)
-        assert r.frac_split == plan.n_split / plan.n_total
-        spec = SPECS[[spec_label(s) for s in SPECS].index(r.spec)]
-        w = jnp.asarray(_find(params["params"], r.layer))
-        key = kernels.stochastic_key(3, r.layer)
-        branches = kernels.split(r.method, w, plan.threshold, key)
-        m = quant.branches_mse(branches, w, spec)
-        assert r.mse == pytest.approx(float(m.measured), rel=1e-5)
-        assert r.predicted_mse == pytest.approx(float(m.predicted), rel=1e-5)
-        assert r.predicted_mse_correlated == pytest.approx(float(m.predicted_correlated), rel=1e-5)
-        assert r.mse_before == pytest.approx(float(quant.mse(w, spec)), rel=1e-5)
-        assert r.extra_nonzero == int(np.count_nonzero(branches[1])) / w.size
-        assert r.reduction == pytest.approx(1 - r.mse / r.mse_before)
-        signal = float(jnp.mean(jnp.square(w)))
-        assert r.sqnr_db == pytest.approx(10 * math.log10(signal / r.mse), rel=1e-6)
-        assert r.sqnr_before_db == pytest.approx(10 * math.log10(signal / r.mse_before), rel=1e-6)
-    assert set(by_label) == {r.threshold for r in result.rows}
-
-
-def _find(tree, path):
-    for k in path.split("/"):
-        tree = tree[k]
-    return tree["kernel"]
+        for method in ("balance", "random"):
+            cfg = SplitConfig(layers=["**"], threshold=t, method=method, seed=3)
+            p2, rep = split_with_report(params, cfg)
+            plans = {p.path: p for p in rep.layers}
+            for spec in SPECS:
+                for e in quant_error(params, p2, spec).layers:
+                    r = rows[e.path, threshold_label(t), method, spec_label(spec)]
+                    plan = plans[e.path]
+                    assert r.n_split == (plan.n_split or 0) == e.n_split
+                    assert r.threshold_abs == pytest.approx(plan.threshold, rel=1e-6)
+                    assert r.frac_split == e.split_fraction
+                    assert r.extra_nonzero == e.extra_nonzero / e.n_total
+                    assert r.mse == pytest.approx(e.mse_after, rel=1e-5)
+                    assert r.mse_before == pytest.approx(e.mse_before, rel=1e-5)
+                    assert r.predicted_mse == pytest.approx(e.pred_after, rel=1e-5)
+                    assert r.predicted_mse_correlated == pytest.approx(e.pred_after_corr, rel=1e-5)
+                    assert 100 * r.reduction == pytest.approx(e.reduction_pct, rel=1e-4)
+                    assert r.sqnr_db == pytest.approx(e.sqnr_after, rel=1e-5)
+                    assert r.sqnr_before_db == pytest.approx(e.sqnr_before, rel=1e-5)
+                    checked += 1
+    assert checked == len(result.rows)
 
 
 def test_one_compilation_per_kernel_shape_and_dtype():
@@ -102,10 +94,12 @@ def test_one_compilation_per_kernel_shape_and_dtype():
 
 def test_relative_thresholds_resolve_per_layer():
     w = np.array([[1.0, -8.0], [2.0, 4.0]], np.float32)
-    res = sweep({"d": {"kernel": w}}, layers="d", thresholds=[Relative(0.25), 3.0])
-    assert [r.threshold_abs for r in res.rows] == [2.0, 3.0]
-    assert [r.n_split for r in res.rows] == [2, 2]
-    assert [r.frac_split for r in res.rows] == [0.5, 0.5]
+    res = sweep({"d": {"kernel": w}}, layers="d", thresholds=[Relative(0.25), 3.0, Sigma(1.0)])
+    assert [r.threshold for r in res.rows] == ["rel:0.25", "3", "sigma:1"]
+    assert [r.threshold_abs for r in res.rows[:2]] == [2.0, 3.0]
+    assert res.rows[2].threshold_abs == pytest.approx(float(np.std(w)), rel=1e-6)
+    assert [r.n_split for r in res.rows] == [2, 2, 1]
+    assert [r.frac_split for r in res.rows] == [0.5, 0.5, 0.25]
 
 
 def test_csv_and_markdown(result):

@@ -401,3 +401,10 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
         train_seconds=t_train,
         total_seconds=time.perf_counter() - t0,
     )
+
+
+def cli_commands():
+    """``jaxsplit demo`` for ``jaxsplit.cli``'s registration hook (defined in ``cli_sweep``)."""
+    from jaxsplit.cli_sweep import demo_command
+
+    return [demo_command()]

@@ -348,3 +348,10 @@ def _rows(path, w, labels, methods, specs, out) -> list[SweepRow]:
                     )
                 )
     return rows
+
+
+def cli_commands():
+    """``jaxsplit sweep`` for ``jaxsplit.cli``'s registration hook (defined in ``cli_sweep``)."""
+    from jaxsplit.cli_sweep import sweep_command
+
+    return [sweep_command()]

@@ -18,6 +18,7 @@ from jaxsplit.transform import split_with_report as split_with_report
 # quantization evaluator (quant.py, evaluate.py)
 from jaxsplit import quant as quant
 from jaxsplit.evaluate import quant_error as quant_error
+from jaxsplit.evaluate_outputs import evaluate_outputs as evaluate_outputs
 from jaxsplit.quant import QuantSpec as QuantSpec
 from jaxsplit.quant import fake_quant as fake_quant
 
@@ -52,6 +53,7 @@ __all__ = [
     "QuantSpec",
     "fake_quant",
     "quant_error",
+    "evaluate_outputs",
     # methods and automatic thresholds
     # sweeps
     "SweepResult",

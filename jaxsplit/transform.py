@@ -328,7 +328,12 @@ def merge_params(params2: Mapping) -> Mapping:
 
 @jax.jit
 def _sum(*ws):
-    return functools.reduce(jnp.add, ws)
+    """Left-to-right sum of the branches; a zero addend leaves the bits alone, so subnormal
+    values (which XLA on CPU flushes to zero in arithmetic) survive the round trip."""
+    total = ws[0]
+    for w in ws[1:]:
+        total = jnp.where(w == 0, total, total + w)
+    return total
 
 
 # --- tree plumbing -------------------------------------------------------------------------

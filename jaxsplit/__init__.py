@@ -25,6 +25,12 @@ from jaxsplit.quant import fake_quant as fake_quant
 # methods and automatic thresholds
 
 # isort: split
+# sweeps (sweep.py); the demo is jaxsplit.demo
+from jaxsplit.sweep import SweepResult as SweepResult
+from jaxsplit.sweep import SweepRow as SweepRow
+from jaxsplit.sweep import sweep as sweep
+
+# isort: split
 # wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
 from jaxsplit import linen as linen
 from jaxsplit import nnx as nnx
@@ -52,6 +58,10 @@ __all__ = [
     "quant_error",
     "evaluate_outputs",
     # methods and automatic thresholds
+    # sweeps
+    "SweepResult",
+    "SweepRow",
+    "sweep",
     # wrappers
     "linen",
     "nnx",

@@ -14,7 +14,13 @@ from typing import Any
 
 import jax
 
-__all__ = ["branch_name", "check_branches", "sum_branches", "unsupported_error"]
+__all__ = [
+    "branch_name",
+    "check_branches",
+    "sum_branches",
+    "call_branches",
+    "unsupported_error",
+]
 
 
 def branch_name(i: int) -> str:
@@ -65,6 +71,33 @@ def sum_branches(run_branch: Callable[[int], Any], k: int) -> Any:
     for i in range(1, k):
         out = jax.tree.map(lambda a, b: a + b, out, run_branch(i))
     return out
+
+
+def call_branches(owner: Any, k: int, method: str, valid, args, kwargs, where: str) -> Any:
+    """Calls ``method`` on ``owner.branch_0 … branch_{k-1}`` and sums the outputs.
+
+    Args:
+      owner: a module holding the branches as attributes.
+      k: number of branches.
+      method: the method name (``"__call__"``, ``"attend"``).
+      valid: the methods that may run branch-wise (linear in the weight).
+      args, kwargs: the call's arguments.
+      where: how errors name ``owner`` (its type and path).
+
+    Raises:
+      TypeError: ``method`` is not in ``valid``.
+
+    Example:
+      >>> class Two:
+      ...     branch_0 = branch_1 = staticmethod(lambda x: 2 * x)
+      >>> call_branches(Two(), 2, "__call__", ("__call__",), (3,), {}, "Two")
+      12
+    """
+    if method not in valid:
+        raise TypeError(f"{where} has no branch-wise {method!r}; valid: {list(valid)}")
+    return sum_branches(
+        lambda i: getattr(getattr(owner, branch_name(i)), method)(*args, **kwargs), k
+    )
 
 
 def unsupported_error(path: str, module: Any, supported, why: str) -> TypeError:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxsplit._branches import (
     branch_name,
+    call_branches,
     check_branches,
     sum_branches,
     unsupported_error,
@@ -263,16 +264,9 @@ class Split(nn.Module):
         return self._sum("attend", args, kwargs)
 
     def _sum(self, method, args, kwargs):
-        spec = SUPPORTED[type(self.layer)]
-        if method not in spec.methods:
-            raise TypeError(
-                f"Split({type(self.layer).__name__}) at {_path(self)!r} has no "
-                f"branch-wise {method!r}; valid: {list(spec.methods)}"
-            )
-        return sum_branches(
-            lambda i: getattr(getattr(self, branch_name(i)), method)(*args, **kwargs),
-            self.branches,
-        )
+        valid = SUPPORTED[type(self.layer)].methods
+        where = f"Split({type(self.layer).__name__}) at {_path(self)!r}"
+        return call_branches(self, self.branches, method, valid, args, kwargs, where)
 
     @staticmethod
     def from_params(layer_params: Mapping, **cfg_fields) -> Mapping:

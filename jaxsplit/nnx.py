@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsplit._branches import branch_name, check_branches, sum_branches, unsupported_error
+from jaxsplit._branches import branch_name, call_branches, check_branches, unsupported_error
 from jaxsplit.config import SplitConfig
 from jaxsplit.select import find_layers, unwrap
 from jaxsplit.transform import _like, _rebuild, _wrap_like, merge_params, split_params
@@ -96,16 +96,9 @@ class Split(nnx.Module):
         return self._sum("attend", args, kwargs)
 
     def _sum(self, method, args, kwargs):
-        methods = SUPPORTED[type(self.branch_0)][1]
-        if method not in methods:
-            raise TypeError(
-                f"Split({type(self.branch_0).__name__}) has no branch-wise {method!r}; "
-                f"valid: {list(methods)}"
-            )
-        return sum_branches(
-            lambda i: getattr(getattr(self, branch_name(i)), method)(*args, **kwargs),
-            self.num_branches,
-        )
+        valid = SUPPORTED[type(self.branch_0)][1]
+        where = f"Split({type(self.branch_0).__name__})"
+        return call_branches(self, self.num_branches, method, valid, args, kwargs, where)
 
 
 def _child(node: Any, key: Any) -> Any:

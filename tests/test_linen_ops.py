@@ -178,3 +178,5 @@ def test_split_module_bad_branches(branches):
 def test_split_module_unsupported_layer():
     with pytest.raises(TypeError, match=r"\(LayerNorm\): Split wraps it.*Dense"):
         Split(nn.LayerNorm()).init(KEY, jnp.ones((1, 2)))
+    with pytest.raises(TypeError, match=r"Split\(Dense\) at .* no branch-wise 'attend'"):
+        Split(nn.Dense(2)).init(KEY, jnp.ones((1, 2)), method="attend")

@@ -231,3 +231,16 @@ def test_scanned_layers_see_their_slice():
 
     js.linen.apply(model, v2, X, quant=spy)
     assert seen and all(s == (4, 4) for s in seen)
+
+
+def test_three_branches_sum():
+    model = nn.Sequential([nn.Dense(2)])
+    k, b = randn(4, 2), randn(2)
+    parts = [randn(4, 2, seed=s) for s in (2, 3)]
+    tree = {
+        "branch_0": {"kernel": k - parts[0] - parts[1], "bias": b},
+        "branch_1": {"kernel": parts[0]},
+        "branch_2": {"kernel": parts[1]},
+    }
+    merged = js.merge_params({"params": {"layers_0": tree}})
+    _close(js.linen.apply(model, {"params": {"layers_0": tree}}, X), model.apply(merged, X))

@@ -138,7 +138,8 @@ def random(w: jax.Array, threshold, key: jax.Array) -> tuple[jax.Array, jax.Arra
     one_two = lax.bitcast_convert_type((b_share >> 9) | jnp.uint32(0x3F800000), jnp.float32)
     u = (one_two * 0.5).astype(w.dtype)
     big = w * u
-    small = w - big
+    small = w - big  # exact (Sterbenz) unless it is subnormal and XLA flushes it to zero:
+    big = jnp.where(small == 0, w, big)  # then keep the value whole, still exact
     coin = (b_coin & 1) == 1
     zero = jnp.zeros_like(w)
     w1 = jnp.where(mask, jnp.where(coin, big, small), w)

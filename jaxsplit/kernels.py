@@ -71,8 +71,9 @@ def balance(w: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:
       >>> w1.tolist(), w2.tolist()
       ([0.25, -1.5, 1.0], [0.0, -1.5, 1.0])
     """
-    mask = split_mask(w, threshold)
-    w2 = jnp.where(mask, w / 2, jnp.zeros_like(w))
+    half = w / 2
+    mask = split_mask(w, threshold) & (half != 0)  # a flushed half: keep the value whole
+    w2 = jnp.where(mask, half, jnp.zeros_like(w))
     w1 = jnp.where(mask, w - w2, w)
     return w1, w2
 

@@ -16,22 +16,33 @@ import numpy as np
 ROWS_PER_BLOCK_BYTES = 256 * 1024  # a floor block fits in L2, so W is read from DRAM once
 
 
-def timed(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, dict[str, float]]:
+def timed(
+    fns: dict[str, Callable[[], object]],
+    reps: int,
+    setups: dict[str, Callable[[], object]] | None = None,
+) -> dict[str, dict[str, float]]:
     """Runs the callables interleaved ``reps`` times (after one warm-up call each).
 
     Interleaving makes the floor and the candidates share whatever else the machine is
-    doing. Returns ``{name: {"median_ms", "min_ms"}}``.
+    doing. ``setups[name]``, if given, runs untimed before each call of ``fns[name]`` and
+    its result is passed to it (e.g. a fresh copy to donate). Returns
+    ``{name: {"median_ms", "min_ms"}}``.
     """
-    for f in fns.values():
-        jax.block_until_ready(f())
+    setups = setups or {}
+
+    def call(name):
+        args = (jax.block_until_ready(setups[name]()),) if name in setups else ()
+        t = time.perf_counter()
+        out = fns[name](*args)
+        jax.block_until_ready(out)
+        return time.perf_counter() - t
+
+    for name in fns:
+        call(name)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        for name, f in fns.items():
-            t = time.perf_counter()
-            out = f()
-            jax.block_until_ready(out)
-            times[name].append(time.perf_counter() - t)
-            del out
+        for name in fns:
+            times[name].append(call(name))
     return {
         k: {"median_ms": float(np.median(v)) * 1e3, "min_ms": float(np.min(v)) * 1e3}
         for k, v in times.items()

@@ -50,20 +50,15 @@ def _split_case(name: str, tree: dict, layers, reps: int) -> dict:
     cfg = SplitConfig(layers=layers, threshold=1.0)
     t = jnp.float32(1.0)
 
-    def donated():
-        fresh = jax.tree.map(lambda x: x + 0, tree)  # a copy to consume (timed separately)
-        jax.block_until_ready(fresh)
-        return fresh
-
-    copies = [donated() for _ in range(reps + 1)]
     res = timed(
         {
             "floor": lambda: floor_split(ks, bufs),
             "naive": lambda: [naive_split(k, t) for k in ks],
             "jaxsplit": lambda: split_params(tree, cfg),
-            "donate": lambda: split_params(copies.pop(), cfg, donate=True),
+            "donate": lambda fresh: split_params(fresh, cfg, donate=True),
         },
         reps,
+        setups={"donate": lambda: jax.tree.map(lambda x: x + 0, tree)},  # a copy to consume
     )
     return {"case": name, "bytes": tree_bytes(tree), **res}
 

@@ -1,6 +1,6 @@
 """Peak RSS of one split, in a fresh process: ``python -m benchmarks.peak --mib 1024 [--donate]``.
 
-Prints one JSON line: tree bytes, RSS before the tree was built, peak RSS (``ru_maxrss``)
+Prints one JSON line: tree bytes, RSS before the tree was built, peak RSS (``VmHWM``)
 and ``(peak - before) / tree bytes``. The tree is ``n`` Dense kernels of ``side²`` float32
 (about half the values above the threshold) with biases.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 
 import jax
 
@@ -17,12 +16,17 @@ from benchmarks.common import big_tree, tree_bytes
 from jaxsplit import SplitConfig, split_params
 
 
-def rss_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) of this process, from ``/proc/self/status``.
+
+    ``VmHWM`` belongs to this process's address space; ``getrusage``'s ``ru_maxrss`` would
+    not do, as Linux carries it over from the parent across ``exec``.
+    """
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main(argv=None) -> dict:
@@ -32,13 +36,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--donate", action="store_true")
     args = ap.parse_args(argv)
     n = max(1, args.mib * 2**20 // (args.side * args.side * 4))
-    before = rss_bytes()
+    before = status_bytes("VmRSS")
     tree = big_tree(n, args.side)
     b = tree_bytes(tree)
     cfg = SplitConfig(layers=["**/Dense_0"], threshold=1.0)
     out = split_params(tree, cfg, donate=args.donate)
     jax.block_until_ready(out)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status_bytes("VmHWM")
     res = {
         "tree_bytes": b,
         "kernels": n,

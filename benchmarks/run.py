@@ -135,6 +135,20 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     p = QUICK if args.quick else FULL
     skip = set(filter(None, args.skip.split(",")))
+    # fresh processes first, while this one is still small
+    layers, shapes = p["cold"]
+    cold = {"layers": 0, "shapes": 0, "cold_s": float("nan"), "warm_s": float("nan")}
+    if "cold" not in skip:
+        cold = run_child("benchmarks.cold", ["--layers", str(layers), "--shapes", str(shapes)])
+    rss = []
+    if "rss" not in skip:
+        mib = args.rss_mib or (16 if args.quick else 1024)
+        side = 256 if args.quick else 2048
+        for donate in (False, True):
+            extra = ["--donate"] if donate else []
+            rss.append(
+                run_child("benchmarks.peak", ["--mib", str(mib), "--side", str(side), *extra])
+            )
     timed_rows = []
     if "kernel" not in skip:
         side = p["side"]
@@ -151,19 +165,6 @@ def main(argv=None) -> dict:
         del tree
     if "sweep" not in skip:
         timed_rows.append(_sweep_case(*p["sweep"], p["reps"]))
-    layers, shapes = p["cold"]
-    cold = {"layers": 0, "shapes": 0, "cold_s": float("nan"), "warm_s": float("nan")}
-    if "cold" not in skip:
-        cold = run_child("benchmarks.cold", ["--layers", str(layers), "--shapes", str(shapes)])
-    rss = []
-    if "rss" not in skip:
-        mib = args.rss_mib or (16 if args.quick else 1024)
-        side = 256 if args.quick else 2048
-        for donate in (False, True):
-            extra = ["--donate"] if donate else []
-            rss.append(
-                run_child("benchmarks.peak", ["--mib", str(mib), "--side", str(side), *extra])
-            )
     results = {
         "timed": timed_rows,
         "cold": cold,

@@ -20,7 +20,11 @@ from jaxsplit import quant as quant
 from jaxsplit.quant import QuantSpec as QuantSpec
 from jaxsplit.quant import fake_quant as fake_quant
 
+# isort: split
 # methods and automatic thresholds
+from jaxsplit import auto as auto
+from jaxsplit.auto import AutoChoice as AutoChoice
+from jaxsplit.config import Auto as Auto
 
 # wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
 
@@ -45,4 +49,7 @@ __all__ = [
     "QuantSpec",
     "fake_quant",
     # methods and automatic thresholds
+    "auto",
+    "Auto",
+    "AutoChoice",
 ]

@@ -20,9 +20,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxsplit import kernels
-from jaxsplit.config import SplitConfig, resolve_parts, threshold_parts
+from jaxsplit import auto, kernels
+from jaxsplit.config import Auto, SplitConfig, resolve_parts, threshold_parts
 from jaxsplit.select import Layer, find_layers, params_root, select_layers, unwrap
 
 __all__ = [
@@ -47,8 +48,11 @@ class LayerPlan:
       reason: why a layer is skipped (``None`` when split).
       n_split: values above the threshold (``None`` when unknown, i.e. traced).
       n_total: number of values in the kernel.
-      threshold: the absolute threshold used, as a Python float (``None`` if unknown).
+      threshold: the absolute threshold used, as a Python float, or a tuple of floats
+        (one per output channel) for per-channel thresholds (``None`` if unknown).
       shape, dtype: the kernel's.
+      auto: for an ``Auto`` threshold, the ``AutoChoice`` (method, threshold, MSE before
+        and after, extra non-zeros); ``None`` otherwise.
     """
 
     path: str
@@ -56,9 +60,10 @@ class LayerPlan:
     reason: str | None
     n_split: int | None
     n_total: int
-    threshold: float | None
+    threshold: float | tuple[float, ...] | None
     shape: tuple[int, ...]
     dtype: str
+    auto: auto.AutoChoice | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,14 +99,44 @@ class SplitReport:
         }
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "method"))
-def _split_one(w, value, key, *, kind: str, method: str):
+@functools.partial(jax.jit, static_argnames=("kind", "method", "branches", "spec"))
+def _split_one(w, value, key, *, kind: str, method: str, branches: int = 2, spec=None):
     """One fused pass: threshold, branches, split count, non-finite count."""
     thr = resolve_parts(kind, value, w)
-    branches = kernels.split(method, w, thr, key)
+    ws = kernels.split(method, w, thr, key, branches=branches, spec=spec)
     n_split = jnp.sum(kernels.split_mask(w, thr), dtype=jnp.int32)
     n_bad = jnp.sum(~jnp.isfinite(w), dtype=jnp.int32)
-    return branches, n_split, n_bad, thr
+    return ws, n_split, n_bad, thr, None
+
+
+@functools.partial(jax.jit, static_argnames=("auto_cfg", "method", "branches"))
+def _auto_one(w, key, *, auto_cfg: Auto, method: str, branches: int):
+    """``_split_one`` for an ``Auto`` threshold: search, then split (one compiled call)."""
+    ws, info = auto.search(w, key, auto=auto_cfg, method=method, branches=branches)
+    mask = kernels.split_mask(w, info["threshold"]) & info["split"]
+    n_bad = jnp.sum(~jnp.isfinite(w), dtype=jnp.int32)
+    return ws, jnp.sum(mask, dtype=jnp.int32), n_bad, info["threshold"], info
+
+
+def _dispatch(w, key, cfg: SplitConfig):
+    """The compiled split of one kernel under ``cfg`` (fixed or ``Auto`` threshold)."""
+    if isinstance(cfg.threshold, Auto):
+        return _auto_one(w, key, auto_cfg=cfg.threshold, method=cfg.method, branches=cfg.branches)
+    kind, value = threshold_parts(cfg.threshold)
+    return _split_one(
+        w, value, key, kind=kind, method=cfg.method, branches=cfg.branches, spec=cfg.spec
+    )
+
+
+def _threshold_value(thr) -> float | tuple[float, ...]:
+    """A concrete threshold as a float, or a tuple of floats when per channel."""
+    a = np.asarray(thr, np.float64)
+    return float(a) if a.size == 1 else tuple(float(x) for x in a.reshape(-1))
+
+
+def _auto_choice(cfg: SplitConfig, info) -> auto.AutoChoice:
+    methods = auto.search_methods(cfg.method, cfg.threshold.spec)
+    return auto.choice(info, methods, cfg.threshold.candidates)
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
@@ -169,7 +204,6 @@ def split_with_report(params: Mapping, cfg: SplitConfig) -> tuple[Mapping, Split
       (1, [[0.0, 2.0]])
     """
     selected, matches, available = _resolve_selection(params, cfg)
-    kind, value = threshold_parts(cfg.threshold)
     pending = []  # (layer, device outputs) dispatched before any host sync
     plans: dict[str, LayerPlan] = {}
     for layer in selected:
@@ -178,29 +212,20 @@ def split_with_report(params: Mapping, cfg: SplitConfig) -> tuple[Mapping, Split
         if reason is not None:
             plans[layer.path] = _plan(layer, "skip", reason, 0, None)
             continue
-        key = kernels.stochastic_key(cfg.seed, layer.path) if cfg.method == "random" else None
         with _x64(w.dtype):
-            out = _split_one(w, value, key, kind=kind, method=cfg.method)
+            out = _dispatch(w, _layer_key(cfg, layer), cfg)
         pending.append((layer, out))
 
     replacements = {}
-    for layer, (ws, n_split, n_bad, thr) in pending:
+    for layer, (ws, *stats) in pending:
         if _is_traced(ws[0]):
             plans[layer.path] = _plan(layer, "split", None, None, None)
             replacements[layer.keys] = _branches(layer, ws)
             continue
-        n_split, n_bad, thr = int(n_split), int(n_bad), float(thr)
-        if n_bad and not cfg.allow_nonfinite:
-            raise ValueError(
-                f"layer {layer.path!r}: {layer.weight} holds {n_bad} non-finite "
-                f"value(s) (NaN/inf); pass allow_nonfinite=True to keep them on "
-                f"branch_0"
-            )
-        if n_split == 0:
-            plans[layer.path] = _plan(layer, "skip", "no value above threshold", 0, thr)
-            continue
-        plans[layer.path] = _plan(layer, "split", None, n_split, thr)
-        replacements[layer.keys] = _branches(layer, [_keep_sharding(w, layer.array) for w in ws])
+        plans[layer.path] = plan = _host_plan(layer, cfg, *stats)
+        if plan.action == "split":
+            ws = [_keep_sharding(w, layer.array) for w in ws]
+            replacements[layer.keys] = _branches(layer, ws)
 
     report = SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
     if cfg.verbose:
@@ -256,7 +281,6 @@ def match_layers(params: Mapping, cfg: SplitConfig) -> SplitReport:
       [('a', 'split', None), ('b', 'skip', 'no value above threshold')]
     """
     selected, matches, available = _resolve_selection(params, cfg)
-    kind, value = threshold_parts(cfg.threshold)
     plans = []
     for layer in selected:
         reason = _check_layer(layer)
@@ -264,19 +288,39 @@ def match_layers(params: Mapping, cfg: SplitConfig) -> SplitReport:
             plans.append(_plan(layer, "skip", reason, 0, None))
             continue
         with _x64(layer.array.dtype):
-            n, n_bad, thr = (
-                int(x) if i < 2 else float(x)
-                for i, x in enumerate(_count_one(layer.array, value, kind=kind))
-            )
-        if n_bad and not cfg.allow_nonfinite:
-            raise ValueError(
-                f"layer {layer.path!r}: {layer.weight} holds {n_bad} non-finite "
-                f"value(s) (NaN/inf); pass allow_nonfinite=True to keep them on "
-                f"branch_0"
-            )
-        action, why = ("split", None) if n else ("skip", "no value above threshold")
-        plans.append(_plan(layer, action, why, n, thr))
+            if isinstance(cfg.threshold, Auto):  # the search is the dry run's answer
+                stats = _dispatch(layer.array, _layer_key(cfg, layer), cfg)[1:]
+            else:
+                kind, value = threshold_parts(cfg.threshold)
+                stats = (*_count_one(layer.array, value, kind=kind), None)
+        plans.append(_host_plan(layer, cfg, *stats))
     return SplitReport(matches, tuple(plans), available)
+
+
+def _layer_key(cfg: SplitConfig, layer: Layer):
+    return kernels.stochastic_key(cfg.seed, layer.path) if cfg.method == "random" else None
+
+
+def _host_plan(layer: Layer, cfg: SplitConfig, n_split, n_bad, thr, info) -> LayerPlan:
+    """The ``LayerPlan`` from one layer's concrete statistics (a host sync).
+
+    Raises:
+      ValueError: non-finite values without ``cfg.allow_nonfinite``.
+    """
+    n_split, n_bad, thr = int(n_split), int(n_bad), _threshold_value(thr)
+    if n_bad and not cfg.allow_nonfinite:
+        raise ValueError(
+            f"layer {layer.path!r}: {layer.weight} holds {n_bad} non-finite "
+            f"value(s) (NaN/inf); pass allow_nonfinite=True to keep them on "
+            f"branch_0"
+        )
+    choice = None if info is None else _auto_choice(cfg, info)
+    if choice is not None and not choice.split:
+        why = "no candidate beats not splitting"
+        return _plan(layer, "skip", why, 0, None, choice)
+    if n_split == 0:
+        return _plan(layer, "skip", "no value above threshold", 0, thr, choice)
+    return _plan(layer, "split", None, n_split, thr, choice)
 
 
 def merge_params(params2: Mapping) -> Mapping:
@@ -334,15 +378,35 @@ def _sum(*ws):
 # --- tree plumbing -------------------------------------------------------------------------
 
 
-def _plan(layer: Layer, action, reason, n_split, thr) -> LayerPlan:
+def _plan(layer: Layer, action, reason, n_split, thr, choice=None) -> LayerPlan:
     w = layer.array
     return LayerPlan(
-        layer.path, action, reason, n_split, int(w.size), thr, tuple(w.shape), str(w.dtype)
+        layer.path,
+        action,
+        reason,
+        n_split,
+        int(w.size),
+        thr,
+        tuple(w.shape),
+        str(w.dtype),
+        choice,
     )
 
 
 def _log_line(plan: LayerPlan) -> str:
-    thr = "traced" if plan.threshold is None else f"{plan.threshold:.6g}"
+    t = plan.threshold
+    if t is None:
+        thr = "traced"
+    elif isinstance(t, tuple):
+        thr = f"per channel {min(t):.6g}..{max(t):.6g}"
+    else:
+        thr = f"{t:.6g}"
+    if plan.auto is not None:
+        a = plan.auto
+        thr += (
+            f", auto: {a.method or 'none'}, mse {a.mse_unsplit:.3g} -> {a.mse:.3g}, "
+            f"extra {a.extra:.2%}"
+        )
     if plan.action == "split":
         n = "?" if plan.n_split is None else plan.n_split
         return f"{plan.path}: split {n}/{plan.n_total} values (threshold {thr})"

@@ -181,7 +181,6 @@ def search_methods(method: str, spec: quant.QuantSpec) -> tuple[str, ...]:
     return tuple(m for m in AUTO_METHODS if m != "grid" or spec.symmetric)
 
 
-@functools.partial(jax.jit, static_argnames=("auto", "method", "branches"))
 def search(w: jax.Array, key: jax.Array | None, *, auto: Auto, method: str, branches: int = 2):
     """Chooses and applies the best split of one kernel, in one compiled call.
 
@@ -205,19 +204,30 @@ def search(w: jax.Array, key: jax.Array | None, *, auto: Auto, method: str, bran
       >>> bool(info["split"]), float(ws[1][-1]) > 0, bool(info["mse"] < info["mse_unsplit"])
       (True, True, True)
     """
-    spec = auto.spec
+    budget = jnp.inf if auto.max_extra is None else auto.max_extra
+    return _search(
+        w,
+        key,
+        jnp.float32(budget),
+        spec=auto.spec,
+        candidates=auto.candidates,
+        method=method,
+        branches=branches,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "candidates", "method", "branches"))
+def _search(w, key, budget, *, spec, candidates: int, method: str, branches: int):
+    """``search`` with the budget as data, so budgets share one compilation."""
     methods = search_methods(method, spec)
     wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
-    thr = candidate_thresholds(wf, spec, auto.candidates)
+    thr = candidate_thresholds(wf, spec, candidates)
     results = [evaluate(wf, thr, m, spec, branches=branches, key=key) for m in methods]
     mse = jnp.stack([r[0] for r in results])
     extra = jnp.stack([r[1] for r in results])
-    ok = jnp.isfinite(mse)
-    if auto.max_extra is not None:
-        ok &= extra <= auto.max_extra
-    score = jnp.where(ok, mse, jnp.inf)
+    score = jnp.where(jnp.isfinite(mse) & (extra <= budget), mse, jnp.inf)
     best = jnp.argmin(score.reshape(-1))
-    mi, ti = best // auto.candidates, best % auto.candidates
+    mi, ti = best // candidates, best % candidates
     mse0 = _measure(wf, (wf,), spec)[0]
     do_split = score.reshape(-1)[best] < mse0
     t = thr[ti]

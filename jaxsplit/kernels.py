@@ -260,9 +260,10 @@ def residual(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array,
     if not isinstance(spec, quant.QuantSpec):
         raise ValueError(f"method 'residual' needs a QuantSpec, got spec={spec!r}")
     mask = split_mask(w, threshold)
-    q = quant.quantize(w, spec)
-    w1 = jnp.where(mask, q, w)
-    w2 = jnp.where(mask, w - q, jnp.zeros_like(w))
+    w1 = jnp.where(mask, quant.quantize(w, spec), w)
+    # the twin is taken from the stored branch, never from Q's formula: XLA may contract
+    # ``w - n * s`` into one fused multiply-add, which skips the rounding of ``n * s``
+    w2 = jnp.where(mask, w - w1, jnp.zeros_like(w))
     return exact_or_keep(w, (w1, w2))
 
 

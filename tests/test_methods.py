@@ -262,3 +262,20 @@ def test_config_spec_property_and_hashable():
     )
     assert js.SplitConfig(layers=["a"], method="grid", quant=SPEC4).spec == SPEC4
     assert js.SplitConfig(layers=["a"]).spec is None
+
+
+@pytest.mark.parametrize("method", ["clip", "grid", "residual"])
+def test_no_fallback_inside_compiled_loops(method):
+    # XLA may fuse ``w - n * s`` into one FMA inside loops; the kernels must not rely on
+    # a rounding that the compiler can skip (the guard would hide it by not splitting)
+    rng = np.random.default_rng(8)
+    w = jnp.asarray(rng.standard_t(3, size=(64, 32)) * 0.02, jnp.float32)
+    spec = QuantSpec(bits=8)
+
+    def n_moved(t):
+        bs = kernels.split(method, w, t, spec=spec)
+        return jnp.sum(bs[1] != 0), jnp.sum(kernels.branch_sum(bs) != w)
+
+    moved, wrong = jax.lax.map(n_moved, jnp.array([0.0, 0.01]))
+    eager = [int(jnp.sum(_split(method, w, t, spec=spec)[1] != 0)) for t in (0.0, 0.01)]
+    assert moved.tolist() == eager and wrong.tolist() == [0, 0]

@@ -17,6 +17,8 @@ from jaxsplit.transform import split_with_report as split_with_report
 # isort: split
 # quantization evaluator (quant.py, evaluate.py)
 from jaxsplit import quant as quant
+from jaxsplit.evaluate import quant_error as quant_error
+from jaxsplit.evaluate_outputs import evaluate_outputs as evaluate_outputs
 from jaxsplit.quant import QuantSpec as QuantSpec
 from jaxsplit.quant import fake_quant as fake_quant
 
@@ -48,6 +50,8 @@ __all__ = [
     "quant",
     "QuantSpec",
     "fake_quant",
+    "quant_error",
+    "evaluate_outputs",
     # methods and automatic thresholds
     "auto",
     "Auto",

@@ -1,0 +1,238 @@
+"""Text renderings of ``evaluate.Report``: markdown and a ``rich`` table (printed by the CLI).
+
+Both use the same cells, so the README table and the terminal agree. Each error figure sits
+beside its cost (the extra non-zero parameters the split adds).
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "COLUMNS",
+    "report_cells",
+    "report_markdown",
+    "report_rich_table",
+    "outputs_markdown",
+    "outputs_rich_table",
+]
+
+#: Column headers, in order.
+COLUMNS = (
+    "layer",
+    "shape",
+    "split",
+    "+nnz",
+    "scale W → W_i",
+    "MSE Q(W)",
+    "MSE ΣQ(W_i)",
+    "Widrow ΣQ naive / corr.",
+    "meas/pred",
+    "SQNR dB",
+    "error removed",
+)
+
+
+def _g(x: float) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, float) and math.isinf(x):
+        return "∞" if x > 0 else "-∞"
+    return f"{x:.3g}"
+
+
+def _db(x: float) -> str:
+    return "∞" if math.isinf(x) and x > 0 else f"{x:.1f}"
+
+
+def _layer_cells(r) -> list[str]:
+    scales = " / ".join(_g(s) for s in r.scale_branches)
+    split = "–" if r.branches == 1 else f"{r.n_split} ({100 * r.split_fraction:.2g}%)"
+    return [
+        r.path,
+        "×".join(str(d) for d in r.shape),
+        split,
+        f"{r.extra_nonzero}",
+        _g(r.scale) if r.branches == 1 else f"{_g(r.scale)} → {scales}",
+        f"{_g(r.mse_before)} ({r.ratio_before:.2f}× pred)",
+        _g(r.mse_after),
+        f"{_g(r.pred_after)} / {_g(r.pred_after_corr)}",
+        f"{r.ratio_after_naive:.2f} / {r.ratio_after:.2f}",
+        f"{_db(r.sqnr_before)} → {_db(r.sqnr_after)}",
+        f"{r.reduction_pct:.1f}%",
+    ]
+
+
+def _total_cells(t: dict) -> list[str]:
+    pct = 100 * t["n_split"] / t["n_total"] if t["n_total"] else 0.0
+    naive = t["mse_after"] / t["pred_after"] if t["pred_after"] else math.nan
+    corr = t["mse_after"] / t["pred_after_corr"] if t["pred_after_corr"] else math.nan
+    before = t["mse_before"] / t["pred_before"] if t["pred_before"] else math.nan
+    return [
+        f"total ({t['layers_split']}/{t['layers']} split)",
+        str(t["n_total"]),
+        f"{t['n_split']} ({pct:.2g}%)",
+        str(t["extra_nonzero"]),
+        "",
+        f"{_g(t['mse_before'])} ({before:.2f}× pred)",
+        _g(t["mse_after"]),
+        f"{_g(t['pred_after'])} / {_g(t['pred_after_corr'])}",
+        f"{naive:.2f} / {corr:.2f}",
+        f"{_db(t['sqnr_before'])} → {_db(t['sqnr_after'])}",
+        f"{t['reduction_pct']:.1f}%",
+    ]
+
+
+def report_cells(report) -> list[list[str]]:
+    """One list of cell strings per layer, then the totals row.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit.evaluate import quant_error
+      >>> from jaxsplit.quant import QuantSpec
+      >>> w = {"d": {"kernel": np.array([[0.5, 2.0]], np.float32)}}
+      >>> report_cells(quant_error(w, w, QuantSpec()))[0][:4]
+      ['d', '1×2', '–', '0']
+    """
+    return [_layer_cells(r) for r in report.layers] + [_total_cells(report.total())]
+
+
+def _spec_line(report) -> str:
+    s = report.spec
+    kind = "symmetric" if s.symmetric else "asymmetric"
+    gran = s.granularity + (f" (axis {s.axis})" if s.granularity == "per_channel" else "")
+    rng = "narrow" if s.narrow_range else "full"
+    return f"int{s.bits} {kind} {gran}, {rng} range; MSE per element, branches quantized separately"
+
+
+def report_markdown(report) -> str:
+    """GitHub markdown: a caption line, the header, one row per layer, a bold totals row.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit.evaluate import quant_error
+      >>> from jaxsplit.quant import QuantSpec
+      >>> w = {"d": {"kernel": np.array([[0.5, 2.0]], np.float32)}}
+      >>> print(report_markdown(quant_error(w, w, QuantSpec())).splitlines()[2][:40])
+      | layer | shape | split | +nnz | scale W
+    """
+    cells = report_cells(report)
+    lines = [
+        f"*{_spec_line(report)}*",
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if i < 2 else "--:" for i in range(len(COLUMNS))) + "|",
+    ]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells[:-1]]
+    lines.append("| " + " | ".join(f"**{c}**" if c else "" for c in cells[-1]) + " |")
+    return "\n".join(lines)
+
+
+def report_rich_table(report):
+    """A ``rich.table.Table`` of the report (totals in bold under a section line).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit.evaluate import quant_error
+      >>> from jaxsplit.quant import QuantSpec
+      >>> w = {"d": {"kernel": np.array([[0.5, 2.0]], np.float32)}}
+      >>> t = report_rich_table(quant_error(w, w, QuantSpec()))
+      >>> t.row_count, len(t.columns)
+      (2, 11)
+    """
+    from rich.table import Table
+
+    table = Table(title="jaxsplit: quantization error by layer", caption=_spec_line(report))
+    for i, name in enumerate(COLUMNS):
+        table.add_column(name, justify="left" if i < 2 else "right", no_wrap=i == 0)
+    cells = report_cells(report)
+    for row in cells[:-1]:
+        table.add_row(*row)
+    table.add_section()
+    table.add_row(*cells[-1], style="bold")
+    return table
+
+
+# --- output-level report ------------------------------------------------------------------
+
+_OUT_COLUMNS = ("model", "+nnz", "output MSE", "SQNR dB", "cosine", "top-1 agreement")
+
+
+def _outputs_cells(report) -> list[list[str]]:
+    def row(name, nnz, e):
+        agree = "–" if e.agreement is None else f"{100 * e.agreement:.1f}%"
+        return [name, nnz, _g(e.mse), _db(e.sqnr), f"{e.cosine:.5f}", agree]
+
+    return [
+        row("original, quantized", "0", report.before),
+        row("split, quantized", str(report.extra_nonzero), report.after),
+    ]
+
+
+def _outputs_caption(report) -> str:
+    acts = "float activations" if report.act_bits is None else f"int{report.act_bits} activations"
+    s = report.spec
+    return f"weights int{s.bits} {s.granularity}, {acts}; against the float model's outputs"
+
+
+def outputs_markdown(report) -> str:
+    """Markdown for an ``OutputReport``: model-level rows, then per-layer output SQNR.
+
+    Example:
+      >>> from jaxsplit.evaluate_outputs import OutputError, OutputReport, LayerOutput
+      >>> from jaxsplit.quant import QuantSpec
+      >>> e = OutputError(0.01, 20.0, 0.99, 1.0)
+      >>> r = OutputReport(QuantSpec(), None, e, e, (LayerOutput("d", 30.0, 36.0),), 5)
+      >>> print(outputs_markdown(r).splitlines()[-1])
+      | d | 30.0 | 36.0 | +6.0 |
+    """
+    lines = [f"*{_outputs_caption(report)}*", ""]
+    lines += ["| " + " | ".join(_OUT_COLUMNS) + " |", "|---|" + "--:|" * (len(_OUT_COLUMNS) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in _outputs_cells(report)]
+    if report.layers:
+        lines += [
+            "",
+            "| layer output | SQNR dB original | SQNR dB split | gain dB |",
+            "|---|--:|--:|--:|",
+        ]
+        for lay in report.layers:
+            gain = lay.sqnr_after - lay.sqnr_before
+            lines.append(
+                f"| {lay.path} | {_db(lay.sqnr_before)} | {_db(lay.sqnr_after)} | {gain:+.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def outputs_rich_table(report):
+    """A ``rich.table.Table`` for an ``OutputReport`` (model rows, then one row per layer).
+
+    Example:
+      >>> from jaxsplit.evaluate_outputs import OutputError, OutputReport, LayerOutput
+      >>> from jaxsplit.quant import QuantSpec
+      >>> e = OutputError(0.01, 20.0, 0.99, None)
+      >>> r = OutputReport(QuantSpec(), 8, e, e, (LayerOutput("d", 30.0, 36.0),), 5)
+      >>> outputs_rich_table(r).row_count
+      3
+    """
+    from rich.table import Table
+
+    table = Table(
+        title="jaxsplit: model outputs under quantization", caption=_outputs_caption(report)
+    )
+    for i, name in enumerate(_OUT_COLUMNS):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in _outputs_cells(report):
+        table.add_row(*row)
+    if report.layers:
+        table.add_section()
+        for lay in report.layers:
+            gain = lay.sqnr_after - lay.sqnr_before
+            table.add_row(
+                f"layer {lay.path}",
+                "",
+                "",
+                f"{_db(lay.sqnr_before)} → {_db(lay.sqnr_after)}",
+                f"{gain:+.1f} dB",
+                "",
+            )
+    return table

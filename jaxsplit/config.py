@@ -66,7 +66,15 @@ def _check_flag(owner: str, field: str, value: Any) -> None:
         raise TypeError(f"{owner}.{field} must be a bool, got {value!r} ({type(value).__name__})")
 
 
-@dataclasses.dataclass(frozen=True)
+def _spec_repr(self) -> str:
+    """``Relative(fraction=0.5)``; ``per_channel`` is shown only when set."""
+    value = dataclasses.astuple(self)[0]
+    name = dataclasses.fields(self)[0].name
+    tail = ", per_channel=True" if self.per_channel else ""
+    return f"{type(self).__name__}({name}={value!r}{tail})"
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
 class Relative:
     """Threshold ``fraction × max|W|`` of each layer (or of each output channel).
 
@@ -75,12 +83,13 @@ class Relative:
     per-channel quantization: a tensor-wide threshold leaves small channels unsplit.
 
     Example:
-      >>> Relative(0.5)
-      Relative(fraction=0.5, per_channel=False)
+      >>> Relative(0.5), Relative(0.5, per_channel=True)
+      (Relative(fraction=0.5), Relative(fraction=0.5, per_channel=True))
     """
 
     fraction: float
     per_channel: bool = False
+    __repr__ = _spec_repr
 
     def __post_init__(self):
         object.__setattr__(
@@ -91,7 +100,7 @@ class Relative:
         _check_flag("Relative", "per_channel", self.per_channel)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Sigma:
     """Threshold ``k × std(W)`` of each layer (``Sigma(3)``: values beyond three sigmas).
 
@@ -99,18 +108,19 @@ class Sigma:
 
     Example:
       >>> Sigma(3)
-      Sigma(k=3.0, per_channel=False)
+      Sigma(k=3.0)
     """
 
     k: float
     per_channel: bool = False
+    __repr__ = _spec_repr
 
     def __post_init__(self):
         object.__setattr__(self, "k", check_real("Sigma", "k", self.k))
         _check_flag("Sigma", "per_channel", self.per_channel)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class Percentile:
     """Threshold at the ``p``-th percentile of each layer's ``|W|`` (``Percentile(99.9)``).
 
@@ -118,11 +128,12 @@ class Percentile:
 
     Example:
       >>> Percentile(99.9)
-      Percentile(p=99.9, per_channel=False)
+      Percentile(p=99.9)
     """
 
     p: float
     per_channel: bool = False
+    __repr__ = _spec_repr
 
     def __post_init__(self):
         object.__setattr__(

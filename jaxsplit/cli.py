@@ -241,7 +241,7 @@ def _make_ui(json_mode: bool) -> UI:
 
     out = Console(file=sys.stdout, highlight=False)
     if not out.is_terminal:
-        out = Console(file=sys.stdout, highlight=False, width=160)
+        out = Console(file=sys.stdout, highlight=False, width=200)
     err = Console(file=sys.stderr, highlight=False)
     return UI(out=out, err=err, json=json_mode)
 

@@ -1,4 +1,5 @@
-"""Built-in ``jaxsplit`` subcommands: ``inspect`` and ``split`` (see ``jaxsplit.cli``)."""
+"""Built-in ``jaxsplit`` subcommands ``inspect`` and ``split``, and helpers shared with
+``report`` (``jaxsplit.cli_report``); see ``jaxsplit.cli``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,17 @@ from typing import Any
 from jaxsplit import io
 from jaxsplit.cli import UI, Command, UsageError, add_json_flag
 
-__all__ = ["cli_commands", "parse_threshold", "load_checkpoint", "table"]
+__all__ = [
+    "cli_commands",
+    "add_input_arguments",
+    "add_split_options",
+    "check_patterns",
+    "load_checkpoint",
+    "parse_threshold",
+    "require_layers",
+    "split_config",
+    "table",
+]
 
 logger = logging.getLogger("jaxsplit")
 
@@ -20,9 +31,12 @@ _THRESHOLD_HELP = "T (absolute), rel:F (F x max|W|), sigma:K (K x std), pct:P (p
 
 def cli_commands() -> list[Command]:
     """The built-in subcommands, in help order."""
+    from jaxsplit import cli_report
+
     return [
         Command(name="inspect", help="per-layer weight statistics", **_INSPECT),
         Command(name="split", help="split layers into twin branches", **_SPLIT),
+        cli_report.COMMAND,
     ]
 
 
@@ -158,28 +172,36 @@ def parse_threshold(text: str):
         raise UsageError(f"--threshold {text!r}: {e}") from None
 
 
-def _split_args(p: argparse.ArgumentParser) -> None:
-    add_input_arguments(p)
-    p.add_argument("out", metavar="OUT", nargs="?", help="output path (not needed with --dry-run)")
+def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """Adds ``--layers --threshold --method --seed --allow-nonfinite`` (see ``split_config``)."""
     p.add_argument(
-        "--layers", nargs="+", required=True, metavar="PATTERN",
+        "--layers", nargs="+", required=required, metavar="PATTERN",
         help="layer paths, globs (block_*/Conv_0, ** crosses /) or re:REGEX",
     )  # fmt: skip
-    p.add_argument("--threshold", required=True, help=_THRESHOLD_HELP)
+    p.add_argument("--threshold", required=required, help=_THRESHOLD_HELP)
     p.add_argument("--method", default="balance", help="balance (default) or random")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random (default 0)")
-    p.add_argument("--out-format", choices=io.FORMATS, help="output format (default: from OUT)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument(
         "--allow-nonfinite", action="store_true", help="keep NaN/inf weights on branch_0"
     )
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    add_input_arguments(p)
+    p.add_argument("out", metavar="OUT", nargs="?", help="output path (not needed with --dry-run)")
+    add_split_options(p, required=True)
+    p.add_argument("--out-format", choices=io.FORMATS, help="output format (default: from OUT)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--dry-run", action="store_true", help="print what would split; write nothing")
     add_json_flag(p)
 
 
-def _split_config(args: argparse.Namespace):
+def split_config(args: argparse.Namespace):
+    """The ``SplitConfig`` of ``add_split_options``' arguments; bad values are ``UsageError``."""
     from jaxsplit.config import SplitConfig
 
+    if args.threshold is None:
+        raise UsageError("--threshold is required with --layers")
     threshold = parse_threshold(args.threshold)
     try:
         return SplitConfig(
@@ -193,6 +215,17 @@ def _split_config(args: argparse.Namespace):
     except (TypeError, ValueError) as e:
         flag = next((f for f in ("method", "seed", "layers") if f"SplitConfig.{f}" in str(e)), "")
         raise UsageError(f"--{flag}: {e}" if flag else str(e)) from None
+
+
+def check_patterns(tree: dict, cfg, available: list[str]) -> None:
+    """``UsageError`` listing the available paths if a ``--layers`` pattern matches nothing."""
+    from jaxsplit.select import select_layers
+
+    unmatched = [k for k, v in select_layers(tree, cfg.layers)[1].items() if not v]
+    if unmatched:
+        raise UsageError(
+            f"--layers pattern(s) {unmatched} matched no layer; available: {available}"
+        )
 
 
 def _check_output(args: argparse.Namespace) -> str | None:
@@ -216,18 +249,13 @@ def _check_output(args: argparse.Namespace) -> str | None:
 
 
 def _split_run(args: argparse.Namespace, ui: UI) -> int:
-    from jaxsplit.select import select_layers
     from jaxsplit.transform import match_layers, split_with_report
 
-    cfg = _split_config(args)
+    cfg = split_config(args)
     out_fmt = _check_output(args)
     tree = load_checkpoint(args.ckpt, args.format)
     available = list(require_layers(tree, args.ckpt))
-    unmatched = [k for k, v in select_layers(tree, cfg.layers)[1].items() if not v]
-    if unmatched:
-        raise UsageError(
-            f"--layers pattern(s) {unmatched} matched no layer; available: {available}"
-        )
+    check_patterns(tree, cfg, available)
     if args.dry_run:
         report = match_layers(tree, cfg)
     else:

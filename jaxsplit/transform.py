@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxsplit import auto, kernels
-from jaxsplit.config import Auto, SplitConfig, resolve_parts, threshold_parts
+from jaxsplit import auto, dispatch, kernels
+from jaxsplit.config import Auto, SplitConfig, threshold_parts
 from jaxsplit.select import Layer, find_layers, params_root, select_layers, unwrap
 
 __all__ = [
@@ -99,52 +97,6 @@ class SplitReport:
         }
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "method", "branches", "spec"))
-def _split_one(w, value, key, *, kind: str, method: str, branches: int = 2, spec=None):
-    """One fused pass: threshold, branches, split count, non-finite count."""
-    thr = resolve_parts(kind, value, w)
-    ws = kernels.split(method, w, thr, key, branches=branches, spec=spec)
-    n_split = jnp.sum(kernels.split_mask(w, thr), dtype=jnp.int32)
-    n_bad = jnp.sum(~jnp.isfinite(w), dtype=jnp.int32)
-    return ws, n_split, n_bad, thr, None
-
-
-@functools.partial(jax.jit, static_argnames=("auto_cfg", "method", "branches"))
-def _auto_one(w, key, *, auto_cfg: Auto, method: str, branches: int):
-    """``_split_one`` for an ``Auto`` threshold: search, then split (one compiled call)."""
-    ws, info = auto.search(w, key, auto=auto_cfg, method=method, branches=branches)
-    mask = kernels.split_mask(w, info["threshold"]) & info["split"]
-    n_bad = jnp.sum(~jnp.isfinite(w), dtype=jnp.int32)
-    return ws, jnp.sum(mask, dtype=jnp.int32), n_bad, info["threshold"], info
-
-
-def _dispatch(w, key, cfg: SplitConfig):
-    """The compiled split of one kernel under ``cfg`` (fixed or ``Auto`` threshold)."""
-    if isinstance(cfg.threshold, Auto):
-        return _auto_one(w, key, auto_cfg=cfg.threshold, method=cfg.method, branches=cfg.branches)
-    kind, value = threshold_parts(cfg.threshold)
-    return _split_one(
-        w, value, key, kind=kind, method=cfg.method, branches=cfg.branches, spec=cfg.spec
-    )
-
-
-def _threshold_value(thr) -> float | tuple[float, ...]:
-    """A concrete threshold as a float, or a tuple of floats when per channel."""
-    a = np.asarray(thr, np.float64)
-    return float(a) if a.size == 1 else tuple(float(x) for x in a.reshape(-1))
-
-
-def _auto_choice(cfg: SplitConfig, info) -> auto.AutoChoice:
-    methods = auto.search_methods(cfg.method, cfg.threshold.spec)
-    return auto.choice(info, methods, cfg.threshold.candidates)
-
-
-@functools.partial(jax.jit, static_argnames=("kind",))
-def _count_one(w, value, *, kind: str):
-    thr = resolve_parts(kind, value, w)
-    return jnp.sum(kernels.split_mask(w, thr), dtype=jnp.int32), jnp.sum(~jnp.isfinite(w)), thr
-
-
 def _x64(dtype) -> contextlib.AbstractContextManager:
     """float64 kernels need x64 mode (else jax would silently compute in float32)."""
     if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
@@ -193,8 +145,21 @@ def _is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def split_with_report(params: Mapping, cfg: SplitConfig) -> tuple[Mapping, SplitReport]:
+def split_with_report(
+    params: Mapping, cfg: SplitConfig, *, donate: bool = False
+) -> tuple[Mapping, SplitReport]:
     """``split_params`` that also returns the per-layer ``SplitReport``.
+
+    Args:
+      params: as for ``split_params``.
+      cfg: a ``SplitConfig``.
+      donate: as for ``split_params``.
+
+    Returns:
+      ``(new_tree, report)``.
+
+    Raises:
+      ValueError, TypeError: as ``split_params``.
 
     Example:
       >>> import numpy as np
@@ -203,29 +168,19 @@ def split_with_report(params: Mapping, cfg: SplitConfig) -> tuple[Mapping, Split
       >>> rep.layers[0].n_split, p2["Dense_0"]["branch_1"]["kernel"].tolist()
       (1, [[0.0, 2.0]])
     """
+    if not isinstance(donate, bool):
+        raise TypeError(f"donate must be a bool, got {donate!r} ({type(donate).__name__})")
     selected, matches, available = _resolve_selection(params, cfg)
-    pending = []  # (layer, device outputs) dispatched before any host sync
-    plans: dict[str, LayerPlan] = {}
-    for layer in selected:
-        w = layer.array
-        reason = _check_layer(layer)
-        if reason is not None:
-            plans[layer.path] = _plan(layer, "skip", reason, 0, None)
-            continue
-        with _x64(w.dtype):
-            out = _dispatch(w, _layer_key(cfg, layer), cfg)
-        pending.append((layer, out))
-
+    plans, todo = _checked(selected)
+    run = _run_donated if donate else _run_fused
+    if isinstance(cfg.threshold, Auto):
+        run = _run_auto
     replacements = {}
-    for layer, (ws, *stats) in pending:
-        if _is_traced(ws[0]):
-            plans[layer.path] = _plan(layer, "split", None, None, None)
-            replacements[layer.keys] = _branches(layer, ws)
+    for layer, ws, n_split, thr, *choice in run(todo, cfg):
+        plans[layer.path] = plan = _result_plan(layer, n_split, thr, *choice)
+        if plan.action == "skip":
             continue
-        plans[layer.path] = plan = _host_plan(layer, cfg, *stats)
-        if plan.action == "split":
-            ws = [_keep_sharding(w, layer.array) for w in ws]
-            replacements[layer.keys] = _branches(layer, ws)
+        replacements[layer.keys] = _branches(layer, [_keep_sharding(w, layer.array) for w in ws])
 
     report = SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
     if cfg.verbose:
@@ -234,19 +189,27 @@ def split_with_report(params: Mapping, cfg: SplitConfig) -> tuple[Mapping, Split
     return _rebuild(params, replacements), report
 
 
-def split_params(params: Mapping, cfg: SplitConfig) -> Mapping:
+def split_params(params: Mapping, cfg: SplitConfig, *, donate: bool = False) -> Mapping:
     """Splits the selected layers of a parameter tree into twin branches.
 
     Each selected layer ``{'kernel': W, 'bias': b, ...}`` becomes
     ``{'branch_0': {'kernel': W1, 'bias': b, ...}, 'branch_1': {'kernel': W2}}`` with
     ``W1 + W2 == W`` bit for bit. Untouched layers and subtrees are returned as the
     same objects; inputs are never mutated. Pure, and fine inside ``jax.jit`` (see the
-    module docstring for the traced rule).
+    module docstring for the traced rule). Each kernel is one compiled call (cached per
+    shape and dtype) and the host syncs once per call, not once per layer.
 
     Args:
       params: linen variables (only ``params`` is touched), a params dict,
         ``FrozenDict``, ``nnx.State`` or its pure dict.
       cfg: a ``SplitConfig``.
+      donate: let the split consume the selected kernels that are split: each such
+        ``jax.Array`` is donated to its split, so ``branch_0`` can reuse its buffer and
+        peak memory stays near ``2 ×`` the tree instead of ``3 ×``. The donated input
+        arrays are deleted (using them afterwards raises). Statistics and every check
+        run for all layers before anything is donated, so an error loses nothing.
+        Numpy kernels, kernels shared by several selected layers, skipped layers and
+        traced values are never donated.
 
     Returns:
       A new tree of the same container types.
@@ -254,7 +217,8 @@ def split_params(params: Mapping, cfg: SplitConfig) -> Mapping:
     Raises:
       ValueError: a pattern matched no layer (``strict``), a selected layer is already
         split, or holds NaN/inf (unless ``allow_nonfinite``).
-      TypeError: ``cfg`` is not a ``SplitConfig``, or a selected kernel is not floating.
+      TypeError: ``cfg`` is not a ``SplitConfig``, ``donate`` is not a bool, or a
+        selected kernel is not floating.
 
     Example:
       >>> import numpy as np
@@ -264,14 +228,15 @@ def split_params(params: Mapping, cfg: SplitConfig) -> Mapping:
       >>> sorted(p2["Dense_0"]), p2["Dense_0"]["branch_0"]["kernel"].tolist()
       (['branch_0', 'branch_1'], [[0.5, -2.0]])
     """
-    return split_with_report(params, cfg)[0]
+    return split_with_report(params, cfg, donate=donate)[0]
 
 
 def match_layers(params: Mapping, cfg: SplitConfig) -> SplitReport:
     """Dry run: which paths each pattern matches and what would happen to each layer.
 
     Raises like ``split_params`` (unmatched pattern under ``strict``, non-float or
-    already-split layers, non-finite values) but computes no branches.
+    already-split layers, non-finite values) but computes no branches: one read of each
+    selected kernel, one host sync.
 
     Example:
       >>> import numpy as np
@@ -281,46 +246,146 @@ def match_layers(params: Mapping, cfg: SplitConfig) -> SplitReport:
       [('a', 'split', None), ('b', 'skip', 'no value above threshold')]
     """
     selected, matches, available = _resolve_selection(params, cfg)
-    plans = []
+    plans, todo = _checked(selected)
+    if isinstance(cfg.threshold, Auto):  # the search is the dry run's answer
+        for layer, _, n, thr, choice in _run_auto(todo, cfg):
+            plans[layer.path] = _result_plan(layer, n, thr, choice)
+        return SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
+    for layer, (n, thr) in zip(
+        todo, _host_stats(todo, _dispatch_stats(todo, cfg), cfg), strict=True
+    ):
+        action, why = ("split", None) if n else ("skip", "no value above threshold")
+        plans[layer.path] = _plan(layer, action, why, n, thr)
+    return SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
+
+
+# --- execution: fused (one program per kernel) or two-phase with donation -------------------
+
+
+def _checked(selected: list[Layer]) -> tuple[dict[str, LayerPlan], list[Layer]]:
+    """Skip plans for layers that cannot be processed, and the layers that can."""
+    plans, todo = {}, []
     for layer in selected:
         reason = _check_layer(layer)
-        if reason is not None:
-            plans.append(_plan(layer, "skip", reason, 0, None))
-            continue
-        with _x64(layer.array.dtype):
-            if isinstance(cfg.threshold, Auto):  # the search is the dry run's answer
-                stats = _dispatch(layer.array, _layer_key(cfg, layer), cfg)[1:]
-            else:
-                kind, value = threshold_parts(cfg.threshold)
-                stats = (*_count_one(layer.array, value, kind=kind), None)
-        plans.append(_host_plan(layer, cfg, *stats))
-    return SplitReport(matches, tuple(plans), available)
+        if reason is None:
+            todo.append(layer)
+        else:
+            plans[layer.path] = _plan(layer, "skip", reason, 0, None)
+    return plans, todo
 
 
-def _layer_key(cfg: SplitConfig, layer: Layer):
+def _key(cfg: SplitConfig, layer: Layer):
     return kernels.stochastic_key(cfg.seed, layer.path) if cfg.method == "random" else None
 
 
-def _host_plan(layer: Layer, cfg: SplitConfig, n_split, n_bad, thr, info) -> LayerPlan:
-    """The ``LayerPlan`` from one layer's concrete statistics (a host sync).
+def _method_args(cfg: SplitConfig) -> dict:
+    return {"method": cfg.method, "branches": cfg.branches, "spec": cfg.spec}
 
-    Raises:
-      ValueError: non-finite values without ``cfg.allow_nonfinite``.
-    """
-    n_split, n_bad, thr = int(n_split), int(n_bad), _threshold_value(thr)
-    if n_bad and not cfg.allow_nonfinite:
-        raise ValueError(
-            f"layer {layer.path!r}: {layer.weight} holds {n_bad} non-finite "
-            f"value(s) (NaN/inf); pass allow_nonfinite=True to keep them on "
-            f"branch_0"
-        )
-    choice = None if info is None else _auto_choice(cfg, info)
+
+def _result_plan(layer: Layer, n_split, thr, choice=None) -> LayerPlan:
+    """The plan of a processed layer (``n_split`` is ``None`` when traced)."""
     if choice is not None and not choice.split:
-        why = "no candidate beats not splitting"
-        return _plan(layer, "skip", why, 0, None, choice)
+        return _plan(layer, "skip", "no candidate beats not splitting", 0, None, choice)
     if n_split == 0:
         return _plan(layer, "skip", "no value above threshold", 0, thr, choice)
     return _plan(layer, "split", None, n_split, thr, choice)
+
+
+def _run_auto(todo: list[Layer], cfg: SplitConfig):
+    """Yields ``(layer, branches, n_split, threshold, AutoChoice | None)``: each kernel's
+    search and split as one program, all dispatched before the single host sync."""
+    a = cfg.threshold
+    outs = []
+    for layer in todo:
+        w = layer.array
+        with _x64(w.dtype):
+            outs.append(
+                dispatch.auto_fused(
+                    w, _key(cfg, layer), auto_cfg=a, method=cfg.method, branches=cfg.branches
+                )
+            )
+    host = _host_stats(todo, [(counts, thr) for _, counts, thr, _ in outs], cfg)
+    infos = jax.device_get([info for _, _, _, info in outs if not _is_traced(info["split"])])
+    infos = iter(infos)
+    methods = auto.search_methods(cfg.method, a.spec)
+    for layer, (ws, *_), (n, thr) in zip(todo, outs, host, strict=True):
+        choice = None if n is None else auto.choice(next(infos), methods, a.candidates)
+        yield layer, ws, n, thr, choice
+
+
+def _run_fused(todo: list[Layer], cfg: SplitConfig):
+    """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched as one
+    program before the single host sync; counts are ``None`` when traced."""
+    kind, value = threshold_parts(cfg.threshold)
+    outs = []
+    for layer in todo:
+        w = layer.array
+        with _x64(w.dtype):
+            outs.append(dispatch.fused(w, value, _key(cfg, layer), kind=kind, **_method_args(cfg)))
+    host = _host_stats(todo, [(counts, thr) for _, counts, thr in outs], cfg)
+    for layer, (ws, _, _), (n, thr) in zip(todo, outs, host, strict=True):
+        yield layer, ws, n, thr
+
+
+def _run_donated(todo: list[Layer], cfg: SplitConfig):
+    """Two phases: statistics and checks for every layer (nothing consumed yet), then
+    the splits, donating each kernel that may be consumed."""
+    if any(_is_traced(layer.array) for layer in todo):
+        yield from _run_fused(todo, cfg)  # donation means nothing to a tracer
+        return
+    stats = _dispatch_stats(todo, cfg)
+    host = _host_stats(todo, stats, cfg)
+    seen: dict[int, int] = {}
+    for layer in todo:
+        seen[id(layer.array)] = seen.get(id(layer.array), 0) + 1
+    for layer, (_, thr_dev), (n, thr) in zip(todo, stats, host, strict=True):
+        if n == 0:
+            yield layer, None, 0, thr
+            continue
+        w = layer.array
+        fn = dispatch.apply_donated if _donatable(w, seen) else dispatch.apply
+        with _x64(w.dtype):
+            yield layer, fn(w, thr_dev, _key(cfg, layer), **_method_args(cfg)), n, thr
+
+
+def _donatable(w, seen: dict[int, int]) -> bool:
+    return isinstance(w, jax.Array) and seen[id(w)] == 1 and not w.is_deleted()
+
+
+def _dispatch_stats(todo: list[Layer], cfg: SplitConfig) -> list:
+    kind, value = threshold_parts(cfg.threshold)
+    out = []
+    for layer in todo:
+        with _x64(layer.array.dtype):
+            out.append(dispatch.stats(layer.array, value, kind=kind))
+    return out
+
+
+def _host_stats(todo: list[Layer], stats: list, cfg: SplitConfig) -> list[tuple]:
+    """``[(n_split, threshold)]`` fetched in one transfer (``(None, None)`` if traced);
+    raises for non-finite kernels unless ``cfg.allow_nonfinite``."""
+    concrete = [s for s in stats if not _is_traced(s[0])]
+    fetched = iter(jax.device_get(concrete))
+    host = []
+    for layer, s in zip(todo, stats, strict=True):
+        if _is_traced(s[0]):
+            host.append((None, None))
+            continue
+        counts, thr = next(fetched)
+        n_split, n_bad = (int(x) for x in counts)
+        if n_bad and not cfg.allow_nonfinite:
+            raise ValueError(
+                f"layer {layer.path!r}: {layer.weight} holds {n_bad} non-finite "
+                f"value(s) (NaN/inf); pass allow_nonfinite=True to keep them on "
+                f"branch_0"
+            )
+        host.append((n_split, _host_threshold(thr)))
+    return host
+
+
+def _host_threshold(thr):
+    """A scalar threshold as a float; a per-channel one as a tuple of floats."""
+    return float(thr) if thr.size == 1 else tuple(float(x) for x in thr.ravel())
 
 
 def merge_params(params2: Mapping) -> Mapping:
@@ -372,7 +437,12 @@ def merge_params(params2: Mapping) -> Mapping:
 
 @jax.jit
 def _sum(*ws):
-    return functools.reduce(jnp.add, ws)
+    """Left-to-right sum of the branches; a zero addend leaves the bits alone, so subnormal
+    values (which XLA on CPU flushes to zero in arithmetic) survive the round trip."""
+    total = ws[0]
+    for w in ws[1:]:
+        total = jnp.where(w == 0, total, total + w)
+    return total
 
 
 # --- tree plumbing -------------------------------------------------------------------------
@@ -394,19 +464,14 @@ def _plan(layer: Layer, action, reason, n_split, thr, choice=None) -> LayerPlan:
 
 
 def _log_line(plan: LayerPlan) -> str:
-    t = plan.threshold
-    if t is None:
-        thr = "traced"
-    elif isinstance(t, tuple):
+    t, a = plan.threshold, plan.auto
+    if isinstance(t, tuple):
         thr = f"per channel {min(t):.6g}..{max(t):.6g}"
     else:
-        thr = f"{t:.6g}"
-    if plan.auto is not None:
-        a = plan.auto
-        thr += (
-            f", auto: {a.method or 'none'}, mse {a.mse_unsplit:.3g} -> {a.mse:.3g}, "
-            f"extra {a.extra:.2%}"
-        )
+        thr = ("none" if a is not None else "traced") if t is None else f"{t:.6g}"
+    if a is not None:
+        thr += f"; auto: {a.method or 'untouched'}, mse {a.mse_unsplit:.3g} -> {a.mse:.3g}"
+        thr += f", extra non-zeros {a.extra:.2%}"
     if plan.action == "split":
         n = "?" if plan.n_split is None else plan.n_split
         return f"{plan.path}: split {n}/{plan.n_total} values (threshold {thr})"

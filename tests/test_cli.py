@@ -210,12 +210,76 @@ def test_readme_cli_examples_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(python, "README.md", "exec"), {})
     lines = [shlex.split(line, comments=True) for line in bash.splitlines()]
-    assert [line[1] for line in lines] == ["inspect", "split", "split", "split", "inspect"]
+    assert [line[1] for line in lines] == [
+        "inspect",
+        "split",
+        "split",
+        "split",
+        "inspect",
+        "report",
+        "report",
+    ]
     for argv in lines:
         code, out, err = _run(capsys, *argv[1:])
         assert code == 0, (argv, err)
     assert "branch_1" in io.load("ckpt_split")["params"]["Dense_0"]
     assert set(io.load("split.npz")["params"]["Dense_1"]) == {"branch_0", "branch_1"}
+
+
+def test_report_modes_agree_with_quant_error(ckpt, capsys, tmp_path):
+    from jaxsplit import QuantSpec, Sigma, SplitConfig, quant_error, split_params
+
+    split = ["--layers", "*", "block_*/*", "--threshold", "sigma:2"]
+    assert _run(capsys, "split", ckpt, "s.npz", *split)[0] == 0
+    params = io.load(ckpt)
+    cfg = SplitConfig(layers=("*", "block_*/*"), threshold=Sigma(2))
+    want = quant_error(params, split_params(params, cfg), QuantSpec(bits=4))
+    want = json.loads(json.dumps(cli._finite(want.to_dict())))
+    runs = {
+        "two files": ["report", ckpt, "s.npz"],
+        "in memory": ["report", ckpt, *split],
+        "split only": ["report", "s.npz"],
+    }
+    for name, argv in runs.items():
+        code, out, err = _run(capsys, *argv, "--bits", "4", "--json")
+        assert code == 0, (name, err)
+        got = json.loads(out)
+        assert got["layers"] == want["layers"] and got["total"] == want["total"], name
+    assert want["total"]["layers_split"] == 3 and want["total"]["reduction_pct"] > 0
+    code, out, _ = _run(capsys, "report", ckpt, "--json", "--per-channel")
+    base = json.loads(out)
+    assert base["spec"]["granularity"] == "per_channel"
+    assert [r["reduction_pct"] for r in base["layers"]] == [0.0, 0.0, 0.0]
+    code, out, _ = _run(capsys, "report", ckpt, "s.npz", "--markdown")
+    assert code == 0 and "| Dense_0 |" in out
+    code, out, _ = _run(capsys, "report", ckpt, "s.npz")
+    assert code == 0 and "8-bit per-tensor" in out and "block_1/Conv_0" in out
+
+
+def test_report_bad_inputs(ckpt, capsys, tmp_path):
+    io.save({"params": {"Other": {"kernel": np.ones((2, 2), np.float32)}}}, "other.npz")
+    cases = [
+        (["--bits", "1"], 2, r"--bits: QuantSpec.bits must be an int in \[2, 16\], got 1"),
+        (["--bits", "x"], 2, r"argument --bits: invalid int value: 'x'"),
+        (["gone.npz"], 2, r"SPLIT_CKPT 'gone.npz' does not exist"),
+        (["--threshold", "1"], 2, r"--threshold needs --layers"),
+        (["--layers", "Dense_0"], 2, r"--threshold is required with --layers"),
+        (
+            ["other.npz", "--layers", "x", "--threshold", "1"],
+            2,
+            r"give SPLIT_CKPT or --layers, not both",
+        ),
+        (
+            ["--layers", "Nope", "--threshold", "1"],
+            2,
+            r"--layers pattern\(s\) \['Nope'\] matched no layer; available",
+        ),
+        (["other.npz"], 1, r"params and params2 hold different layers"),
+    ]
+    for extra, code, pattern in cases:
+        _check_bad(
+            capsys, tmp_path, ["report", ckpt, *extra], code, "^jaxsplit report: error: " + pattern
+        )
 
 
 # --- the bad-input matrix: exit code, one-line message, nothing written or changed ---------

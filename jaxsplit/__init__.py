@@ -25,6 +25,7 @@ from jaxsplit.quant import fake_quant as fake_quant
 # isort: split
 # methods and automatic thresholds
 from jaxsplit import auto as auto
+from jaxsplit import qat as qat
 from jaxsplit.auto import AutoChoice as AutoChoice
 from jaxsplit.config import Auto as Auto
 
@@ -54,6 +55,7 @@ __all__ = [
     "evaluate_outputs",
     # methods and automatic thresholds
     "auto",
+    "qat",
     "Auto",
     "AutoChoice",
 ]

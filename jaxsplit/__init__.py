@@ -29,6 +29,12 @@ from jaxsplit import qat as qat
 from jaxsplit.auto import AutoChoice as AutoChoice
 from jaxsplit.config import Auto as Auto
 
+# isort: split
+# sweeps (sweep.py); the demo is jaxsplit.demo
+from jaxsplit.sweep import SweepResult as SweepResult
+from jaxsplit.sweep import SweepRow as SweepRow
+from jaxsplit.sweep import sweep as sweep
+
 # wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
 
 __version__ = "0.1.0"
@@ -58,4 +64,8 @@ __all__ = [
     "qat",
     "Auto",
     "AutoChoice",
+    # sweeps
+    "SweepResult",
+    "SweepRow",
+    "sweep",
 ]

@@ -181,7 +181,15 @@ def search_methods(method: str, spec: quant.QuantSpec) -> tuple[str, ...]:
     return tuple(m for m in AUTO_METHODS if m != "grid" or spec.symmetric)
 
 
-def search(w: jax.Array, key: jax.Array | None, *, auto: Auto, method: str, branches: int = 2):
+def search(
+    w: jax.Array,
+    key: jax.Array | None,
+    *,
+    auto: Auto,
+    method: str,
+    branches: int = 2,
+    budget=None,
+):
     """Chooses and applies the best split of one kernel, in one compiled call.
 
     Args:
@@ -191,6 +199,9 @@ def search(w: jax.Array, key: jax.Array | None, *, auto: Auto, method: str, bran
       auto: the ``Auto`` settings (static).
       method: a kernel method or ``"auto"`` (static).
       branches: branch count (static).
+      budget: overrides ``auto.max_extra`` (a scalar, may be traced), so that callers
+        compiling ``search`` inside their own ``jit`` can share one program across
+        budgets; ``None``: ``auto.max_extra``.
 
     Returns:
       ``(ws, info)``: the branches (``ws[0] = w``, others zero, when no candidate beats
@@ -204,7 +215,8 @@ def search(w: jax.Array, key: jax.Array | None, *, auto: Auto, method: str, bran
       >>> bool(info["split"]), float(ws[1][-1]) > 0, bool(info["mse"] < info["mse_unsplit"])
       (True, True, True)
     """
-    budget = jnp.inf if auto.max_extra is None else auto.max_extra
+    if budget is None:
+        budget = jnp.inf if auto.max_extra is None else auto.max_extra
     return _search(
         w,
         key,

@@ -137,10 +137,11 @@ def fused(w, value, key, *, kind: str, method: str, branches: int = 2, spec=None
 
 
 @functools.partial(jax.jit, static_argnames=("auto_cfg", "method", "branches"))
-def auto_fused(w, key, *, auto_cfg, method: str, branches: int = 2):
+def auto_fused(w, key, budget, *, auto_cfg, method: str, branches: int = 2):
     """``(branches, counts, threshold, info)`` for an ``Auto`` threshold: ``auto.search``
-    then the counts, in one program; ``counts[0]`` is 0 when the layer stays untouched."""
-    ws, info = auto.search(w, key, auto=auto_cfg, method=method, branches=branches)
+    then the counts, in one program; ``counts[0]`` is 0 when the layer stays untouched.
+    ``budget`` (data) overrides ``auto_cfg.max_extra``, so budgets share a program."""
+    ws, info = auto.search(w, key, auto=auto_cfg, method=method, branches=branches, budget=budget)
     counts = count_codes(w, info["threshold"])
     counts = counts.at[0].set(jnp.where(info["split"], counts[0], 0))
     return ws, counts, info["threshold"], info

@@ -295,13 +295,20 @@ def _run_auto(todo: list[Layer], cfg: SplitConfig):
     """Yields ``(layer, branches, n_split, threshold, AutoChoice | None)``: each kernel's
     search and split as one program, all dispatched before the single host sync."""
     a = cfg.threshold
+    static = dataclasses.replace(a, max_extra=None)  # the budget is data: one program
+    budget = jnp.float32(jnp.inf if a.max_extra is None else a.max_extra)
     outs = []
     for layer in todo:
         w = layer.array
         with _x64(w.dtype):
             outs.append(
                 dispatch.auto_fused(
-                    w, _key(cfg, layer), auto_cfg=a, method=cfg.method, branches=cfg.branches
+                    w,
+                    _key(cfg, layer),
+                    budget,
+                    auto_cfg=static,
+                    method=cfg.method,
+                    branches=cfg.branches,
                 )
             )
     host = _host_stats(todo, [(counts, thr) for _, counts, thr, _ in outs], cfg)

@@ -6,6 +6,8 @@ on ``branch_0``, and each method delivers the error reduction it promises.
 """
 
 import functools
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -279,3 +281,26 @@ def test_no_fallback_inside_compiled_loops(method):
     moved, wrong = jax.lax.map(n_moved, jnp.array([0.0, 0.01]))
     eager = [int(jnp.sum(_split(method, w, t, spec=spec)[1] != 0)) for t in (0.0, 0.01)]
     assert moved.tolist() == eager and wrong.tolist() == [0, 0]
+
+
+# --- README -------------------------------------------------------------------------------
+
+
+def _readme_section():
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    return text, text.split("## Methods beyond PPQ", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_methods_example_runs_and_prints_what_it_says(capsys):
+    _, section = _readme_section()
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README methods example", "exec"), {})  # noqa: S102
+    printed = capsys.readouterr().out.strip()
+    assert f"# {printed}" in code, printed
+
+
+def test_readme_methods_table_is_what_the_code_produces():
+    from experiments import methods_table
+
+    text, _ = _readme_section()
+    assert methods_table.readme_table(text) == methods_table.markdown()

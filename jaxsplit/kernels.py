@@ -155,7 +155,9 @@ def random(w: jax.Array, threshold, key: jax.Array) -> tuple[jax.Array, jax.Arra
     zero = jnp.zeros_like(w)
     w1 = jnp.where(mask, jnp.where(coin, big, small), w)
     w2 = jnp.where(mask, jnp.where(coin, small, big), zero)
-    return w1, w2
+    # near the smallest normal number ``small`` can be subnormal, which XLA on CPU flushes
+    # to zero: such a value stays whole on branch_0
+    return exact_or_keep(w, (w1, w2))
 
 
 def clip(w: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:

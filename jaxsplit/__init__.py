@@ -35,7 +35,10 @@ from jaxsplit.sweep import SweepResult as SweepResult
 from jaxsplit.sweep import SweepRow as SweepRow
 from jaxsplit.sweep import sweep as sweep
 
+# isort: split
 # wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
+from jaxsplit import linen as linen
+from jaxsplit import nnx as nnx
 
 __version__ = "0.1.0"
 
@@ -68,4 +71,7 @@ __all__ = [
     "SweepResult",
     "SweepRow",
     "sweep",
+    # wrappers
+    "linen",
+    "nnx",
 ]

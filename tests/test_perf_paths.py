@@ -182,3 +182,13 @@ def test_one_host_sync_per_call(monkeypatch):
     split_params(_tree(), SplitConfig(layers=["*"], threshold=1.0))
     split_params(_tree(), SplitConfig(layers=["*"], threshold=1.0), donate=True)
     assert len(calls) == 2
+
+
+def test_readme_performance_example_runs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Performance", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README performance example", "exec"), {})  # noqa: S102

@@ -18,10 +18,17 @@ from jaxsplit.transform import split_with_report as split_with_report
 # quantization evaluator (quant.py, evaluate.py)
 from jaxsplit import quant as quant
 from jaxsplit.evaluate import quant_error as quant_error
+from jaxsplit.evaluate_outputs import evaluate_outputs as evaluate_outputs
 from jaxsplit.quant import QuantSpec as QuantSpec
 from jaxsplit.quant import fake_quant as fake_quant
 
 # methods and automatic thresholds
+
+# isort: split
+# sweeps (sweep.py); the demo is jaxsplit.demo
+from jaxsplit.sweep import SweepResult as SweepResult
+from jaxsplit.sweep import SweepRow as SweepRow
+from jaxsplit.sweep import sweep as sweep
 
 # wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
 
@@ -46,5 +53,10 @@ __all__ = [
     "QuantSpec",
     "fake_quant",
     "quant_error",
+    "evaluate_outputs",
     # methods and automatic thresholds
+    # sweeps
+    "SweepResult",
+    "SweepRow",
+    "sweep",
 ]

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["COLUMNS", "report_cells", "report_markdown", "report_rich_table"]
+__all__ = [
+    "COLUMNS",
+    "report_cells",
+    "report_markdown",
+    "report_rich_table",
+    "outputs_markdown",
+    "outputs_rich_table",
+]
 
 #: Column headers, in order.
 COLUMNS = (
@@ -143,4 +150,89 @@ def report_rich_table(report):
         table.add_row(*row)
     table.add_section()
     table.add_row(*cells[-1], style="bold")
+    return table
+
+
+# --- output-level report ------------------------------------------------------------------
+
+_OUT_COLUMNS = ("model", "+nnz", "output MSE", "SQNR dB", "cosine", "top-1 agreement")
+
+
+def _outputs_cells(report) -> list[list[str]]:
+    def row(name, nnz, e):
+        agree = "–" if e.agreement is None else f"{100 * e.agreement:.1f}%"
+        return [name, nnz, _g(e.mse), _db(e.sqnr), f"{e.cosine:.5f}", agree]
+
+    return [
+        row("original, quantized", "0", report.before),
+        row("split, quantized", str(report.extra_nonzero), report.after),
+    ]
+
+
+def _outputs_caption(report) -> str:
+    acts = "float activations" if report.act_bits is None else f"int{report.act_bits} activations"
+    s = report.spec
+    return f"weights int{s.bits} {s.granularity}, {acts}; against the float model's outputs"
+
+
+def outputs_markdown(report) -> str:
+    """Markdown for an ``OutputReport``: model-level rows, then per-layer output SQNR.
+
+    Example:
+      >>> from jaxsplit.evaluate_outputs import OutputError, OutputReport, LayerOutput
+      >>> from jaxsplit.quant import QuantSpec
+      >>> e = OutputError(0.01, 20.0, 0.99, 1.0)
+      >>> r = OutputReport(QuantSpec(), None, e, e, (LayerOutput("d", 30.0, 36.0),), 5)
+      >>> print(outputs_markdown(r).splitlines()[-1])
+      | d | 30.0 | 36.0 | +6.0 |
+    """
+    lines = [f"*{_outputs_caption(report)}*", ""]
+    lines += ["| " + " | ".join(_OUT_COLUMNS) + " |", "|---|" + "--:|" * (len(_OUT_COLUMNS) - 1)]
+    lines += ["| " + " | ".join(r) + " |" for r in _outputs_cells(report)]
+    if report.layers:
+        lines += [
+            "",
+            "| layer output | SQNR dB original | SQNR dB split | gain dB |",
+            "|---|--:|--:|--:|",
+        ]
+        for lay in report.layers:
+            gain = lay.sqnr_after - lay.sqnr_before
+            lines.append(
+                f"| {lay.path} | {_db(lay.sqnr_before)} | {_db(lay.sqnr_after)} | {gain:+.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def outputs_rich_table(report):
+    """A ``rich.table.Table`` for an ``OutputReport`` (model rows, then one row per layer).
+
+    Example:
+      >>> from jaxsplit.evaluate_outputs import OutputError, OutputReport, LayerOutput
+      >>> from jaxsplit.quant import QuantSpec
+      >>> e = OutputError(0.01, 20.0, 0.99, None)
+      >>> r = OutputReport(QuantSpec(), 8, e, e, (LayerOutput("d", 30.0, 36.0),), 5)
+      >>> outputs_rich_table(r).row_count
+      3
+    """
+    from rich.table import Table
+
+    table = Table(
+        title="jaxsplit: model outputs under quantization", caption=_outputs_caption(report)
+    )
+    for i, name in enumerate(_OUT_COLUMNS):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in _outputs_cells(report):
+        table.add_row(*row)
+    if report.layers:
+        table.add_section()
+        for lay in report.layers:
+            gain = lay.sqnr_after - lay.sqnr_before
+            table.add_row(
+                f"layer {lay.path}",
+                "",
+                "",
+                f"{_db(lay.sqnr_before)} → {_db(lay.sqnr_after)}",
+                f"{gain:+.1f} dB",
+                "",
+            )
     return table

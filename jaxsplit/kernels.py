@@ -10,7 +10,9 @@ Exactness, argued per method:
 * ``balance``: ``w2 = w / 2`` and ``w1 = w - w2``. Halving is exact for normal
   numbers; where it is not (subnormal results, or XLA flushing them to zero on CPU),
   ``w - w2`` is still exact by Sterbenz' lemma (``w2`` lies in ``[0, w]`` with
-  the same sign, and ``w - 0 == w``), so ``w1 + w2 == w``.
+  the same sign, and ``w - 0 == w``), so ``w1 + w2 == w``. On CPU, XLA flushes
+  subnormal results to zero, so a value below twice the smallest normal number may
+  stay whole on ``branch_0`` (exact all the same).
 * ``random``: ``u ~ U[0.5, 1)``, ``big = w * u`` rounded, so ``|big|`` lies in
   ``[|w|/2, |w|]`` and ``w - big`` is exact (Sterbenz). A fair coin decides which
   branch receives ``big``.

@@ -1,0 +1,347 @@
+"""Output-level evaluation: float model vs fake-quantized original vs fake-quantized split model.
+
+For weight quantization the split model's output is ``sum_i (Q(W_i) X) + b``, which is
+``(sum_i Q(W_i)) X + b``: the original model run with every kernel replaced by the sum of its
+separately quantized branches (``quantized_weights``). That tree drives the original model
+(linen or NNX), so no wrapper is needed and layer paths stay those of the original model.
+Activations (``act_bits``) are fake-quantized per tensor at the input of every
+Dense/Conv-like layer, with scales calibrated by max-abs over the given inputs in the float
+model; both branches of a split layer see the same input, so this equals quantizing the
+input of each branch. Per-layer outputs are captured with ``nn.intercept_methods`` (linen)
+or probe modules on a copy of the model (NNX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsplit import quant
+from jaxsplit.evaluate import sqnr_db
+from jaxsplit.evaluate_format import outputs_markdown, outputs_rich_table
+from jaxsplit.quant import QuantSpec
+from jaxsplit.select import find_layers, unwrap
+from jaxsplit.transform import _like, _rebuild, _wrap_like, merge_params
+
+__all__ = ["OutputError", "LayerOutput", "OutputReport", "quantized_weights", "evaluate_outputs"]
+
+LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum)
+NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputError:
+    """Quantized model output against the float output.
+
+    Attributes:
+      mse: mean squared difference over all output elements.
+      sqnr: ``10·log10(mean(y²) / mse)`` in dB.
+      cosine: cosine similarity per sample (leading axis), averaged.
+      agreement: fraction of samples whose argmax over the last axis matches the float
+        model's (``None`` for outputs with fewer than 2 dimensions).
+    """
+
+    mse: float
+    sqnr: float
+    cosine: float
+    agreement: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOutput:
+    """SQNR (dB) of one layer's output in the quantized original and split models."""
+
+    path: str
+    sqnr_before: float
+    sqnr_after: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputReport:
+    """What quantization does to a model's outputs, before and after the split.
+
+    Attributes:
+      spec: weight ``QuantSpec``; ``act_bits``: activation bits (``None``: float activations).
+      before: original model with quantized weights vs float; ``after``: split model.
+      layers: per Dense/Conv-like layer call, output SQNR before/after (call order).
+      extra_nonzero: parameters the split adds (its cost), over all layers.
+    """
+
+    spec: QuantSpec
+    act_bits: int | None
+    before: OutputError
+    after: OutputError
+    layers: tuple[LayerOutput, ...]
+    extra_nonzero: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values."""
+        return {
+            "spec": self.spec.to_dict(),
+            "act_bits": self.act_bits,
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "layers": [r.to_dict() for r in self.layers],
+            "extra_nonzero": self.extra_nonzero,
+        }
+
+    def to_markdown(self) -> str:
+        """Markdown: model-level table, then per-layer output SQNR."""
+        return outputs_markdown(self)
+
+    def to_rich_table(self):
+        """A ``rich.table.Table`` of the report."""
+        return outputs_rich_table(self)
+
+
+def quantized_weights(variables: Mapping, spec: QuantSpec) -> Mapping:
+    """The tree with every layer's weight replaced by ``sum_i Q(W_i)`` (branches merged).
+
+    Split layers are quantized branch by branch (each with its own scale) and summed, so
+    the result runs on the *original* model; unsplit layers get ``Q(W)``. Other leaves
+    (biases, batch statistics) are unchanged; containers are preserved.
+
+    Args:
+      variables: any supported tree, split or not.
+      spec: the weight ``QuantSpec``.
+
+    Returns:
+      An unsplit tree of the same container types.
+
+    Example:
+      >>> import numpy as np
+      >>> p = {"d": {"branch_0": {"kernel": np.array([0.3, 1.0], np.float32)},
+      ...            "branch_1": {"kernel": np.array([0.0, 1.0], np.float32)}}}
+      >>> quantized_weights(p, QuantSpec(bits=2))["d"]["kernel"].tolist()
+      [0.0, 2.0]
+    """
+    replacements = {}
+    for layer in find_layers(variables).values():
+        node = layer.node
+        if layer.branches:
+            node = _like(
+                node,
+                {
+                    f"branch_{i}": _quantize_leaf(node[f"branch_{i}"], layer.weight, spec)
+                    for i in range(layer.branches)
+                },
+            )
+        else:
+            node = _quantize_leaf(node, layer.weight, spec)
+        replacements[layer.keys] = node
+    return merge_params(_rebuild(variables, replacements))
+
+
+def _quantize_leaf(node: Mapping, name: str, spec: QuantSpec) -> Mapping:
+    w = node[name]
+    q = quant.quantize(unwrap(w), spec)
+    return _like(node, {k: (_wrap_like(w, q) if k == name else v) for k, v in node.items()})
+
+
+def _extra_nonzero(variables2: Mapping) -> int:
+    total = 0
+    for layer in find_layers(variables2).values():
+        if layer.branches:
+            ws = [unwrap(layer.node[f"branch_{i}"][layer.weight]) for i in range(layer.branches)]
+            total += int(sum(jnp.count_nonzero(w) for w in ws) - jnp.count_nonzero(sum(ws)))
+    return total
+
+
+# --- running a model with hooks -----------------------------------------------------------
+
+# A hook: (path, call, x) -> y, where call(x) runs the layer on (possibly changed) input x.
+Hook = Callable[[str, Callable, jax.Array], jax.Array]
+
+
+def _run_linen(model, variables, args, kwargs, hook: Hook):
+    def interceptor(next_fun, a, kw, context):
+        if context.method_name != "__call__" or not isinstance(context.module, LINEN_LAYERS):
+            return next_fun(*a, **kw)
+        path = "/".join(str(p) for p in context.module.path)
+        return hook(path, lambda x: next_fun(x, *a[1:], **kw), a[0])
+
+    with nn.intercept_methods(interceptor):
+        return model.apply(variables, *args, **kwargs)
+
+
+class _Probe(nnx.Module):
+    """Stands in for an NNX layer on a copy of the model and routes its calls to a hook."""
+
+    def __init__(self, inner, path: str, hook: Hook):
+        self.inner = inner
+        self.path = path
+        self.hook = hook
+
+    def __call__(self, x, *a, **kw):
+        return self.hook(self.path, lambda v: self.inner(v, *a, **kw), x)
+
+
+def _run_nnx(model, state, args, kwargs, hook: Hook):
+    copy = nnx.clone(model)  # fresh Variables: the user's model is never touched
+    if state is not None:
+        nnx.update(copy, state)
+    targets = [(p, m) for p, m in nnx.iter_modules(copy) if p and isinstance(m, NNX_LAYERS)]
+    for path, m in targets:
+        parent = copy
+        for key in path[:-1]:
+            parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+        probe = _Probe(m, "/".join(str(p) for p in path), hook)
+        if isinstance(path[-1], int):
+            parent[path[-1]] = probe
+        else:
+            setattr(parent, path[-1], probe)
+    return copy(*args, **kwargs)
+
+
+def _run(model, variables, args, kwargs, hook: Hook):
+    if isinstance(model, nn.Module):
+        return _run_linen(model, variables, args, kwargs, hook)
+    if isinstance(model, nnx.Module):
+        return _run_nnx(model, variables, args, kwargs, hook)
+    raise TypeError(
+        f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+    )
+
+
+def _recorder(calls: list, act: dict | None, act_spec: QuantSpec | None) -> Hook:
+    """A hook that fake-quantizes inputs with calibrated scales and records calls in order."""
+
+    def hook(path, call, x):
+        if act is not None:
+            qp = quant.QParams(act[path], jnp.zeros((), jnp.float32))
+            x = quant.quantize(x, act_spec, params=qp)
+        y = call(x)
+        calls.append((path, jnp.max(jnp.abs(x.astype(jnp.float32))), y))
+        return y
+
+    return hook
+
+
+def _output_error(y: jax.Array, yq: jax.Array) -> OutputError:
+    y, yq = y.astype(jnp.float32), yq.astype(jnp.float32)
+    mse = float(jnp.mean(jnp.square(yq - y)))
+    flat = y.reshape(y.shape[0], -1) if y.ndim >= 1 else y.reshape(1, -1)
+    flatq = yq.reshape(flat.shape)
+    num = jnp.sum(flat * flatq, axis=1)
+    den = jnp.linalg.norm(flat, axis=1) * jnp.linalg.norm(flatq, axis=1)
+    cos = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.where(num == 0, 1.0, 0.0))
+    agree = None
+    if y.ndim >= 2:
+        agree = float(jnp.mean(jnp.argmax(y, -1) == jnp.argmax(yq, -1)))
+    return OutputError(
+        mse, sqnr_db(float(jnp.mean(jnp.square(y))), mse), float(jnp.mean(cos)), agree
+    )
+
+
+def _flat_output(out) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(out)
+    if len(leaves) == 1:
+        return jnp.asarray(leaves[0])
+    n = jnp.shape(leaves[0])[0] if jnp.ndim(leaves[0]) else 1
+    return jnp.concatenate([jnp.reshape(x, (n, -1)) for x in leaves], axis=1)
+
+
+def evaluate_outputs(
+    model,
+    variables: Mapping | None,
+    variables2: Mapping,
+    inputs,
+    spec: QuantSpec,
+    act_bits: int | None = None,
+    *,
+    apply_kwargs: Mapping | None = None,
+) -> OutputReport:
+    """Float output vs fake-quantized outputs of the original and the split model.
+
+    Weights are fake-quantized per layer (each branch of a split layer separately, see
+    ``quantized_weights``); with ``act_bits``, every Dense/Conv-like layer's input is also
+    fake-quantized (symmetric, per tensor, scale from max-abs over ``inputs`` in the float
+    model, the same scales for both quantized models).
+
+    Args:
+      model: a ``flax.linen.Module``, or an ``nnx.Module`` (its own weights are the original).
+      variables: linen variables of the original model; for NNX an ``nnx.State`` (or
+        ``None``: the model's own state).
+      variables2: the same tree after ``split_params``.
+      inputs: one array, or a tuple of positional arguments for the model.
+      spec: weight ``QuantSpec``.
+      act_bits: activation bits (2–16) or ``None`` for float activations.
+      apply_kwargs: keyword arguments for every call (e.g. ``{"train": False}``).
+
+    Returns:
+      An ``OutputReport``.
+
+    Raises:
+      TypeError: ``model`` is neither linen nor NNX, or ``spec`` is not a ``QuantSpec``.
+      ValueError: ``act_bits`` is out of range.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> from jaxsplit import SplitConfig, Relative, split_params
+      >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
+      >>> x = jax.random.normal(jax.random.key(0), (8, 16))
+      >>> v = model.init(jax.random.key(1), x)
+      >>> v2 = split_params(v, SplitConfig(layers=["**"], threshold=Relative(0.5)))
+      >>> r = evaluate_outputs(model, v, v2, x, QuantSpec(bits=4), act_bits=8)
+      >>> r.after.sqnr > r.before.sqnr, [lay.path for lay in r.layers]
+      (True, ['layers_0', 'layers_2'])
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a jaxsplit.QuantSpec, got {spec!r} ({type(spec).__name__})")
+    if act_bits is not None and (
+        isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 2 <= act_bits <= 16
+    ):
+        raise ValueError(f"act_bits must be None or an int in [2, 16], got {act_bits!r}")
+    act_spec = None if act_bits is None else QuantSpec(bits=act_bits)
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    kwargs = dict(apply_kwargs or {})
+    if variables is None and isinstance(model, nnx.Module):
+        variables = nnx.state(model)
+
+    float_calls: list = []
+    y = _run(model, variables, args, kwargs, _recorder(float_calls, None, None))
+    act = None
+    if act_spec is not None:
+        amax: dict[str, jax.Array] = {}
+        for path, m, _ in float_calls:
+            amax[path] = jnp.maximum(amax.get(path, 0.0), m)
+        act = {path: m / act_spec.qmax for path, m in amax.items()}
+
+    def quantized(tree):
+        calls: list = []
+        out = _run(
+            model, quantized_weights(tree, spec), args, kwargs, _recorder(calls, act, act_spec)
+        )
+        return out, calls
+
+    yb, calls_b = quantized(variables)
+    ya, calls_a = quantized(variables2)
+    layers = []
+    for (path, _, f), (_, _, b), (_, _, a) in zip(float_calls, calls_b, calls_a, strict=True):
+        layers.append(LayerOutput(path, _layer_sqnr(f, b), _layer_sqnr(f, a)))
+    y, yb, ya = _flat_output(y), _flat_output(yb), _flat_output(ya)
+    return OutputReport(
+        spec,
+        act_bits,
+        _output_error(y, yb),
+        _output_error(y, ya),
+        tuple(layers),
+        _extra_nonzero(variables2),
+    )
+
+
+def _layer_sqnr(f: jax.Array, q: jax.Array) -> float:
+    f, q = f.astype(jnp.float32), q.astype(jnp.float32)
+    return sqnr_db(float(jnp.mean(jnp.square(f))), float(jnp.mean(jnp.square(q - f))))

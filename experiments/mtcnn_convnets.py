@@ -26,10 +26,13 @@ import logging
 import os
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import jaxsplit as js
 from experiments import mtcnn_detect, mtcnn_nets, quantsim, report
+from jaxsplit.evaluate import sqnr_db
 from jaxsplit.select import find_layers
 
 logger = logging.getLogger("jaxsplit")
@@ -89,24 +92,32 @@ def evaluate_net(
     """
     model, variables = mtcnn_nets.load_variables(name)
     params = variables["params"]
+    layers = find_layers(params)
+    ws = {p: jnp.asarray(lay.array) for p, lay in layers.items()}
     fwd = quantsim.forward_with_intermediates(model)
     ref_out, ref_inter = fwd(quantsim.jnp_tree(variables), x)
     macs = quantsim.layer_macs(params, ref_inter)
-    paths = list(find_layers(params))
-    n_params = sum(find_layers(params)[p].array.size for p in paths)
+    n_params = sum(w.size for w in ws.values())
     heads = mtcnn_nets.HEADS[name]
     ref_heads = np.concatenate([np.ravel(ref_inter[h]) for h in heads])
     p_ref = _face_prob(name, ref_out)
     net_rows, layer_rows = [], []
     for spec in specs:
         for v in variants:
-            cfg = v.config(paths, spec, seed)
-            params2 = params if cfg is None else js.split_params(params, cfg)
-            rep = js.quant_error(params, params2, spec)
-            sim = quantsim.simulated_params(params, params2, spec)
+            cfg = v.config(list(layers), spec, seed)
+            params2 = None if cfg is None else js.split_params(params, cfg)
+            st = jax.device_get(quantsim.measure(ws, quantsim.twin_branches(params, params2), spec))
+            sim = quantsim.with_kernels(params, {p: s["sim"] for p, s in st.items()})
             out, inter = fwd(quantsim.jnp_tree({"params": sim}), x)
-            split = {r.path for r in rep.layers if r.branches > 1}
-            tot = rep.total()
+            split = (
+                []
+                if params2 is None
+                else [q for q, lay in find_layers(params2).items() if lay.branches]
+            )
+            before = sum(float(s["mse_before"]) * ws[p].size for p, s in st.items())
+            after = sum(float(s["mse_after"]) * ws[p].size for p, s in st.items())
+            signal = sum(float(s["signal"]) * ws[p].size for p, s in st.items())
+            extra = sum(int(s["extra_nonzero"]) for s in st.values())
             p = _face_prob(name, out)
             base = {"net": name, "spec": quantsim.spec_label(spec), "variant": v.label}
             net_rows.append(
@@ -114,13 +125,11 @@ def evaluate_net(
                     **base,
                     "bits": spec.bits,
                     "granularity": spec.granularity,
-                    "layers split": f"{len(split)}/{len(paths)}",
-                    "weight MSE reduction %": tot["reduction_pct"],
-                    "weight SQNR dB": tot["sqnr_after"],
-                    "extra nonzeros %": 100.0 * tot["extra_nonzero"] / n_params,
-                    "dense extra params %": 100.0
-                    * sum(find_layers(params)[q].array.size for q in split)
-                    / n_params,
+                    "layers split": f"{len(split)}/{len(ws)}",
+                    "weight MSE reduction %": 100.0 * (1.0 - after / before),
+                    "weight SQNR dB": sqnr_db(signal, after),
+                    "extra nonzeros %": 100.0 * extra / n_params,
+                    "dense extra params %": 100.0 * sum(ws[q].size for q in split) / n_params,
                     "dense extra MACs %": 100.0 * sum(macs[q] for q in split) / sum(macs.values()),
                     "output SQNR dB": quantsim.sqnr_db(
                         ref_heads, np.concatenate([np.ravel(inter[h]) for h in heads])
@@ -129,22 +138,24 @@ def evaluate_net(
                     "decisions flipped %": 100.0 * float(np.mean((p > 0.5) != (p_ref > 0.5))),
                 }
             )
-            for r in rep.layers:
+            for path, s in st.items():
+                w = np.asarray(ws[path])
+                mb, ma = float(s["mse_before"]), float(s["mse_after"])
                 layer_rows.append(
                     {
                         **base,
-                        "layer": r.path,
-                        "shape": "x".join(map(str, r.shape)),
-                        "max/std": r.maxabs / float(np.std(find_layers(params)[r.path].array)),
-                        "split %": 100.0 * r.split_fraction,
-                        "extra nonzeros": r.extra_nonzero,
-                        "mse before": r.mse_before,
-                        "mse after": r.mse_after,
-                        "widrow before": r.pred_before,
-                        "widrow after (naive)": r.pred_after,
-                        "widrow after (correlated)": r.pred_after_corr,
-                        "reduction %": r.reduction_pct,
-                        "layer output SQNR dB": quantsim.sqnr_db(ref_inter[r.path], inter[r.path]),
+                        "layer": path,
+                        "shape": "x".join(map(str, w.shape)),
+                        "max/std": float(np.abs(w).max() / w.std()),
+                        "split %": 100.0 * int(s["n_split"]) / w.size,
+                        "extra nonzeros": int(s["extra_nonzero"]),
+                        "mse before": mb,
+                        "mse after": ma,
+                        "widrow before": float(s["pred_before"]),
+                        "widrow after (naive)": float(s["pred_after"]),
+                        "widrow after (correlated)": float(s["pred_after_corr"]),
+                        "reduction %": 100.0 * (1.0 - ma / mb) if mb else 0.0,
+                        "layer output SQNR dB": quantsim.sqnr_db(ref_inter[path], inter[path]),
                     }
                 )
         logger.info("%s: %s done", name, quantsim.spec_label(spec))

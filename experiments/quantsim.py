@@ -1,16 +1,19 @@
 """Shared measurement code of the ablations: split configs, simulated weights, output error.
 
 The network is evaluated with *simulated* weights: every branch kernel quantized
-separately (``jaxsplit.quant.quantize`` with its own scale) and the branches summed
-back with ``jaxsplit.merge_params``. For weight-only quantization this is exactly
-what running the twin branches and summing their outputs computes (convolution and
-matmul are linear in the kernel), up to float summation order — and it lets one
-compiled forward pass serve every configuration.
+separately (``jaxsplit.quant.quantize`` with its own scale) and the branches summed.
+For weight-only quantization this is exactly what running the twin branches and
+summing their outputs computes (convolution and matmul are linear in the kernel), up
+to float summation order — and it lets one compiled forward pass serve every
+configuration. Likewise every layer is measured as two branches (``(W, 0)`` when not
+split), so one compiled ``measure`` per network and ``QuantSpec`` serves every split
+configuration: on a shared 2-core machine, compilation, not arithmetic, is the cost.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -28,8 +31,9 @@ __all__ = [
     "Variant",
     "default_variants",
     "available_methods",
-    "quantize_branches",
-    "simulated_params",
+    "twin_branches",
+    "measure",
+    "with_kernels",
     "forward_with_intermediates",
     "layer_macs",
     "sqnr_db",
@@ -126,27 +130,66 @@ def _set(tree: dict, keys: Sequence, value) -> dict:
     return {**tree, keys[0]: _set(tree[keys[0]], keys[1:], value)}
 
 
-def quantize_branches(params: Mapping, spec: quant.QuantSpec) -> dict:
-    """Every kernel of ``params`` (each branch of a split layer separately) quantized.
+def twin_branches(params: Mapping, params2: Mapping | None) -> dict[str, tuple]:
+    """``{path: (branch_0, branch_1)}`` of every layer; an unsplit layer is ``(W, 0)``.
 
-    ``params`` must be a tree of plain dicts (linen variables or a params dict).
+    Giving every layer the same two-branch structure lets one compiled ``measure``
+    serve every split configuration (a zero branch quantizes to zero and adds nothing
+    to the error or to Widrow's prediction).
     """
-    tree = params
-    root = ("params",) if "params" in params else ()
-    for layer in find_layers(params).values():
-        base = (*root, *layer.keys)
+    out = {}
+    for path, layer in find_layers(params if params2 is None else params2).items():
+        if layer.branches > 2:
+            raise ValueError(f"layer {path!r} has {layer.branches} branches; 2 expected")
         if layer.branches:
-            for i in range(layer.branches):
-                w = layer.node[f"branch_{i}"][layer.weight]
-                tree = _set(tree, (*base, f"branch_{i}", layer.weight), quant.quantize(w, spec))
+            out[path] = tuple(layer.node[f"branch_{i}"][layer.weight] for i in range(2))
         else:
-            tree = _set(tree, (*base, layer.weight), quant.quantize(layer.array, spec))
+            w = jnp.asarray(layer.array)
+            out[path] = (w, jnp.zeros_like(w))
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def measure(ws: dict, branches: dict, spec: quant.QuantSpec) -> dict:
+    """Per layer: simulated kernel ``Q(W1) + Q(W2)`` and its weight-level error statistics.
+
+    Args:
+      ws: ``{path: W}`` original kernels.
+      branches: ``{path: (W1, W2)}`` from ``twin_branches``.
+      spec: the ``QuantSpec`` (each branch gets its own scale).
+
+    Returns:
+      ``{path: {'sim', 'mse_before', 'mse_after', 'pred_before', 'pred_after',
+      'pred_after_corr', 'n_split', 'extra_nonzero', 'signal'}}`` (``jaxsplit.quant``'s
+      ``branches_mse`` and ``quantize``; the same figures as ``jaxsplit.quant_error``).
+    """
+    out = {}
+    for path, w in ws.items():
+        b = branches[path]
+        before = quant.branches_mse((w,), w, spec)
+        after = quant.branches_mse(b, w, spec)
+        nz = [x != 0 for x in b]
+        out[path] = {
+            "sim": quant.quantize(b[0], spec) + quant.quantize(b[1], spec),
+            "mse_before": before.measured,
+            "mse_after": after.measured,
+            "pred_before": before.predicted,
+            "pred_after": after.predicted,
+            "pred_after_corr": after.predicted_correlated,
+            "n_split": jnp.sum(nz[0] & nz[1]),
+            "extra_nonzero": jnp.sum(nz[0]) + jnp.sum(nz[1]) - jnp.sum(w != 0),
+            "signal": jnp.mean(jnp.square(w)),
+        }
+    return out
+
+
+def with_kernels(params: Mapping, kernels_by_path: Mapping) -> dict:
+    """A copy of plain-dict ``params`` whose layers' kernels are replaced by path."""
+    tree = params
+    for path, layer in find_layers(params).items():
+        if path in kernels_by_path:
+            tree = _set(tree, (*layer.keys, layer.weight), kernels_by_path[path])
     return tree
-
-
-def simulated_params(params: Mapping, params2: Mapping | None, spec: quant.QuantSpec) -> dict:
-    """``sum_i Q(W_i)`` per layer as an ordinary (unsplit) tree; ``params2=None``: ``Q(W)``."""
-    return js.merge_params(quantize_branches(params if params2 is None else params2, spec))
 
 
 def _is_layer(mdl: nn.Module, _name: str) -> bool:

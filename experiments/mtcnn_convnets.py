@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -249,23 +250,31 @@ LAYER_COLS = [
 ]
 
 
-def write_results(net_rows, layer_rows, missing, inputs, out_dir: str) -> None:
+def write_results(net_rows, layer_rows, missing, n_inputs, out_dir: str, note: str = "") -> None:
     os.makedirs(out_dir, exist_ok=True)
     plot(net_rows, os.path.join(out_dir, "mtcnn_convnets.png"))
     with open(os.path.join(out_dir, "mtcnn_convnets_layers.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(layer_rows[0]))
         w.writeheader()
         w.writerows(layer_rows)
-    lines = report.header(
-        "MTCNN P/R/O-Net: split ablation", report.command("experiments.mtcnn_convnets")
-    )
+    lines = report.header("MTCNN P/R/O-Net: split ablation", "python -m experiments.mtcnn_convnets")
+    if note:
+        lines.insert(-1, f"- {note}")
     lines += [
         "Pretrained weights of the `mtcnn` package (float rebuild checked in",
         "[mtcnn_verify.md](mtcnn_verify.md)). Every Conv/Dense kernel selected; weights",
         "fake-quantized (symmetric, narrow range, one scale per tensor or per output channel,",
         "each branch with its own scale), biases, PReLU slopes and activations in float.",
-        f"Inputs: P-Net {len(inputs['pnet'])} crops 64x64, R-Net {len(inputs['rnet'])} crops "
-        f"24x24, O-Net {len(inputs['onet'])} crops 48x48 (see the module docstring).",
+        "Inputs: "
+        + ", ".join(
+            f"{n} {k} crops {s}x{s}"
+            for n, k, s in (
+                (n, n_inputs[n], {"pnet": 64, "rnet": 24, "onet": 48}[n])
+                for n in ("pnet", "rnet", "onet")
+                if n in n_inputs
+            )
+        )
+        + " (see the module docstring).",
         "",
         "Columns: *weight MSE reduction* = 1 - sum_layers MSE(sum_i Q(W_i)) / MSE(Q(W)) over all "
         "kernel elements; *extra nonzeros* = parameters the twins add if stored sparsely, as % "
@@ -343,12 +352,48 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--nets", nargs="+", default=["pnet", "rnet", "onet"])
     ap.add_argument("--out", default=report.RESULTS, help="results folder")
+    ap.add_argument(
+        "--save-rows", metavar="JSON", help="only measure and save the rows (one process per net)"
+    )
+    ap.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="write the results from saved rows"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logger.setLevel(logging.INFO)
+    if args.combine:
+        parts = []
+        for path in args.combine:
+            with open(path) as f:
+                parts.append(json.load(f))
+        net_rows = [r for p in parts for r in p["net_rows"]]
+        layer_rows = [r for p in parts for r in p["layer_rows"]]
+        missing = sorted({m for p in parts for m in p["missing"]})
+        n_inputs = {k: v for p in parts for k, v in p["n_inputs"].items()}
+        note = (
+            "run as one process per network (`--nets NET --save-rows F.json`), then "
+            f"`--combine` of {len(parts)} row files"
+        )
+        write_results(net_rows, layer_rows, missing, n_inputs, args.out, note)
+        logger.info("wrote %s/mtcnn_convnets.md", args.out)
+        return
     inputs = mtcnn_inputs()
     net_rows, layer_rows, missing = run(args.bits, args.granularities, args.nets, inputs=inputs)
-    write_results(net_rows, layer_rows, missing, inputs, args.out)
+    n_inputs = {k: len(v) for k, v in inputs.items()}
+    if args.save_rows:
+        with open(args.save_rows, "w") as f:
+            json.dump(
+                {
+                    "net_rows": net_rows,
+                    "layer_rows": layer_rows,
+                    "missing": missing,
+                    "n_inputs": {k: n_inputs[k] for k in args.nets},
+                },
+                f,
+            )
+        logger.info("saved rows to %s", args.save_rows)
+        return
+    write_results(net_rows, layer_rows, missing, n_inputs, args.out)
     logger.info("wrote %s/mtcnn_convnets.md", args.out)
 
 

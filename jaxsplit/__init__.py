@@ -18,7 +18,7 @@ from jaxsplit.transform import split_with_report as split_with_report
 # quantization evaluator (quant.py, evaluate.py)
 from jaxsplit import quant as quant
 from jaxsplit.evaluate import quant_error as quant_error
-from jaxsplit.evaluate_outputs import evaluate_outputs as evaluate_outputs
+from jaxsplit.evaluate_model import evaluate_outputs as evaluate_outputs
 from jaxsplit.quant import QuantSpec as QuantSpec
 from jaxsplit.quant import fake_quant as fake_quant
 

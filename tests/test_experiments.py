@@ -169,12 +169,16 @@ def test_digits_aggregate_mean_and_std():
 
 def test_every_readme_experiment_command_names_a_runnable_script():
     import importlib
+    import importlib.util
     import pathlib
     import re
 
     root = pathlib.Path(__file__).resolve().parents[1]
     text = (root / "README.md").read_text() + (root / "experiments" / "README.md").read_text()
     names = set(re.findall(r"python -m experiments\.(\w+)", text))
-    assert {"mtcnn_verify", "mtcnn_convnets", "threshold_sweep", "digits_cnn"} <= names
+    ours = {"mtcnn_verify", "mtcnn_convnets", "threshold_sweep", "digits_cnn"}
+    assert ours <= names
     for name in names:
+        assert importlib.util.find_spec(f"experiments.{name}") is not None, name
+    for name in ours:
         assert callable(importlib.import_module(f"experiments.{name}").main), name

@@ -212,6 +212,8 @@ def save(
         staged = tmp / out.name
         _WRITERS[fmt](arrays, staged)
         _sync(staged)
+        if staged.is_file():  # some writers (safetensors) create 0600 files: use the umask's mode
+            staged.chmod(_default_file_mode(tmp))
         _move_into_place(staged, out, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,6 +232,15 @@ def _sync(p: pathlib.Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _default_file_mode(folder: pathlib.Path) -> int:
+    """The permission bits a newly created file gets under the process umask."""
+    probe = folder / ".mode-probe"
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    return mode
 
 
 def _move_into_place(staged: pathlib.Path, out: pathlib.Path, tmp: pathlib.Path) -> None:

@@ -59,6 +59,16 @@ def test_round_trip_preserves_values_and_dtypes(tmp_path, fmt):
     assert sorted(p.name for p in tmp_path.iterdir()) == [NAMES[fmt]]  # no temp left over
 
 
+@pytest.mark.parametrize("fmt", FILE_EXT)
+def test_output_file_mode_follows_umask(tmp_path, fmt):
+    old = os.umask(0o022)
+    try:
+        out = io.save({"a": np.ones(2)}, tmp_path / NAMES[fmt])
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
 def test_format_override_and_scalars(tmp_path):
     tree = {"w": np.float32(1.5), "step": 7}
     out = io.save(tree, tmp_path / "weights.bin", fmt="safetensors")

@@ -1,0 +1,126 @@
+"""Compiled per-kernel programs behind ``transform``: statistics, split, and both fused.
+
+Each program is one ``jax.jit`` cached per (shape, dtype, threshold kind, method), so a
+tree with 20 distinct kernel shapes compiles 20 programs however many layers it has. They
+are written for memory traffic, the whole cost of a split:
+
+* ``stats`` reads the kernel once: the absolute threshold, the number of values it
+  splits and the number of non-finite values, counted as one integer code per value
+  (``1`` split, ``2**16`` non-finite) summed in short chunks along the last axis, which
+  XLA on CPU fuses into one reduction (a plain ``sum`` of a mask materializes the mask
+  as int32 first: measured 10× slower) and which needs no data movement between
+  devices when the kernel is sharded.
+* ``apply`` writes the branches. For ``balance`` both branches are computed from ``w``
+  alone (``w1 = where(m, w - w / 2, w)`` rather than ``w - w2``), so XLA emits two loop
+  fusions that each read ``w`` once instead of materializing the mask and re-reading
+  ``w2``; the values are bit-identical to ``kernels.balance`` (tested). Other methods
+  call ``kernels.split`` unchanged. ``apply_donated`` is the same program with ``w``
+  donated, so ``branch_0`` may reuse the kernel's buffer.
+* ``fused`` is ``stats`` and ``apply`` in one program (one dispatch, one compile).
+
+No host callbacks, no numpy: the same programs run on CPU, GPU and TPU, under a user's
+``jit`` and on sharded arrays (elementwise work keeps the input's sharding; only the
+counts and a ``Relative``/``Sigma``/``Percentile`` threshold reduce across devices).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jaxsplit import kernels
+from jaxsplit.config import resolve_parts
+
+__all__ = ["count_codes", "balance_fused", "stats", "apply", "apply_donated", "fused"]
+
+_NONFINITE = 1 << 16  # count code of a non-finite value; a chunk sums at most 32 codes
+_CHUNK = 32
+
+
+def _chunk(n: int) -> int:
+    """The largest divisor of ``n`` that is at most ``_CHUNK`` (1 for a prime ``n``)."""
+    return next(c for c in range(min(n, _CHUNK), 0, -1) if n % c == 0)
+
+
+def count_codes(w: jax.Array, threshold) -> jax.Array:
+    """``int32[2]``: values ``split_mask`` selects, and non-finite values, in one pass.
+
+    Args:
+      w: a floating-point kernel (any shape, sharded or not).
+      threshold: a scalar, or an array broadcastable to ``w`` (cast to ``w.dtype``).
+
+    Returns:
+      ``[n_split, n_nonfinite]`` as an int32 array.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> count_codes(jnp.array([[0.1, 3.0, jnp.nan, -2.0]]), 1.0).tolist()
+      [2, 1]
+    """
+    m = kernels.split_mask(w, threshold)
+    code = jnp.where(m, 1, jnp.where(jnp.isfinite(w), 0, _NONFINITE)).astype(jnp.int32)
+    if code.ndim == 0:
+        code = code.reshape(1)
+    c = _chunk(code.shape[-1]) if code.shape[-1] else 1
+    part = code.reshape(*code.shape[:-1], code.shape[-1] // c, c).sum(axis=-1)
+    return jnp.stack([jnp.sum(part & (_NONFINITE - 1)), jnp.sum(part >> 16)])
+
+
+def balance_fused(w: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:
+    """``kernels.balance`` written so each branch is one read of ``w`` (bit-identical).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> [b.tolist() for b in balance_fused(jnp.array([0.25, -3.0]), 1.0)]
+      [[0.25, -1.5], [0.0, -1.5]]
+    """
+    t = jnp.asarray(threshold).astype(w.dtype)
+    m = (jnp.abs(w) > t) & jnp.isfinite(w)
+    half = w / 2
+    return jnp.where(m, w - half, w), jnp.where(m, half, jnp.zeros_like(w))
+
+
+def _branches(w, thr, key, method: str):
+    if method == "balance":
+        return balance_fused(w, thr)
+    return kernels.split(method, w, thr, key)
+
+
+@functools.partial(jax.jit, static_argnames=("kind",))
+def stats(w, value, *, kind: str):
+    """``(int32[2] counts, threshold)`` of one kernel: one compiled read pass.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> n, thr = stats(jnp.array([0.5, -4.0]), 1.0, kind="absolute")
+      >>> n.tolist(), float(thr)
+      ([1, 0], 1.0)
+    """
+    thr = resolve_parts(kind, value, w)
+    return count_codes(w, thr), thr
+
+
+def _apply(w, thr, key, *, method: str):
+    return _branches(w, thr, key, method)
+
+
+#: ``apply(w, thr, key, method=...)``: the branches of one kernel for a resolved threshold.
+apply = jax.jit(_apply, static_argnames=("method",))
+#: ``apply`` with ``w`` donated: ``branch_0`` may take over the kernel's buffer.
+apply_donated = jax.jit(_apply, static_argnames=("method",), donate_argnums=(0,))
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "method"))
+def fused(w, value, key, *, kind: str, method: str):
+    """``(branches, counts, threshold)`` in one program (``stats`` then ``apply``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> (w1, w2), n, thr = fused(jnp.array([4.0]), 1.0, None, kind="absolute", method="balance")
+      >>> w1.tolist(), w2.tolist(), n.tolist()
+      ([2.0], [2.0], [1, 0])
+    """
+    thr = resolve_parts(kind, value, w)
+    return _branches(w, thr, key, method), count_codes(w, thr), thr

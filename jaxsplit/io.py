@@ -177,7 +177,7 @@ def save(
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is false.
-      FileNotFoundError / NotADirectoryError: the output's parent directory is missing.
+      FileNotFoundError: the output's parent directory is missing.
       PermissionError: the parent directory is not writable.
       ValueError: unknown format, or keys that the format cannot store.
       TypeError: a leaf is not an array or number.
@@ -217,6 +217,7 @@ def save(
         _move_into_place(staged, out, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _sync_dir(parent)  # make the rename itself durable
     return out
 
 
@@ -232,6 +233,14 @@ def _sync(p: pathlib.Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _sync_dir(folder: pathlib.Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _default_file_mode(folder: pathlib.Path) -> int:

@@ -24,6 +24,12 @@ from jaxsplit.quant import fake_quant as fake_quant
 
 # methods and automatic thresholds
 
+# isort: split
+# sweeps (sweep.py); the demo is jaxsplit.demo
+from jaxsplit.sweep import SweepResult as SweepResult
+from jaxsplit.sweep import SweepRow as SweepRow
+from jaxsplit.sweep import sweep as sweep
+
 # wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
 
 __version__ = "0.1.0"
@@ -49,4 +55,8 @@ __all__ = [
     "quant_error",
     "evaluate_outputs",
     # methods and automatic thresholds
+    # sweeps
+    "SweepResult",
+    "SweepRow",
+    "sweep",
 ]

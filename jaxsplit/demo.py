@@ -1,0 +1,410 @@
+"""``jaxsplit demo``: what splitting buys a real (small) network under weight quantization.
+
+Trains ``DigitsCNN`` on scikit-learn's bundled digits (``demo_model``), then quantizes
+every kernel per tensor at each bit width and measures test accuracy and weight SQNR
+for: no split, PPQ's ``balance`` at a few thresholds, ``Auto`` thresholds, and the
+``grid`` and ``residual`` methods, with the parameters each split adds. Each branch is
+quantized with its own scale; biases and activations stay in float32.
+
+The split model's accuracy is measured by running the twin branches themselves
+(``jaxsplit.linen.apply`` with a per-branch ``quant`` hook) when the wrappers are
+available; its weight SQNR compares ``sum_i Q(W_i)`` with ``W`` over all kernels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsplit import config as config_mod
+from jaxsplit import kernels, quant
+from jaxsplit.config import Relative, SplitConfig, ThresholdSpec
+from jaxsplit.demo_model import accuracy, load_digits_split, train
+from jaxsplit.quant import QuantSpec
+from jaxsplit.select import find_layers, unwrap
+from jaxsplit.sweep import threshold_label
+from jaxsplit.transform import _rebuild, split_params
+
+__all__ = ["DemoConfig", "DemoRow", "DemoResult", "Variant", "run_demo", "variants"]
+
+logger = logging.getLogger("jaxsplit")
+
+Progress = Callable[[str, int, int], Any]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Settings of ``run_demo``.
+
+    Attributes:
+      seed: seeds the data split, initialisation and batch order.
+      epochs: training epochs (``>= 1``).
+      bits: weight bit widths to evaluate (each in 2..16), per tensor, symmetric.
+      thresholds: ``balance`` thresholds (any threshold spec ``SplitConfig`` accepts).
+      methods: further ``(method, threshold)`` rows; quantization-aware methods get the
+        row's ``QuantSpec``.
+      auto: include the ``Auto`` threshold rows.
+
+    Example:
+      >>> DemoConfig.quick().bits
+      (8, 4)
+      >>> DemoConfig(bits=(1,))
+      Traceback (most recent call last):
+      ...
+      ValueError: DemoConfig.bits must be a non-empty tuple of ints in [2, 16], got (1,)
+    """
+
+    seed: int = 0
+    epochs: int = 30
+    bits: tuple[int, ...] = (8, 6, 4, 3)
+    thresholds: tuple[ThresholdSpec, ...] = (Relative(0.25), Relative(0.5), Relative(0.75))
+    methods: tuple[tuple[str, ThresholdSpec], ...] = (
+        ("grid", Relative(0.5)),
+        ("residual", Relative(0.5)),
+    )
+    auto: bool = True
+
+    def __post_init__(self):
+        for name, lo in (("seed", 0), ("epochs", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"DemoConfig.{name} must be an int >= {lo}, got {v!r}")
+        bits = tuple(self.bits) if isinstance(self.bits, Sequence) else None
+        if not bits or any(
+            isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 16 for b in bits
+        ):
+            raise ValueError(
+                f"DemoConfig.bits must be a non-empty tuple of ints in [2, 16], got {self.bits!r}"
+            )
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "thresholds", tuple(self.thresholds))
+        for t in self.thresholds:
+            SplitConfig(layers=("**",), threshold=t)  # validates, naming the field
+        methods = tuple(tuple(m) for m in self.methods)
+        for m in methods:
+            if len(m) != 2 or not isinstance(m[0], str):
+                raise ValueError(
+                    f"DemoConfig.methods must hold (method, threshold) pairs, got {m!r}"
+                )
+        object.__setattr__(self, "methods", methods)
+
+    @classmethod
+    def quick(cls, **overrides) -> DemoConfig:
+        """A seconds-long variant for smoke tests: 2 epochs, 8 and 4 bits, one threshold."""
+        kw: dict[str, Any] = dict(epochs=2, bits=(8, 4), thresholds=(Relative(0.5),))
+        return cls(**{**kw, **overrides})
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row of the demo: how the kernels are split before quantization.
+
+    Attributes:
+      name: row label (``"balance rel:0.5"``).
+      make: ``make(spec) -> SplitConfig | None`` (``None``: no split), so that
+        quantization-aware methods and ``Auto`` get the row's ``QuantSpec``.
+      uses_spec: whether the split depends on the spec (else it is computed once).
+    """
+
+    name: str
+    make: Callable[[QuantSpec], SplitConfig | None]
+    uses_spec: bool = False
+
+
+class DemoRow(NamedTuple):
+    """One variant at one bit width (plain Python values).
+
+    Attributes:
+      variant: the row label.
+      bits: weight bit width (per tensor, symmetric).
+      accuracy: test accuracy with every kernel's branches quantized separately.
+      weight_sqnr_db: ``10 log10(sum W² / sum (sum_i Q(W_i) - W)²)`` over all kernels.
+      split_layers: layers that were split.
+      extra_params: non-zero values the split adds (non-zeros summed over the branches
+        minus those of the original kernels, as ``quant_error`` counts them).
+      extra_params_frac: ``extra_params`` over the model's parameter count.
+    """
+
+    variant: str
+    bits: int
+    accuracy: float
+    weight_sqnr_db: float
+    split_layers: int
+    extra_params: int
+    extra_params_frac: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a plain dict."""
+        return self._asdict()
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoResult:
+    """Everything ``run_demo`` measured.
+
+    Attributes:
+      config: the ``DemoConfig``.
+      fp32_accuracy: test accuracy of the float model.
+      n_params: the model's parameter count (kernels and biases).
+      n_test: number of test images.
+      rows: one ``DemoRow`` per variant × bit width, in table order.
+      omitted: ``(variant, reason)`` for rows left out because a method or threshold
+        kind is not available in this build (never estimated).
+      train_seconds, total_seconds: wall-clock times.
+    """
+
+    config: DemoConfig
+    fp32_accuracy: float
+    n_params: int
+    n_test: int
+    rows: tuple[DemoRow, ...]
+    omitted: tuple[tuple[str, str], ...]
+    train_seconds: float
+    total_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python form (JSON-ready)."""
+        return {
+            "fp32_accuracy": self.fp32_accuracy,
+            "n_params": self.n_params,
+            "n_test": self.n_test,
+            "rows": [r.to_dict() for r in self.rows],
+            "omitted": [list(o) for o in self.omitted],
+            "train_seconds": self.train_seconds,
+            "total_seconds": self.total_seconds,
+            "config": {
+                "seed": self.config.seed,
+                "epochs": self.config.epochs,
+                "bits": list(self.config.bits),
+            },
+        }
+
+    def to_markdown(self) -> str:
+        """Accuracy and weight-SQNR tables (variants × bits) in GitHub markdown."""
+        from jaxsplit.demo_report import markdown
+
+        return markdown(self)
+
+    def plot(self, path: str) -> str:
+        """Saves accuracy and weight SQNR vs bits as a PNG at ``path``; returns ``path``."""
+        from jaxsplit.demo_report import plot
+
+        return plot(self, path)
+
+
+def variants(config: DemoConfig) -> tuple[list[Variant], list[tuple[str, str]]]:
+    """The demo's rows for ``config``, and the rows omitted because their method is missing.
+
+    Example:
+      >>> vs, _ = variants(DemoConfig.quick(methods=(), auto=False))
+      >>> [v.name for v in vs]
+      ['no split', 'balance rel:0.5']
+    """
+    every = ("**",)
+    out = [Variant("no split", lambda spec: None)]
+    out += [
+        Variant(
+            f"balance {threshold_label(t)}",
+            lambda spec, t=t: SplitConfig(layers=every, threshold=t),
+        )
+        for t in config.thresholds
+    ]
+    omitted = []
+    if config.auto:
+        if not hasattr(config_mod, "Auto"):
+            omitted.append(("auto", "Auto thresholds are not in this build"))
+        else:
+            auto = config_mod.Auto
+            out.append(
+                Variant(
+                    "balance auto",
+                    lambda spec: SplitConfig(layers=every, threshold=auto(spec), method="balance"),
+                    uses_spec=True,
+                )
+            )
+            out.append(
+                Variant(
+                    "auto (best method)",
+                    lambda spec: SplitConfig(layers=every, threshold=auto(spec), method="auto"),
+                    uses_spec=True,
+                )
+            )
+    for method, t in config.methods:
+        name = f"{method} {threshold_label(t)}"
+        if method not in kernels.METHODS:
+            omitted.append((name, f"method {method!r} is not in this build"))
+            continue
+        needs_spec = method in getattr(kernels, "QUANT_METHODS", ())
+        out.append(
+            Variant(
+                name,
+                lambda spec, m=method, t=t, q=needs_spec: SplitConfig(
+                    layers=every, threshold=t, method=m, **({"quant": spec} if q else {})
+                ),
+                uses_spec=needs_spec,
+            )
+        )
+    return out, omitted
+
+
+def effective_kernels(variables: Mapping, spec: QuantSpec) -> tuple[dict, dict]:
+    """Per layer path, the simulated kernel ``sum_i Q(W_i)`` (``Q(W)`` for unsplit layers).
+
+    A split layer computes ``sum_i (Q(W_i) * x) + b``, which equals the layer with kernel
+    ``sum_i Q(W_i)``: that is what the demo feeds its single compiled forward pass.
+
+    Returns:
+      ``({path: simulated kernel}, {path: extra non-zeros})``; the extra non-zeros are
+      those summed over the branches minus those of the kernel (their exact sum).
+
+    Example:
+      >>> import numpy as np
+      >>> p = {"d": {"branch_0": {"kernel": np.array([1.0, 0.3])},
+      ...            "branch_1": {"kernel": np.array([1.0, 0.0])}},
+      ...      "e": {"kernel": np.array([0.5, -2.0])}}
+      >>> eff, extra = effective_kernels(p, QuantSpec(bits=2))
+      >>> eff["d"].tolist(), extra["d"], eff["e"].tolist(), extra["e"]
+      ([2.0, 0.0], 1, [0.0, -2.0], 0)
+    """
+    eff, extra = _simulate(_layer_branches(variables), spec)
+    return eff, {k: int(v) for k, v in extra.items()}
+
+
+def _layer_branches(tree: Mapping) -> dict[str, tuple]:
+    """Every layer's branch kernels; an unsplit layer is ``(W, 0)`` (``Q(0) == 0``), so
+    split and unsplit trees share one structure and ``_simulate`` one compilation."""
+    out = {}
+    for path, layer in find_layers(tree).items():
+        if layer.branches:
+            ws = tuple(
+                jnp.asarray(unwrap(layer.node[f"branch_{i}"][layer.weight]))
+                for i in range(layer.branches)
+            )
+        else:
+            w = jnp.asarray(layer.array)
+            ws = (w, jnp.zeros_like(w))
+        out[path] = ws
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="spec")
+def _simulate(branches: dict, spec: QuantSpec):
+    eff = {p: sum(quant.quantize(b, spec) for b in bs) for p, bs in branches.items()}
+    extra = {
+        p: sum(jnp.count_nonzero(b) for b in bs) - jnp.count_nonzero(sum(bs))
+        for p, bs in branches.items()
+    }
+    return eff, extra
+
+
+@jax.jit
+def _sqnr_db(ws: dict, eff: dict) -> jax.Array:
+    """Weight SQNR in dB over all kernels: ``10 log10(sum W² / sum (Q - W)²)``."""
+    signal = sum(jnp.sum(jnp.square(w.astype(jnp.float32))) for w in ws.values())
+    noise = sum(jnp.sum(jnp.square((eff[p] - w).astype(jnp.float32))) for p, w in ws.items())
+    return 10.0 * jnp.log10(signal / noise)
+
+
+def _with_kernels(variables: Mapping, eff: Mapping) -> Mapping:
+    """``variables`` (unsplit) with each layer's kernel replaced by ``eff[path]``."""
+    repl = {}
+    for path, layer in find_layers(variables).items():
+        repl[layer.keys] = {**layer.node, layer.weight: eff[path]}
+    return _rebuild(variables, repl)
+
+
+def run_demo(config: DemoConfig | None = None, progress: Progress | None = None) -> DemoResult:
+    """Trains the digits CNN and measures quantized accuracy with and without splitting.
+
+    Args:
+      config: a ``DemoConfig`` (default: the full demo; ``DemoConfig.quick()`` for CI).
+      progress: called as ``progress(stage, done, total)`` with stage ``"train"`` (epochs)
+        or ``"evaluate"`` (rows); the CLI draws rich progress bars from it.
+
+    Returns:
+      A ``DemoResult`` (``to_markdown()``, ``plot(path)``, ``to_dict()``).
+
+    Raises:
+      ImportError: scikit-learn is missing.
+      TypeError: ``config`` is not a ``DemoConfig``.
+
+    Example:
+      >>> res = run_demo(DemoConfig.quick(epochs=1, bits=(8,), methods=(), auto=False))
+      >>> [r.variant for r in res.rows]
+      ['no split', 'balance rel:0.5']
+    """
+    config = DemoConfig() if config is None else config
+    if not isinstance(config, DemoConfig):
+        raise TypeError(f"config must be a jaxsplit.demo.DemoConfig, got {type(config).__name__}")
+    report = progress or (lambda stage, done, total: None)
+    t0 = time.perf_counter()
+    data = load_digits_split(config.seed)
+    model, variables = train(
+        data,
+        seed=config.seed,
+        epochs=config.epochs,
+        on_epoch=lambda e, loss: report("train", e + 1, config.epochs),
+    )
+    t_train = time.perf_counter() - t0
+    forward = jax.jit(model.apply)
+
+    def fwd(m, v, x):
+        return forward(v, x)
+
+    fp32 = accuracy(model, variables, data.x_test, data.y_test, apply_fn=fwd)
+    ws = {p: jnp.asarray(layer.array) for p, layer in find_layers(variables).items()}
+    n_params = int(sum(np.size(x) for x in jax.tree.leaves(variables)))
+    vs, omitted = variants(config)
+    rows, total, done = [], len(vs) * len(config.bits), 0
+    for v in vs:
+        tree = None
+        for bits in config.bits:
+            spec = QuantSpec(bits=bits)
+            if tree is None or v.uses_spec:  # spec-independent splits are made once
+                cfg = v.make(spec)
+                tree = variables if cfg is None else split_params(variables, cfg)
+            eff, extra = effective_kernels(tree, spec)
+            acc = accuracy(
+                model, _with_kernels(variables, eff), data.x_test, data.y_test, apply_fn=fwd
+            )
+            n_extra = sum(extra.values())
+            rows.append(
+                DemoRow(
+                    variant=v.name,
+                    bits=bits,
+                    accuracy=acc,
+                    weight_sqnr_db=float(_sqnr_db(ws, eff)),
+                    split_layers=sum(1 for n in find_layers(tree).values() if n.branches),
+                    extra_params=n_extra,
+                    extra_params_frac=n_extra / n_params,
+                )
+            )
+            done += 1
+            report("evaluate", done, total)
+    for name, why in omitted:
+        logger.warning("demo: row %r omitted: %s", name, why)
+    return DemoResult(
+        config=config,
+        fp32_accuracy=fp32,
+        n_params=n_params,
+        n_test=len(data.y_test),
+        rows=tuple(rows),
+        omitted=tuple(omitted),
+        train_seconds=t_train,
+        total_seconds=time.perf_counter() - t0,
+    )
+
+
+def cli_commands():
+    """``jaxsplit demo`` for ``jaxsplit.cli``'s registration hook (defined in ``cli_sweep``)."""
+    from jaxsplit.cli_sweep import demo_command
+
+    return [demo_command()]

@@ -1,0 +1,94 @@
+"""``jaxsplit sweep`` and ``jaxsplit demo`` through the command line."""
+
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+
+from jaxsplit import cli, io
+
+
+def _run(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error(result, code, pattern):
+    got, _, err = result
+    assert got == code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture
+def ckpt(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    params = {
+        "params": {
+            "Dense_0": {
+                "kernel": rng.standard_t(3, (32, 16)).astype(np.float32),
+                "bias": np.zeros(16, np.float32),
+            },
+            "Dense_1": {"kernel": rng.standard_t(3, (16, 4)).astype(np.float32)},
+        }
+    }
+    return io.save(params, tmp_path / "w.npz")
+
+
+def test_sweep_table_csv_and_json(ckpt, capsys, tmp_path):
+    argv = ["sweep", ckpt, "--thresholds", "rel:0.5", "0.5", "--bits", "8", "4"]
+    code, out, err = _run(capsys, *argv, "--csv", tmp_path / "s.csv")
+    assert code == 0, err
+    assert "Dense_0" in out and "rel:0.5" in out and "int4" in out
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))  # noqa: SIM115
+    assert len(rows) == 2 * 2 * 2
+    code, out, _ = _run(capsys, *argv, "--json")
+    data = json.loads(out)
+    assert code == 0 and len(data["rows"]) == 8
+    assert {r["layer"] for r in data["rows"]} == {"Dense_0", "Dense_1"}
+    assert [float(r["mse"]) for r in rows] == [r["mse"] for r in data["rows"]]
+
+
+def test_sweep_selects_layers(ckpt, capsys):
+    code, out, _ = _run(capsys, "sweep", ckpt, "--layers", "Dense_1", "--json")
+    assert code == 0 and {r["layer"] for r in json.loads(out)["rows"]} == {"Dense_1"}
+
+
+@pytest.mark.parametrize(
+    ("extra", "pattern"),
+    [
+        (["--thresholds", "foo:1"], r"unknown kind 'foo'"),
+        (["--thresholds", "-1"], r"threshold"),
+        (["--bits", "1"], r"--bits: QuantSpec.bits must be an int in \[2, 16\], got 1"),
+        (["--layers", "nope"], r"matched no layer; available layer paths.*Dense_0"),
+        (["--methods", "nope"], r"method must be one of"),
+    ],
+)
+def test_sweep_bad_arguments_exit_2(ckpt, capsys, extra, pattern):
+    _error(_run(capsys, "sweep", ckpt, *extra), 2, pattern)
+
+
+def test_sweep_missing_checkpoint(capsys, tmp_path):
+    _error(_run(capsys, "sweep", tmp_path / "nope.npz"), 2, r"does not exist")
+
+
+def test_demo_quick_writes_table_and_plot(capsys, tmp_path):
+    out_dir = tmp_path / "out"
+    code, out, err = _run(capsys, "demo", "--quick", "--epochs", "1", "--out", out_dir, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["rows"] and 0 < data["fp32_accuracy"] <= 1
+    md = (out_dir / "demo.md").read_text()
+    assert "| no split |" in md and "fp32 test accuracy" in md
+    assert (out_dir / "demo.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_bad_arguments(capsys, tmp_path):
+    _error(_run(capsys, "demo", "--epochs", "0"), 2, r"--epochs must be an int >= 1, got 0")
+    (tmp_path / "f").write_text("x")
+    _error(_run(capsys, "demo", "--out", tmp_path / "f"), 2, r"is not a directory")

@@ -20,6 +20,9 @@ import pytest
 
 from jaxsplit import cli, io, merge_params
 
+# A failed orbax read leaves a callback on orbax's closed event loop; a background thread
+# reports it later, during whichever test runs then.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NAMES = {"orbax": "ckpt", "msgpack": "w.msgpack", "safetensors": "w.safetensors", "npz": "w.npz"}
 
@@ -301,8 +304,6 @@ def test_missing_checkpoint(ckpt, capsys, tmp_path):
         _check_bad(capsys, tmp_path, cmd, 2, r"^jaxsplit \w+: error: CKPT 'gone(\.npz)?' does not")
 
 
-# orbax's async reader leaves an "event loop is closed" callback behind when a read fails
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("fmt", io.FORMATS)
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
 def test_truncated_or_corrupt_checkpoint(tmp_path, monkeypatch, capsys, fmt, damage):

@@ -391,6 +391,10 @@ def test_unknown_method_and_bad_seed(ckpt, capsys, tmp_path):
         r"argument --seed: invalid int value: 'x'",
     )  # fmt: skip
     _check_bad(capsys, tmp_path, ["split", ckpt, *SPLIT], 2, r"OUT is required \(or pass --dry")
+    _check_bad(
+        capsys, tmp_path, ["split", ckpt, "o.npz", "--layers", "re:(", "--threshold", "1"], 2,
+        r"--layers: SplitConfig.layers\[0\] is not a valid regex: 're:\('",
+    )  # fmt: skip
 
 
 def test_non_float_kernels(tmp_path, monkeypatch, capsys):

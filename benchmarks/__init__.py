@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks for jaxsplit (``python -m benchmarks.run [--quick]``)."""

@@ -18,7 +18,7 @@ from jaxsplit.transform import split_with_report as split_with_report
 # quantization evaluator (quant.py, evaluate.py)
 from jaxsplit import quant as quant
 from jaxsplit.evaluate import quant_error as quant_error
-from jaxsplit.evaluate_outputs import evaluate_outputs as evaluate_outputs
+from jaxsplit.evaluate_model import evaluate_outputs as evaluate_outputs
 from jaxsplit.quant import QuantSpec as QuantSpec
 from jaxsplit.quant import fake_quant as fake_quant
 
@@ -30,7 +30,10 @@ from jaxsplit.sweep import SweepResult as SweepResult
 from jaxsplit.sweep import SweepRow as SweepRow
 from jaxsplit.sweep import sweep as sweep
 
+# isort: split
 # wrappers (linen.py, nnx.py) are imported as submodules: jaxsplit.linen, jaxsplit.nnx
+from jaxsplit import linen as linen
+from jaxsplit import nnx as nnx
 
 __version__ = "0.1.0"
 
@@ -59,4 +62,7 @@ __all__ = [
     "SweepResult",
     "SweepRow",
     "sweep",
+    # wrappers
+    "linen",
+    "nnx",
 ]

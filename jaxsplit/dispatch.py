@@ -77,8 +77,10 @@ def balance_fused(w: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:
       [[0.25, -1.5], [0.0, -1.5]]
     """
     t = jnp.asarray(threshold).astype(w.dtype)
-    m = (jnp.abs(w) > t) & jnp.isfinite(w)
     half = w / 2
+    # a half that XLA flushes to zero (CPU) leaves the value whole: XLA may rewrite
+    # ``w - w / 2`` as ``w * 0.5``, which would flush branch_0 too and lose the value
+    m = (jnp.abs(w) > t) & jnp.isfinite(w) & (half != 0)
     return jnp.where(m, w - half, w), jnp.where(m, half, jnp.zeros_like(w))
 
 

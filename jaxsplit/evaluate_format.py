@@ -179,7 +179,7 @@ def outputs_markdown(report) -> str:
     """Markdown for an ``OutputReport``: model-level rows, then per-layer output SQNR.
 
     Example:
-      >>> from jaxsplit.evaluate_outputs import OutputError, OutputReport, LayerOutput
+      >>> from jaxsplit.evaluate_model import OutputError, OutputReport, LayerOutput
       >>> from jaxsplit.quant import QuantSpec
       >>> e = OutputError(0.01, 20.0, 0.99, 1.0)
       >>> r = OutputReport(QuantSpec(), None, e, e, (LayerOutput("d", 30.0, 36.0),), 5)
@@ -207,7 +207,7 @@ def outputs_rich_table(report):
     """A ``rich.table.Table`` for an ``OutputReport`` (model rows, then one row per layer).
 
     Example:
-      >>> from jaxsplit.evaluate_outputs import OutputError, OutputReport, LayerOutput
+      >>> from jaxsplit.evaluate_model import OutputError, OutputReport, LayerOutput
       >>> from jaxsplit.quant import QuantSpec
       >>> e = OutputError(0.01, 20.0, 0.99, None)
       >>> r = OutputReport(QuantSpec(), 8, e, e, (LayerOutput("d", 30.0, 36.0),), 5)

@@ -1,9 +1,13 @@
 """evaluate.py / evaluate_format.py: quant_error against an independent numpy implementation."""
 
+import contextlib
 import copy
 import io
 import json
 import math
+import os
+import pathlib
+import re
 
 import flax
 import jax.numpy as jnp
@@ -227,3 +231,42 @@ def test_sqnr_db():
     assert sqnr_db(100.0, 1.0) == pytest.approx(20.0)
     assert sqnr_db(0.0, 1.0) == -math.inf
     assert isinstance(quant_error({}, {}, QuantSpec()), Report)
+
+
+# --- the README's evaluator section is produced by real code -------------------------------
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+_BLOCK = re.compile(r"```python\n(.*?)```\s*<!-- output -->\n(.*?)<!-- /output -->", re.S)
+
+
+def _evaluator_section(text: str) -> str:
+    start = text.index("## Measuring what a split buys")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def _run_block(code: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    return out.getvalue()
+
+
+def test_readme_tables_are_printed_by_the_code_above_them():
+    """Set JAXSPLIT_UPDATE_README=1 to rewrite the outputs after a deliberate change."""
+    text = README.read_text()
+    section = _evaluator_section(text)
+    blocks = _BLOCK.findall(section)
+    assert len(blocks) == 2
+    new = section
+    for code, shown in blocks:
+        printed = _run_block(code)
+        if os.environ.get("JAXSPLIT_UPDATE_README"):
+            new = new.replace(
+                f"<!-- output -->\n{shown}<!-- /output -->",
+                f"<!-- output -->\n{printed}<!-- /output -->",
+                1,
+            )
+        else:
+            assert printed == shown
+    if new != section:
+        README.write_text(text.replace(section, new))

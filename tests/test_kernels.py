@@ -170,3 +170,12 @@ def test_split_dispatch_errors():
         kernels.split("nope", jnp.ones(2), 0.0)
     with pytest.raises(ValueError, match="needs a key"):
         kernels.split("random", jnp.ones(2), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_random_near_smallest_normal_stays_exact(dtype):
+    # the small share w - w*u is subnormal here; XLA on CPU flushes it to zero, so the
+    # kernel must then keep the value whole (a regression hypothesis found)
+    w = np.full(256, 4 * np.finfo(dtype).smallest_normal, dtype)
+    w1, w2 = (np.asarray(x) for x in _random(w, 0.0, jax.random.key(0)))
+    assert exact_sum(w1, w2, w)

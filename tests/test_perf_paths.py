@@ -182,3 +182,10 @@ def test_one_host_sync_per_call(monkeypatch):
     split_params(_tree(), SplitConfig(layers=["*"], threshold=1.0))
     split_params(_tree(), SplitConfig(layers=["*"], threshold=1.0), donate=True)
     assert len(calls) == 2
+
+
+def test_fused_balance_keeps_values_whose_half_flushes_to_zero():
+    # regression (hypothesis found it): w - w/2 may compile to w * 0.5, flushed on CPU
+    w = jnp.full((6,), np.finfo(np.float32).smallest_normal, jnp.float32)
+    (w1, w2), _, _ = dispatch.fused(w, 0.0, None, kind="absolute", method="balance")
+    assert np.array_equal(np.asarray(w1) + np.asarray(w2), np.asarray(w))

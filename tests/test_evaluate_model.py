@@ -1,4 +1,4 @@
-"""evaluate_outputs.py: output-level evaluation (linen, NNX) against hand-built forward passes."""
+"""evaluate_model.py: output-level evaluation (linen, NNX) against hand-built forward passes."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxsplit as js
 from jaxsplit import quant
-from jaxsplit.evaluate_outputs import _output_error, evaluate_outputs, quantized_weights
+from jaxsplit.evaluate_model import _output_error, evaluate_outputs, quantized_weights
 from jaxsplit.quant import QuantSpec
 
 CFG = js.SplitConfig(layers=["**"], threshold=js.Relative(0.5))

@@ -215,6 +215,22 @@ def _run(model, variables, args, kwargs, hook: Hook):
     )
 
 
+def _runner(model, kwargs: dict, act_spec: QuantSpec | None):
+    """``(run, paths)``: ``run(variables, act, args) -> (output, [(max|x|, y)] per layer call)``
+    compiled once per tree structure; ``paths`` lists the layer paths in call order (filled when
+    ``run`` is traced)."""
+    paths: list[str] = []
+
+    @jax.jit
+    def run(variables, act, args):
+        calls: list = []
+        out = _run(model, variables, args, kwargs, _recorder(calls, act, act_spec))
+        paths[:] = [c[0] for c in calls]
+        return out, [(c[1], c[2]) for c in calls]
+
+    return run, paths
+
+
 def _recorder(calls: list, act: dict | None, act_spec: QuantSpec | None) -> Hook:
     """A hook that fake-quantizes inputs with calibrated scales and records calls in order."""
 
@@ -229,19 +245,29 @@ def _recorder(calls: list, act: dict | None, act_spec: QuantSpec | None) -> Hook
     return hook
 
 
-def _output_error(y: jax.Array, yq: jax.Array) -> OutputError:
+@jax.jit
+def _error_stats(y: jax.Array, yq: jax.Array) -> dict[str, jax.Array]:
+    """MSE, signal power, mean per-sample cosine and top-1 agreement, in one compiled call."""
     y, yq = y.astype(jnp.float32), yq.astype(jnp.float32)
-    mse = float(jnp.mean(jnp.square(yq - y)))
     flat = y.reshape(y.shape[0], -1) if y.ndim >= 1 else y.reshape(1, -1)
     flatq = yq.reshape(flat.shape)
     num = jnp.sum(flat * flatq, axis=1)
     den = jnp.linalg.norm(flat, axis=1) * jnp.linalg.norm(flatq, axis=1)
     cos = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), jnp.where(num == 0, 1.0, 0.0))
-    agree = None
+    out = {
+        "mse": jnp.mean(jnp.square(yq - y)),
+        "signal": jnp.mean(jnp.square(y)),
+        "cosine": jnp.mean(cos),
+    }
     if y.ndim >= 2:
-        agree = float(jnp.mean(jnp.argmax(y, -1) == jnp.argmax(yq, -1)))
+        out["agreement"] = jnp.mean(jnp.argmax(y, -1) == jnp.argmax(yq, -1))
+    return out
+
+
+def _output_error(y: jax.Array, yq: jax.Array) -> OutputError:
+    st = {k: float(v) for k, v in jax.device_get(_error_stats(y, yq)).items()}
     return OutputError(
-        mse, sqnr_db(float(jnp.mean(jnp.square(y))), mse), float(jnp.mean(cos)), agree
+        st["mse"], sqnr_db(st["signal"], st["mse"]), st["cosine"], st.get("agreement")
     )
 
 
@@ -310,26 +336,22 @@ def evaluate_outputs(
     if variables is None and isinstance(model, nnx.Module):
         variables = nnx.state(model)
 
-    float_calls: list = []
-    y = _run(model, variables, args, kwargs, _recorder(float_calls, None, None))
+    if not isinstance(model, nn.Module | nnx.Module):
+        raise TypeError(
+            f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+        )
+    run, paths = _runner(model, kwargs, act_spec)
+    y, float_calls = run(variables, None, args)
     act = None
     if act_spec is not None:
         amax: dict[str, jax.Array] = {}
-        for path, m, _ in float_calls:
+        for path, (m, _) in zip(paths, float_calls, strict=True):
             amax[path] = jnp.maximum(amax.get(path, 0.0), m)
         act = {path: m / act_spec.qmax for path, m in amax.items()}
-
-    def quantized(tree):
-        calls: list = []
-        out = _run(
-            model, quantized_weights(tree, spec), args, kwargs, _recorder(calls, act, act_spec)
-        )
-        return out, calls
-
-    yb, calls_b = quantized(variables)
-    ya, calls_a = quantized(variables2)
+    yb, calls_b = run(quantized_weights(variables, spec), act, args)
+    ya, calls_a = run(quantized_weights(variables2, spec), act, args)
     layers = []
-    for (path, _, f), (_, _, b), (_, _, a) in zip(float_calls, calls_b, calls_a, strict=True):
+    for path, (_, f), (_, b), (_, a) in zip(paths, float_calls, calls_b, calls_a, strict=True):
         layers.append(LayerOutput(path, _layer_sqnr(f, b), _layer_sqnr(f, a)))
     y, yb, ya = _flat_output(y), _flat_output(yb), _flat_output(ya)
     return OutputReport(
@@ -343,5 +365,5 @@ def evaluate_outputs(
 
 
 def _layer_sqnr(f: jax.Array, q: jax.Array) -> float:
-    f, q = f.astype(jnp.float32), q.astype(jnp.float32)
-    return sqnr_db(float(jnp.mean(jnp.square(f))), float(jnp.mean(jnp.square(q - f))))
+    st = jax.device_get(_error_stats(f, q))
+    return sqnr_db(float(st["signal"]), float(st["mse"]))

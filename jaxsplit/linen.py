@@ -1,0 +1,309 @@
+"""Run Flax linen models on split trees: the ``apply`` interceptor and the ``Split`` module.
+
+``apply(model, variables2, x)`` runs the user's unchanged model on a tree made by
+``split_params``: a method interceptor (``flax.linen.intercept_methods``) looks at
+each running module's own ``params``; where they hold ``branch_0 … branch_{k-1}``,
+every branch runs through a clone of the module (the layer's own code; branches
+``>= 1`` with ``use_bias=False``) and the outputs are summed. Reading the module's
+own variables (rather than looking its path up in the input tree) keeps this right
+inside lifted transforms such as ``nn.scan``, where a layer sees its slice of a
+stacked tree; the module's path names it in every error.
+
+``Split(layer)`` is the same computation as a module, for models that are split by
+design: its params are exactly the tree contract's split layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.errors
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxsplit._branches import (
+    branch_name,
+    call_branches,
+    check_branches,
+    sum_branches,
+    unsupported_error,
+)
+from jaxsplit.config import SplitConfig
+from jaxsplit.select import branch_count, find_layers, unwrap, weight_name
+from jaxsplit.transform import _branches, split_params
+
+__all__ = ["SUPPORTED", "LayerSpec", "apply", "Split"]
+
+Quant = Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """How a supported linen layer is split.
+
+    Attributes:
+      weight: the param that is split (``'kernel'`` or ``'embedding'``).
+      init: the field holding the weight's initializer (zeroed for branches ``>= 1``).
+      methods: the methods that are linear in the weight (run branch-wise).
+    """
+
+    weight: str
+    init: str
+    methods: tuple[str, ...] = ("__call__",)
+
+
+_KERNEL = LayerSpec("kernel", "kernel_init")
+
+#: Layer types whose output is linear in the weight with the bias switched by
+#: ``use_bias``, so ``f(x; W1, b) + f(x; W2, no bias) == f(x; W1 + W2, b)``.
+SUPPORTED: dict[type, LayerSpec] = {
+    nn.Dense: _KERNEL,
+    nn.DenseGeneral: _KERNEL,
+    nn.Conv: _KERNEL,
+    nn.ConvTranspose: _KERNEL,
+    nn.ConvLocal: _KERNEL,
+    nn.Einsum: _KERNEL,
+    nn.Embed: LayerSpec("embedding", "embedding_init", ("__call__", "attend")),
+}
+
+
+def _path(module: nn.Module) -> str:
+    return "/".join(str(p) for p in module.path) or "(root module)"
+
+
+def _spec(module: nn.Module, path: str, why: str) -> LayerSpec:
+    spec = SUPPORTED.get(type(module))
+    if spec is None:
+        raise unsupported_error(path, module, SUPPORTED, why)
+    return spec
+
+
+def _branch_clone(layer: nn.Module, i: int) -> nn.Module:
+    """An unbound clone of ``layer`` that runs branch ``i``: the same class and settings,
+    except that branches ``>= 1`` carry no bias and initialise their weight to zero."""
+    updates: dict[str, Any] = {"parent": None, "name": None}
+    if i:
+        if any(f.name == "use_bias" for f in dataclasses.fields(layer)):
+            updates["use_bias"] = False
+        updates[SUPPORTED[type(layer)].init] = nn.initializers.zeros_init()
+    return layer.clone(**updates)
+
+
+def _check_nodes(path: str, nodes: list[Mapping], weight: str) -> None:
+    """Branches >= 1 hold only the weight, and all weights have one shape."""
+    shapes = []
+    for i, node in enumerate(nodes):
+        if weight not in node:
+            raise ValueError(f"layer {path!r}: branch_{i} holds no {weight!r}")
+        extra = [str(k) for k in node if k != weight]
+        if i and extra:
+            raise ValueError(
+                f"layer {path!r}: branch_{i} holds {extra} besides {weight!r}; only "
+                f"branch_0 may carry the bias (it would be silently ignored)"
+            )
+        shapes.append(tuple(jnp.shape(unwrap(node[weight]))))
+    if len(set(shapes)) > 1:
+        raise ValueError(f"layer {path!r}: branch {weight} shapes differ: {shapes}")
+
+
+class _Interceptor:
+    """One per ``apply`` call; ``inside`` lets the branch clones' own calls through."""
+
+    def __init__(self, quant: Quant | None):
+        self.quant = quant
+        self.inside = False
+
+    def __call__(self, next_fun, args, kwargs, context):
+        module = context.module
+        if self.inside or isinstance(module, Split) or module.scope is None:
+            return next_fun(*args, **kwargs)
+        own = module.variables.get("params")
+        if not isinstance(own, Mapping) or not own:
+            return next_fun(*args, **kwargs)
+        path = _path(module)
+        try:
+            k = branch_count(own)
+        except ValueError as e:
+            raise ValueError(f"layer {path!r}: {e}") from None
+        name = context.method_name
+        if k:
+            spec = _spec(module, path, "its params hold split branches")
+            if name == "setup":  # the branches set themselves up
+                return None
+            nodes = [own[branch_name(i)] for i in range(k)]
+        elif self.quant is not None and weight_name(own) is not None:
+            spec = _spec(module, path, "quant= was given and it owns a weight")
+            if name not in spec.methods:
+                return next_fun(*args, **kwargs)
+            nodes = [own]
+        else:
+            return next_fun(*args, **kwargs)
+        if name not in spec.methods:
+            raise TypeError(
+                f"layer {path!r} ({type(module).__name__}) is split; only its "
+                f"methods {list(spec.methods)} can run on branches, not {name!r}"
+            )
+        _check_nodes(path, nodes, spec.weight)
+        self.inside = True
+        try:
+            return sum_branches(
+                lambda i: self._run(module, path, spec, nodes[i], i, name, args, kwargs),
+                len(nodes),
+            )
+        finally:
+            self.inside = False
+
+    def _run(self, module, path, spec, node, i, name, args, kwargs):
+        params = dict(node)
+        if self.quant is not None:
+            params[spec.weight] = self.quant(nn.meta.unbox(params[spec.weight]))
+        try:
+            return _branch_clone(module, i).apply({"params": params}, *args, method=name, **kwargs)
+        except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError) as e:
+            raise ValueError(
+                f"layer {path!r}: branch_{i} params do not fit the module "
+                f"{type(module).__name__}: {e}"
+            ) from None
+
+
+def apply(
+    model: nn.Module,
+    variables: Mapping,
+    *args,
+    method: str | Callable | None = None,
+    mutable: Any = False,
+    quant: Quant | None = None,
+    **kwargs,
+):
+    """``model.apply`` that runs split layers as the sum of their branches.
+
+    Layers whose params hold ``branch_0 … branch_{k-1}`` run each branch with the
+    layer's own code and sum the outputs; other layers run unchanged, so an unsplit
+    tree gives exactly ``model.apply``'s result. Works under ``jax.jit``,
+    ``jax.grad`` and ``jax.vmap``, with ``mutable=[...]`` and other collections.
+
+    Args:
+      model: the user's (unchanged) linen model.
+      variables: its variables, with any layers split by ``split_params``.
+      *args: positional arguments of the method.
+      method: the method to run, as for ``model.apply``.
+      mutable: collections that may change, as for ``model.apply``.
+      quant: optional per-weight transform ``w -> w'`` (e.g. fake quantization),
+        applied to the weight of every supported layer that runs: to each branch
+        separately for split layers, to the single weight otherwise. ``None``
+        changes nothing.
+      **kwargs: other keyword arguments of ``model.apply`` (``rngs=``) or the method.
+
+    Returns:
+      What ``model.apply`` returns (output, and updated collections if ``mutable``).
+
+    Raises:
+      TypeError: ``quant`` is not callable; a split layer (or, with ``quant``, a layer
+        owning a weight) is not of a ``SUPPORTED`` type; the message names its path.
+      ValueError: a split layer's branches do not fit the module (path named).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxsplit as js
+      >>> model = nn.Sequential([nn.Dense(3), nn.relu, nn.Dense(2)])
+      >>> v = model.init(jax.random.key(0), jnp.ones((1, 4)))
+      >>> v2 = js.split_params(v, js.SplitConfig(layers=["layers_0"], threshold=0.1))
+      >>> y2 = js.linen.apply(model, v2, jnp.ones((1, 4)))
+      >>> bool(jnp.allclose(y2, model.apply(v, jnp.ones((1, 4))), rtol=1e-5))
+      True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
+    if quant is not None and not callable(quant):
+        raise TypeError(f"quant must be None or a callable w -> w', got {quant!r}")
+    with nn.intercept_methods(_Interceptor(quant)):
+        return model.apply(variables, *args, method=method, mutable=mutable, **kwargs)
+
+
+class Split(nn.Module):
+    """A supported layer as ``branches`` twin submodules ``branch_0 …`` whose outputs are summed.
+
+    The branches are clones of ``layer`` (same class and settings); only ``branch_0``
+    has a bias, and branches ``>= 1`` initialise their weight to zero, so a fresh
+    ``Split`` computes exactly what ``layer`` would. Its params are the tree contract's
+    split layer, so ``merge_params``, ``apply(..., quant=...)`` (which quantizes each
+    branch separately) and checkpoints work on it unchanged. Load an existing layer's
+    params with ``Split.from_params``.
+
+    Inside an ``@nn.compact`` method, write ``Split(nn.Dense(16, parent=None))`` to keep
+    the template layer from taking an automatic name (``Dense_0``) of its own.
+
+    Attributes:
+      layer: the layer to split (an unbound module of a ``SUPPORTED`` type).
+      branches: number of branches (an int >= 2).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, flax.linen as nn
+      >>> split = Split(nn.Dense(2))
+      >>> v = split.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> jax.tree.map(jnp.shape, v["params"])
+      {'branch_0': {'bias': (2,), 'kernel': (3, 2)}, 'branch_1': {'kernel': (3, 2)}}
+    """
+
+    layer: nn.Module
+    branches: int = 2
+
+    def setup(self):
+        check_branches("Split", self.branches)
+        _spec(self.layer, _path(self), "Split wraps it")
+        for i in range(self.branches):
+            setattr(self, branch_name(i), _branch_clone(self.layer, i))
+
+    def __call__(self, *args, **kwargs):
+        """Sum of the branches' ``__call__``."""
+        return self._sum("__call__", args, kwargs)
+
+    def attend(self, *args, **kwargs):
+        """Sum of the branches' ``attend`` (for a split ``nn.Embed``)."""
+        return self._sum("attend", args, kwargs)
+
+    def _sum(self, method, args, kwargs):
+        valid = SUPPORTED[type(self.layer)].methods
+        where = f"Split({type(self.layer).__name__}) at {_path(self)!r}"
+        return call_branches(self, self.branches, method, valid, args, kwargs, where)
+
+    @staticmethod
+    def from_params(layer_params: Mapping, **cfg_fields) -> Mapping:
+        """The params of a ``Split`` holding an existing layer's params, via ``split_params``.
+
+        Args:
+          layer_params: one layer's params (``{'kernel': W, 'bias': b}``).
+          **cfg_fields: ``SplitConfig`` fields other than ``layers`` (``threshold=``,
+            ``method=``, ``seed=`` …), validated there.
+
+        Returns:
+          ``{'branch_0': {...}, 'branch_1': {...}}`` with ``W1 + W2 == W`` bit for bit;
+          when nothing exceeds the threshold, ``branch_1`` holds zeros.
+
+        Raises:
+          TypeError: ``layers`` was passed (the layer is given), or bad config fields.
+          ValueError: no ``kernel``/``embedding`` array in ``layer_params``, or bad config.
+
+        Example:
+          >>> import numpy as np
+          >>> p = {"kernel": np.array([[0.5, 4.0]], np.float32), "bias": np.zeros(2)}
+          >>> p2 = Split.from_params(p, threshold=1.0)
+          >>> p2["branch_0"]["kernel"].tolist(), p2["branch_1"]["kernel"].tolist()
+          ([[0.5, 2.0]], [[0.0, 2.0]])
+        """
+        if "layers" in cfg_fields:
+            raise TypeError("Split.from_params takes no 'layers': the layer is given")
+        if not isinstance(layer_params, Mapping) or weight_name(layer_params) is None:
+            raise ValueError(
+                "Split.from_params needs one layer's params holding a 'kernel' or "
+                f"'embedding' array, got {type(layer_params).__name__} with keys "
+                f"{list(layer_params) if isinstance(layer_params, Mapping) else '-'}"
+            )
+        cfg = SplitConfig(layers=("layer",), **cfg_fields)
+        tree = {"layer": layer_params}
+        out = split_params(tree, cfg)["layer"]
+        if branch_count(out):
+            return out
+        layer = find_layers(tree)["layer"]
+        return _branches(layer, [layer.array, jnp.zeros_like(layer.array)])

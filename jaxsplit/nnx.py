@@ -1,0 +1,277 @@
+"""NNX module surgery: each split layer becomes a ``Split`` module summing ``branch_0 …``.
+
+``split_model(model, cfg)`` splits ``nnx.state(model)`` with ``split_params`` and
+returns a new model whose split layers are ``Split`` modules holding copies of the
+layer as attributes ``branch_0 … branch_{k-1}`` (only ``branch_0`` keeps the bias).
+So ``nnx.state(split_model(m, cfg))`` is ``split_params(nnx.state(m), cfg)`` with the
+same ``branch_i`` names as a linen tree, and ``merge_model`` undoes it exactly.
+``apply(model, x, quant=...)`` runs a model with every weight (each branch on its
+own) passed through a transform such as fake quantization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxsplit._branches import branch_name, call_branches, check_branches, unsupported_error
+from jaxsplit.config import SplitConfig
+from jaxsplit.select import find_layers, unwrap
+from jaxsplit.transform import _like, _rebuild, _wrap_like, merge_params, split_params
+
+__all__ = ["SUPPORTED", "Split", "split_model", "merge_model", "apply"]
+
+#: Layer types whose output is linear in the weight, with the bias optional:
+#: ``{type: (weight attribute, methods that run branch-wise)}``.
+SUPPORTED: dict[type, tuple[str, tuple[str, ...]]] = {
+    nnx.Linear: ("kernel", ("__call__",)),
+    nnx.LinearGeneral: ("kernel", ("__call__",)),
+    nnx.Conv: ("kernel", ("__call__",)),
+    nnx.ConvTranspose: ("kernel", ("__call__",)),
+    nnx.Einsum: ("kernel", ("__call__",)),
+    nnx.Embed: ("embedding", ("__call__", "attend")),
+}
+
+
+def _spec(module: Any, path: str, why: str) -> tuple[str, tuple[str, ...]]:
+    spec = SUPPORTED.get(type(module))
+    if spec is None:
+        raise unsupported_error(path, module, SUPPORTED, why)
+    return spec
+
+
+def _branch_copy(layer: nnx.Module) -> nnx.Module:
+    """A copy of ``layer`` for branch ``>= 1``: zero weight, no bias."""
+    weight = _spec(layer, "(layer)", "Split wraps it")[0]
+    copy = nnx.clone(layer)
+    var = getattr(copy, weight)
+    var.set_value(jnp.zeros_like(var.get_value()))
+    if getattr(copy, "bias", None) is not None:
+        copy.bias = nnx.data(None)
+    for attr, off in (("use_bias", False), ("bias_shape", None)):
+        if hasattr(copy, attr):
+            setattr(copy, attr, off)
+    return copy
+
+
+class Split(nnx.Module):
+    """A layer as ``branches`` twin copies ``branch_0 …`` whose outputs are summed.
+
+    ``branch_0`` is ``layer`` itself (bias included); branches ``>= 1`` are copies with
+    a zero weight and no bias, so a fresh ``Split`` computes exactly what ``layer``
+    did. Its state uses the tree contract's names (``branch_i/kernel``).
+
+    Args:
+      layer: an NNX layer of a ``SUPPORTED`` type.
+      branches: number of branches (an int >= 2).
+
+    Raises:
+      TypeError: ``layer`` is not of a supported type, or ``branches`` is not an int.
+      ValueError: ``branches < 2``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> split = Split(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+      >>> sorted(nnx.state(split)), split(jnp.ones((1, 3))).shape
+      (['branch_0', 'branch_1'], (1, 2))
+    """
+
+    def __init__(self, layer: nnx.Module, branches: int = 2):
+        self.num_branches = check_branches("Split", branches)
+        _spec(layer, "(layer)", "Split wraps it")
+        self.branch_0 = layer
+        for i in range(1, self.num_branches):
+            setattr(self, branch_name(i), _branch_copy(layer))
+
+    def __call__(self, *args, **kwargs):
+        """Sum of the branches' ``__call__``."""
+        return self._sum("__call__", args, kwargs)
+
+    def attend(self, *args, **kwargs):
+        """Sum of the branches' ``attend`` (for a split ``nnx.Embed``)."""
+        return self._sum("attend", args, kwargs)
+
+    def _sum(self, method, args, kwargs):
+        valid = SUPPORTED[type(self.branch_0)][1]
+        where = f"Split({type(self.branch_0).__name__})"
+        return call_branches(self, self.num_branches, method, valid, args, kwargs, where)
+
+
+def _child(node: Any, key: Any) -> Any:
+    if isinstance(key, str) and not isinstance(node, Mapping) and hasattr(node, key):
+        return getattr(node, key)
+    return node[key]
+
+
+def _set_child(node: Any, key: Any, value: Any) -> None:
+    if isinstance(key, str) and not isinstance(node, Mapping) and hasattr(node, key):
+        setattr(node, key, value)
+    else:
+        node[key] = value
+
+
+def _module_at(model: nnx.Module, keys: tuple) -> tuple[Any, Any, Any]:
+    """``(parent, key, module)`` for a layer's key path."""
+    parent = model
+    for k in keys[:-1]:
+        parent = _child(parent, k)
+    return parent, keys[-1], _child(parent, keys[-1])
+
+
+def _check_model(model: Any, name: str = "model") -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"{name} must be a flax.nnx.Module, got {type(model).__name__}")
+
+
+def split_model(model: nnx.Module, cfg: SplitConfig) -> nnx.Module:
+    """A copy of ``model`` whose split layers are ``Split`` modules (``model`` is unchanged).
+
+    Args:
+      model: an NNX model.
+      cfg: a ``SplitConfig``; layer paths are those of ``nnx.state(model)``.
+
+    Returns:
+      A new model with ``nnx.state(new) == split_params(nnx.state(model), cfg)``
+      bit for bit. Layers that ``split_params`` leaves alone stay as they are.
+
+    Raises:
+      TypeError: ``model`` is not an ``nnx.Module``, or a layer to split is not of a
+        ``SUPPORTED`` type (the message names its path and type).
+      ValueError: as ``split_params`` (unmatched pattern, non-finite weights, …).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxsplit as js
+      >>> model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.relu)
+      >>> model2 = split_model(model, js.SplitConfig(layers=["layers/0"], threshold=0.1))
+      >>> type(model2.layers[0]).__name__, sorted(nnx.state(model2)["layers"][0])
+      ('Split', ['branch_0', 'branch_1'])
+      >>> bool(jnp.allclose(model2(jnp.ones((1, 4))), model(jnp.ones((1, 4))), rtol=1e-5))
+      True
+    """
+    _check_model(model)
+    state = nnx.state(model)
+    state2 = split_params(state, cfg)
+    before = find_layers(state)
+    new = [lay for p, lay in find_layers(state2).items() if lay.branches and not before[p].branches]
+    for layer in new:  # check every layer before copying anything
+        _spec(_module_at(model, layer.keys)[2], layer.path, "it was selected for splitting")
+    model2 = nnx.clone(model)
+    for layer in new:
+        parent, key, module = _module_at(model2, layer.keys)
+        _set_child(parent, key, Split(module, branches=layer.branches))
+    nnx.update(model2, state2)
+    return model2
+
+
+def merge_model(model2: nnx.Module) -> nnx.Module:
+    """A copy of ``model2`` with every ``Split`` replaced by one layer holding the summed weight.
+
+    ``merge_model(split_model(m, cfg))`` has ``m``'s state bit for bit (as
+    ``merge_params``).
+
+    Raises:
+      TypeError: ``model2`` is not an ``nnx.Module``, or a split layer in its state is
+        not held by a ``jaxsplit.nnx.Split`` module.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jaxsplit as js
+      >>> model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+      >>> m2 = split_model(model, js.SplitConfig(layers=["layers/0"], threshold=0.1))
+      >>> type(merge_model(m2).layers[0]).__name__
+      'Linear'
+    """
+    _check_model(model2, "model2")
+    state2 = nnx.state(model2)
+    split = [lay for lay in find_layers(state2).values() if lay.branches]
+    for layer in split:
+        module = _module_at(model2, layer.keys)[2]
+        if not isinstance(module, Split):
+            raise TypeError(
+                f"layer {layer.path!r} ({type(module).__name__}) holds branch_* weights "
+                f"but is not a jaxsplit.nnx.Split module; cannot merge it"
+            )
+    merged = merge_params(state2)
+    model = nnx.clone(model2)
+    for layer in split:
+        parent, key, module = _module_at(model, layer.keys)
+        _set_child(parent, key, module.branch_0)
+    nnx.update(model, merged)
+    return model
+
+
+def _quantized_state(model: nnx.Module, state, quant: Callable) -> Any:
+    """``state`` with ``quant`` applied to every layer weight, each branch on its own."""
+    replacements = {}
+    for layer in find_layers(state).values():
+        module = _module_at(model, layer.keys)[2]
+        if layer.branches:
+            if not isinstance(module, Split):
+                raise unsupported_error(layer.path, module, SUPPORTED, "it holds split weights")
+            nodes = {branch_name(i): layer.node[branch_name(i)] for i in range(layer.branches)}
+        else:
+            _spec(module, layer.path, "quant= was given and it owns a weight")
+            nodes = {None: layer.node}
+        out = {}
+        for name, node in nodes.items():
+            w = node[layer.weight]
+            items = {k: v for k, v in node.items()}
+            items[layer.weight] = _wrap_like(w, quant(unwrap(w)))
+            out[name] = _like(node, items)
+        replacements[layer.keys] = out[None] if None in out else _like(layer.node, out)
+    return _rebuild(state, replacements)
+
+
+def apply(
+    model: nnx.Module,
+    *args,
+    method: str = "__call__",
+    quant: Callable[[Any], Any] | None = None,
+    **kwargs,
+):
+    """Calls ``model`` (split or not) with every layer weight passed through ``quant``.
+
+    The weight of every supported layer, and of each ``Split`` branch separately, is
+    replaced by ``quant(w)`` for this call only (the model's parameters are not
+    changed); other state the call updates (``BatchNorm`` statistics, RNG counts) is
+    written back to ``model`` as a plain call would. ``quant=None`` is a plain call.
+    Gradients flow through ``quant`` (e.g. a straight-through fake quantizer).
+
+    Args:
+      model: an NNX model.
+      *args: arguments of the method.
+      method: the method to call.
+      quant: a per-weight transform ``w -> w'``, or ``None``.
+      **kwargs: keyword arguments of the method.
+
+    Returns:
+      The method's output.
+
+    Raises:
+      TypeError: ``model``/``quant`` of the wrong type, or a module owning a weight
+        that is not of a ``SUPPORTED`` type (path named).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 1, use_bias=False, rngs=nnx.Rngs(0)))
+      >>> model.layers[0].kernel[...] = jnp.array([[0.3], [0.6]])
+      >>> apply(model, jnp.ones((1, 2)), quant=jnp.round).tolist()
+      [[1.0]]
+    """
+    _check_model(model)
+    if quant is not None and not callable(quant):
+        raise TypeError(f"quant must be None or a callable w -> w', got {quant!r}")
+    if quant is None:
+        return getattr(model, method)(*args, **kwargs)
+    graphdef, state = nnx.split(model)
+    qmodel = nnx.merge(graphdef, _quantized_state(model, state, quant))
+    out = getattr(qmodel, method)(*args, **kwargs)
+    nnx.update(model, nnx.state(qmodel, nnx.Not(nnx.Param)))
+    return out

@@ -228,14 +228,11 @@ def _sync(p: pathlib.Path) -> None:
     """Flushes a written file (or a directory's files) to disk before the rename."""
     files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
     for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _sync_dir(f)
 
 
 def _sync_dir(folder: pathlib.Path) -> None:
+    """fsync of one file or directory (for a directory: its entries, i.e. renames)."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

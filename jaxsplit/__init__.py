@@ -22,7 +22,12 @@ from jaxsplit.evaluate_model import evaluate_outputs as evaluate_outputs
 from jaxsplit.quant import QuantSpec as QuantSpec
 from jaxsplit.quant import fake_quant as fake_quant
 
+# isort: split
 # methods and automatic thresholds
+from jaxsplit import auto as auto
+from jaxsplit import qat as qat
+from jaxsplit.auto import AutoChoice as AutoChoice
+from jaxsplit.config import Auto as Auto
 
 # isort: split
 # sweeps (sweep.py); the demo is jaxsplit.demo
@@ -58,6 +63,10 @@ __all__ = [
     "quant_error",
     "evaluate_outputs",
     # methods and automatic thresholds
+    "auto",
+    "qat",
+    "Auto",
+    "AutoChoice",
     # sweeps
     "SweepResult",
     "SweepRow",

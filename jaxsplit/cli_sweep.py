@@ -138,8 +138,6 @@ def _print_demo(ui: UI, result) -> None:
             cost,
         )
     ui.out.print(t)
-    for name, why in result.omitted:
-        ui.note(f"omitted: {name} ({why})")
     ui.note(f"took {result.total_seconds:.1f} s (training {result.train_seconds:.1f} s)")
 
 

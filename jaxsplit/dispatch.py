@@ -30,10 +30,18 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxsplit import kernels
+from jaxsplit import auto, kernels
 from jaxsplit.config import resolve_parts
 
-__all__ = ["count_codes", "balance_fused", "stats", "apply", "apply_donated", "fused"]
+__all__ = [
+    "count_codes",
+    "balance_fused",
+    "stats",
+    "apply",
+    "apply_donated",
+    "fused",
+    "auto_fused",
+]
 
 _NONFINITE = 1 << 16  # count code of a non-finite value; a chunk sums at most 32 codes
 _CHUNK = 32
@@ -84,10 +92,10 @@ def balance_fused(w: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:
     return jnp.where(m, w - half, w), jnp.where(m, half, jnp.zeros_like(w))
 
 
-def _branches(w, thr, key, method: str):
-    if method == "balance":
+def _branches(w, thr, key, method: str, branches: int = 2, spec=None):
+    if method == "balance" and branches == 2:
         return balance_fused(w, thr)
-    return kernels.split(method, w, thr, key)
+    return kernels.split(method, w, thr, key, branches=branches, spec=spec)
 
 
 @functools.partial(jax.jit, static_argnames=("kind",))
@@ -104,18 +112,20 @@ def stats(w, value, *, kind: str):
     return count_codes(w, thr), thr
 
 
-def _apply(w, thr, key, *, method: str):
-    return _branches(w, thr, key, method)
+def _apply(w, thr, key, *, method: str, branches: int = 2, spec=None):
+    return _branches(w, thr, key, method, branches, spec)
 
 
-#: ``apply(w, thr, key, method=...)``: the branches of one kernel for a resolved threshold.
-apply = jax.jit(_apply, static_argnames=("method",))
+_STATIC = ("method", "branches", "spec")
+#: ``apply(w, thr, key, method=..., branches=2, spec=None)``: the branches of one kernel
+#: for a resolved threshold.
+apply = jax.jit(_apply, static_argnames=_STATIC)
 #: ``apply`` with ``w`` donated: ``branch_0`` may take over the kernel's buffer.
-apply_donated = jax.jit(_apply, static_argnames=("method",), donate_argnums=(0,))
+apply_donated = jax.jit(_apply, static_argnames=_STATIC, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "method"))
-def fused(w, value, key, *, kind: str, method: str):
+@functools.partial(jax.jit, static_argnames=("kind", *_STATIC))
+def fused(w, value, key, *, kind: str, method: str, branches: int = 2, spec=None):
     """``(branches, counts, threshold)`` in one program (``stats`` then ``apply``).
 
     Example:
@@ -125,4 +135,15 @@ def fused(w, value, key, *, kind: str, method: str):
       ([2.0], [2.0], [1, 0])
     """
     thr = resolve_parts(kind, value, w)
-    return _branches(w, thr, key, method), count_codes(w, thr), thr
+    return _branches(w, thr, key, method, branches, spec), count_codes(w, thr), thr
+
+
+@functools.partial(jax.jit, static_argnames=("auto_cfg", "method", "branches"))
+def auto_fused(w, key, budget, *, auto_cfg, method: str, branches: int = 2):
+    """``(branches, counts, threshold, info)`` for an ``Auto`` threshold: ``auto.search``
+    then the counts, in one program; ``counts[0]`` is 0 when the layer stays untouched.
+    ``budget`` (data) overrides ``auto_cfg.max_extra``, so budgets share a program."""
+    ws, info = auto.search(w, key, auto=auto_cfg, method=method, branches=branches, budget=budget)
+    counts = count_codes(w, info["threshold"])
+    counts = counts.at[0].set(jnp.where(info["split"], counts[0], 0))
+    return ws, counts, info["threshold"], info

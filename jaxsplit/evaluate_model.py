@@ -106,7 +106,9 @@ class OutputReport:
         return outputs_rich_table(self)
 
 
-def quantized_weights(variables: Mapping, spec: QuantSpec) -> Mapping:
+def quantized_weights(
+    variables: Mapping, spec: QuantSpec, *, quantize: Callable = quant.quantize
+) -> Mapping:
     """The tree with every layer's weight replaced by ``sum_i Q(W_i)`` (branches merged).
 
     Split layers are quantized branch by branch (each with its own scale) and summed, so
@@ -116,6 +118,8 @@ def quantized_weights(variables: Mapping, spec: QuantSpec) -> Mapping:
     Args:
       variables: any supported tree, split or not.
       spec: the weight ``QuantSpec``.
+      quantize: ``quant.quantize``, or ``quant.fake_quant`` for a tree to train through
+        (straight-through gradients into every branch; see ``jaxsplit.qat``).
 
     Returns:
       An unsplit tree of the same container types.
@@ -134,19 +138,19 @@ def quantized_weights(variables: Mapping, spec: QuantSpec) -> Mapping:
             node = _like(
                 node,
                 {
-                    f"branch_{i}": _quantize_leaf(node[f"branch_{i}"], layer.weight, spec)
+                    f"branch_{i}": _quantize_leaf(node[f"branch_{i}"], layer.weight, spec, quantize)
                     for i in range(layer.branches)
                 },
             )
         else:
-            node = _quantize_leaf(node, layer.weight, spec)
+            node = _quantize_leaf(node, layer.weight, spec, quantize)
         replacements[layer.keys] = node
     return merge_params(_rebuild(variables, replacements))
 
 
-def _quantize_leaf(node: Mapping, name: str, spec: QuantSpec) -> Mapping:
+def _quantize_leaf(node: Mapping, name: str, spec: QuantSpec, quantize=quant.quantize) -> Mapping:
     w = node[name]
-    q = quant.quantize(unwrap(w), spec)
+    q = quantize(unwrap(w), spec)
     return _like(node, {k: (_wrap_like(w, q) if k == name else v) for k, v in node.items()})
 
 

@@ -16,6 +16,15 @@ Exactness, argued per method:
 * ``random``: ``u ~ U[0.5, 1)``, ``big = w * u`` rounded, so ``|big|`` lies in
   ``[|w|/2, |w|]`` and ``w - big`` is exact (Sterbenz). A fair coin decides which
   branch receives ``big``.
+* ``clip``, ``grid``, k-way ``balance`` rest on one lemma: if every share ``x`` is a
+  multiple of ``ulp(w)`` (the float spacing in ``w``'s binade) with ``w``'s sign and
+  ``|x| <= |w|``, every partial sum is such a multiple no larger than ``|w|``, hence
+  representable, so the left-to-right sum is exact (``snap_to_ulp``).
+* ``residual``: ``w1 = Q(w)`` lies in ``[w/2, 2w]`` or is ``0``, so ``w - w1`` is exact.
+
+Where a corner case escapes these arguments (subnormals, which XLA flushes to zero on
+CPU), ``exact_or_keep`` leaves that one value whole on ``branch_0``, so the contract
+``branch_sum(split(...)) == w`` holds for every method, always.
 """
 
 from __future__ import annotations
@@ -28,10 +37,32 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-__all__ = ["METHODS", "split_mask", "balance", "random", "split", "stochastic_key", "element_bits"]
+from jaxsplit import quant
+
+__all__ = [
+    "METHODS",
+    "QUANT_METHODS",
+    "BRANCHES",
+    "split_mask",
+    "balance",
+    "random",
+    "clip",
+    "grid",
+    "residual",
+    "branch_sum",
+    "snap_to_ulp",
+    "exact_or_keep",
+    "split",
+    "stochastic_key",
+    "element_bits",
+]
 
 #: Split methods this module implements (``SplitConfig.method`` accepts these).
-METHODS = ("balance", "random")
+METHODS = ("balance", "random", "clip", "grid", "residual")
+#: Methods whose shares depend on the quantization grid (they need a ``QuantSpec``).
+QUANT_METHODS = ("grid", "residual")
+#: Accepted branch counts (``branches > 2`` only for ``balance``).
+BRANCHES = (2, 4, 8)
 
 
 def split_mask(w: jax.Array, threshold) -> jax.Array:
@@ -54,28 +85,48 @@ def split_mask(w: jax.Array, threshold) -> jax.Array:
     return (jnp.abs(w) > t) & jnp.isfinite(w)
 
 
-def balance(w: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:
-    """PPQ's ``balance`` split: values above the threshold are halved between two branches.
+def balance(w: jax.Array, threshold, branches: int = 2) -> tuple[jax.Array, ...]:
+    """PPQ's ``balance`` split: values above the threshold are shared equally between branches.
+
+    With ``branches=2`` each split value is halved exactly (``w2 = w / 2``,
+    ``w1 = w - w2``). With ``branches=k`` (4 or 8) the equal share ``w / k`` is rounded
+    to a multiple of ``ulp(w)`` (``snap_to_ulp``; a change of at most half an ulp) and
+    ``branch_0`` takes ``w - (k-1)·share``, so every partial sum of the left-to-right
+    sum is exact (plain ``w / 4`` four times is not: ``3w/4`` can round).
 
     Args:
       w: a floating-point kernel of any shape.
       threshold: absolute threshold (scalar, or an array broadcastable to ``w``).
+      branches: number of branches, one of ``BRANCHES``.
 
     Returns:
-      ``(w1, w2)`` in ``w``'s dtype with ``w1 + w2 == w`` bit for bit; where
-      ``|w| <= threshold`` (or ``w`` is not finite), ``w1 = w`` and ``w2 = 0``.
+      ``branches`` arrays in ``w``'s dtype whose left-to-right sum is ``w`` bit for bit;
+      where ``|w| <= threshold`` (or ``w`` is not finite), ``branch_0 = w`` and the
+      others are ``0``.
+
+    Raises:
+      ValueError: ``branches`` is not one of ``BRANCHES``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> w1, w2 = balance(jnp.array([0.25, -3.0, 2.0]), 1.0)
       >>> w1.tolist(), w2.tolist()
       ([0.25, -1.5, 1.0], [0.0, -1.5, 1.0])
+      >>> [b.tolist() for b in balance(jnp.array([8.0, 0.5]), 1.0, branches=4)]
+      [[2.0, 0.5], [2.0, 0.0], [2.0, 0.0], [2.0, 0.0]]
     """
-    half = w / 2
-    mask = split_mask(w, threshold) & (half != 0)  # a flushed half: keep the value whole
-    w2 = jnp.where(mask, half, jnp.zeros_like(w))
-    w1 = jnp.where(mask, w - w2, w)
-    return w1, w2
+    _check_branches(branches)
+    zero = jnp.zeros_like(w)
+    if branches == 2:
+        half = w / 2
+        mask = split_mask(w, threshold) & (half != 0)  # a flushed half: keep the value whole
+        w2 = jnp.where(mask, half, zero)
+        w1 = jnp.where(mask, w - w2, w)
+        return w1, w2
+    mask = split_mask(w, threshold)
+    share = jnp.where(mask, snap_to_ulp(w / branches, w), zero)
+    first = jnp.where(mask, w - (branches - 1) * share, w)
+    return exact_or_keep(w, (first, *([share] * (branches - 1))))
 
 
 def element_bits(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
@@ -148,6 +199,172 @@ def random(w: jax.Array, threshold, key: jax.Array) -> tuple[jax.Array, jax.Arra
     return w1, w2
 
 
+def clip(w: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:
+    """The twin takes only the excess: ``w1 = clip(w, -t, t)``, ``w2 = w - w1``.
+
+    The dense ``branch_0``'s range shrinks to ``t`` while a sparse ``branch_1`` (non-zero
+    only where ``|w| > t``) holds the outliers' excess. ``w - t`` is not always
+    representable, so the excess is rounded to a multiple of ``ulp(w)`` and ``w1 = w -
+    w2`` is computed from it: the sum is exact, and ``|w1|`` may differ from ``t`` by at
+    most one ulp of ``w``.
+
+    Args:
+      w: a floating-point kernel.
+      threshold: absolute threshold ``t`` (scalar, or broadcastable to ``w``, e.g. one
+        per output channel); cast to ``w``'s dtype first.
+
+    Returns:
+      ``(w1, w2)`` with ``w1 + w2 == w`` bit for bit; ``w2 == 0`` where ``|w| <= t``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w1, w2 = clip(jnp.array([0.5, -3.0, 2.0]), 1.0)
+      >>> w1.tolist(), w2.tolist()
+      ([0.5, -1.0, 1.0], [0.0, -2.0, 1.0])
+    """
+    t = jnp.asarray(threshold).astype(w.dtype)
+    mask = split_mask(w, t)
+    excess = snap_to_ulp(w - jnp.sign(w) * t, w)
+    w2 = jnp.where(mask, excess, jnp.zeros_like(w))
+    w1 = jnp.where(mask, w - w2, w)
+    return exact_or_keep(w, (w1, w2))
+
+
+def grid(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """Quantization-aware halves (OCS "grid aware" splitting, Zhao et al., ICML 2019).
+
+    ``balance`` halves round identically, so their errors add up coherently. Here the
+    twin's share is ``w / 2`` moved onto ``branch_1``'s own quantization grid (step
+    ``max|w/2|`` over the split values ``/ qmax``, per tensor or per channel as ``spec``
+    says), so ``branch_1`` quantizes without error and ``Q(w1) + Q(w2)`` is within half
+    of ``branch_0``'s step of ``w`` (rounding in opposite directions, in OCS' words).
+    ``branch_0`` keeps ``w1 = w - w2``; its range is at most ``max|w|/2 + step/2``.
+    The share is rounded to a multiple of ``ulp(w)``, so the sum is exact; in low
+    precision kernels (bfloat16) that rounding can move it off the grid slightly.
+
+    Args:
+      w: a floating-point kernel.
+      threshold: absolute threshold (scalar, or broadcastable to ``w``).
+      spec: a symmetric ``QuantSpec`` (the branches' quantization).
+
+    Returns:
+      ``(w1, w2)`` with ``w1 + w2 == w`` bit for bit; ``w2 == 0`` where ``|w| <= t``.
+
+    Raises:
+      ValueError: ``spec`` is asymmetric.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxsplit.quant import QuantSpec
+      >>> w1, w2 = grid(jnp.array([0.5, 3.0, 4.0]), 1.0, QuantSpec(bits=2))
+      >>> w1.tolist(), w2.tolist()  # branch_1's grid has step 2: 1.5 -> 2, 2 -> 2
+      ([0.5, 1.0, 2.0], [0.0, 2.0, 2.0])
+    """
+    if not isinstance(spec, quant.QuantSpec) or not spec.symmetric:
+        raise ValueError(f"method 'grid' needs a symmetric QuantSpec, got spec={spec!r}")
+    mask = split_mask(w, threshold)
+    ft = jnp.promote_types(w.dtype, jnp.float32)
+    half = jnp.where(mask, w.astype(ft) / 2, 0)
+    step = quant.scale(half, spec)
+    safe = jnp.where(step > 0, step, jnp.ones_like(step))
+    on_grid = (jnp.round(half / safe) * step).astype(w.dtype)
+    share = snap_to_ulp(jnp.sign(w) * jnp.minimum(jnp.abs(on_grid), jnp.abs(w)), w)
+    w2 = jnp.where(mask, share, jnp.zeros_like(w))
+    w1 = jnp.where(mask, w - w2, w)
+    return exact_or_keep(w, (w1, w2))
+
+
+def residual(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """Error-compensating twin: ``w1 = Q(w)``, ``w2 = w - Q(w)`` on the split values.
+
+    ``Q`` is ``quant.quantize`` under ``spec`` over the whole kernel, so ``branch_0``
+    lies on (its own) grid where values are split and ``branch_1`` holds the rounding
+    residual (at most half a step), which its own, much finer scale quantizes again.
+    The cost: ``branch_1`` is non-zero wherever a split value is off the grid, i.e. a
+    dense twin at ``threshold=0``. ``Q(w)`` lies in ``[w/2, 2w]`` or is ``0``, so
+    ``w - Q(w)`` is exact (Sterbenz).
+
+    Args:
+      w: a floating-point kernel.
+      threshold: absolute threshold (scalar, or broadcastable to ``w``); only values
+        with ``|w| > threshold`` get a residual.
+      spec: a ``QuantSpec``.
+
+    Returns:
+      ``(w1, w2)`` with ``w1 + w2 == w`` bit for bit; ``w2 == 0`` where ``|w| <= t``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxsplit.quant import QuantSpec
+      >>> w1, w2 = residual(jnp.array([0.25, 1.25, -3.0]), 0.0, QuantSpec(bits=3))
+      >>> w1.tolist(), w2.tolist()
+      ([0.0, 1.0, -3.0], [0.25, 0.25, 0.0])
+    """
+    if not isinstance(spec, quant.QuantSpec):
+        raise ValueError(f"method 'residual' needs a QuantSpec, got spec={spec!r}")
+    mask = split_mask(w, threshold)
+    w1 = jnp.where(mask, quant.quantize(w, spec), w)
+    # the twin is taken from the stored branch, never from Q's formula: XLA may contract
+    # ``w - n * s`` into one fused multiply-add, which skips the rounding of ``n * s``
+    w2 = jnp.where(mask, w - w1, jnp.zeros_like(w))
+    return exact_or_keep(w, (w1, w2))
+
+
+def snap_to_ulp(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x`` rounded to the nearest multiple of ``ulp(w)`` (float spacing in ``w``'s binade).
+
+    Shares of ``w`` that are such multiples, carry ``w``'s sign and are no larger than
+    ``|w|`` sum exactly in any order (see the module docstring).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(snap_to_ulp(jnp.float32(1e-9), jnp.float32(1.0)))
+      0.0
+    """
+    u = jnp.spacing(jnp.abs(w))
+    return jnp.round(x / u) * u
+
+
+def branch_sum(branches) -> jax.Array:
+    """Left-to-right sum of the branches, as ``merge_params`` computes it.
+
+    A zero addend leaves the running total's bits alone (so ``-0.0`` and subnormal
+    values survive even where XLA flushes subnormal arithmetic to zero).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> branch_sum([jnp.array([1.0, -0.0]), jnp.array([2.0, 0.0])]).tolist()
+      [3.0, -0.0]
+    """
+    total = branches[0]
+    for b in branches[1:]:
+        total = jnp.where(b == 0, total, total + b)
+    return total
+
+
+def exact_or_keep(w: jax.Array, branches) -> tuple[jax.Array, ...]:
+    """The branches, except that values whose ``branch_sum`` is not ``w`` stay whole on 0.
+
+    The last line of every non-trivial method: whatever a corner case does, the result
+    sums back to ``w`` exactly (non-finite values stay on ``branch_0``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([1.0, 1.0])
+      >>> [b.tolist() for b in exact_or_keep(w, (jnp.array([0.5, 0.5]), jnp.array([0.5, 0.25])))]
+      [[0.5, 1.0], [0.5, 0.0]]
+    """
+    ok = branch_sum(branches) == w
+    zero = jnp.zeros_like(w)
+    first = jnp.where(ok, branches[0], w)
+    return (first, *(jnp.where(ok, b, zero) for b in branches[1:]))
+
+
+def _check_branches(branches) -> None:
+    if isinstance(branches, bool) or branches not in BRANCHES:
+        raise ValueError(f"branches must be one of {list(BRANCHES)}, got {branches!r}")
+
+
 def stochastic_key(seed: int, path: str) -> jax.Array:
     """The per-layer key: ``seed`` folded with a stable hash of the layer ``path``.
 
@@ -164,22 +381,58 @@ def stochastic_key(seed: int, path: str) -> jax.Array:
 
 
 def split(
-    method: str, w: jax.Array, threshold, key: jax.Array | None = None
+    method: str,
+    w: jax.Array,
+    threshold,
+    key: jax.Array | None = None,
+    *,
+    branches: int = 2,
+    spec: quant.QuantSpec | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Dispatches to a method by name; returns the branches (``sum == w`` bit for bit).
+    """Dispatches to a method by name; returns the branches (``branch_sum == w`` bit for bit).
 
     This is the one place ``transform`` calls, so new methods only touch this module
     (and ``METHODS``).
+
+    Args:
+      method: one of ``METHODS``.
+      w: a floating-point kernel.
+      threshold: absolute threshold (scalar, or broadcastable to ``w``).
+      key: a ``jax.random`` key, needed by ``"random"``.
+      branches: one of ``BRANCHES``; more than 2 only for ``"balance"``.
+      spec: the ``QuantSpec``, needed by the ``QUANT_METHODS``.
+
+    Returns:
+      The tuple of ``branches`` arrays.
+
+    Raises:
+      ValueError: unknown method, a missing key or spec, or ``branches > 2`` for a
+        method other than ``"balance"``.
 
     Example:
       >>> import jax.numpy as jnp
       >>> [b.tolist() for b in split("balance", jnp.array([4.0]), 1.0)]
       [[2.0], [2.0]]
+      >>> [b.tolist() for b in split("clip", jnp.array([4.0]), 1.0)]
+      [[1.0], [3.0]]
     """
+    _check_branches(branches)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if branches != 2 and method != "balance":
+        raise ValueError(
+            f"branches={branches} needs method 'balance' (k-way split), got method {method!r}"
+        )
     if method == "balance":
-        return balance(w, threshold)
+        return balance(w, threshold, branches)
     if method == "random":
         if key is None:
             raise ValueError("method 'random' needs a key")
         return random(w, threshold, key)
-    raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method == "clip":
+        return clip(w, threshold)
+    if spec is None:
+        raise ValueError(f"method {method!r} needs spec=QuantSpec(...)")
+    if method == "grid":
+        return grid(w, threshold, spec)
+    return residual(w, threshold, spec)

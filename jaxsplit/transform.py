@@ -20,8 +20,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxsplit import dispatch, kernels
-from jaxsplit.config import SplitConfig, threshold_parts
+from jaxsplit import auto, dispatch, kernels
+from jaxsplit.config import Auto, SplitConfig, threshold_parts
 from jaxsplit.select import Layer, find_layers, params_root, select_layers, unwrap
 
 __all__ = [
@@ -46,8 +46,11 @@ class LayerPlan:
       reason: why a layer is skipped (``None`` when split).
       n_split: values above the threshold (``None`` when unknown, i.e. traced).
       n_total: number of values in the kernel.
-      threshold: the absolute threshold used, as a Python float (``None`` if unknown).
+      threshold: the absolute threshold used, as a Python float, or a tuple of floats
+        (one per output channel) for per-channel thresholds (``None`` if unknown).
       shape, dtype: the kernel's.
+      auto: for an ``Auto`` threshold, the ``AutoChoice`` (method, threshold, MSE before
+        and after, extra non-zeros); ``None`` otherwise.
     """
 
     path: str
@@ -55,9 +58,10 @@ class LayerPlan:
     reason: str | None
     n_split: int | None
     n_total: int
-    threshold: float | None
+    threshold: float | tuple[float, ...] | None
     shape: tuple[int, ...]
     dtype: str
+    auto: auto.AutoChoice | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,12 +173,13 @@ def split_with_report(
     selected, matches, available = _resolve_selection(params, cfg)
     plans, todo = _checked(selected)
     run = _run_donated if donate else _run_fused
+    if isinstance(cfg.threshold, Auto):
+        run = _run_auto
     replacements = {}
-    for layer, ws, n_split, thr in run(todo, cfg):
-        if n_split == 0:
-            plans[layer.path] = _plan(layer, "skip", "no value above threshold", 0, thr)
+    for layer, ws, n_split, thr, *choice in run(todo, cfg):
+        plans[layer.path] = plan = _result_plan(layer, n_split, thr, *choice)
+        if plan.action == "skip":
             continue
-        plans[layer.path] = _plan(layer, "split", None, n_split, thr)
         replacements[layer.keys] = _branches(layer, [_keep_sharding(w, layer.array) for w in ws])
 
     report = SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
@@ -242,6 +247,10 @@ def match_layers(params: Mapping, cfg: SplitConfig) -> SplitReport:
     """
     selected, matches, available = _resolve_selection(params, cfg)
     plans, todo = _checked(selected)
+    if isinstance(cfg.threshold, Auto):  # the search is the dry run's answer
+        for layer, _, n, thr, choice in _run_auto(todo, cfg):
+            plans[layer.path] = _result_plan(layer, n, thr, choice)
+        return SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
     for layer, (n, thr) in zip(
         todo, _host_stats(todo, _dispatch_stats(todo, cfg), cfg), strict=True
     ):
@@ -269,6 +278,48 @@ def _key(cfg: SplitConfig, layer: Layer):
     return kernels.stochastic_key(cfg.seed, layer.path) if cfg.method == "random" else None
 
 
+def _method_args(cfg: SplitConfig) -> dict:
+    return {"method": cfg.method, "branches": cfg.branches, "spec": cfg.spec}
+
+
+def _result_plan(layer: Layer, n_split, thr, choice=None) -> LayerPlan:
+    """The plan of a processed layer (``n_split`` is ``None`` when traced)."""
+    if choice is not None and not choice.split:
+        return _plan(layer, "skip", "no candidate beats not splitting", 0, None, choice)
+    if n_split == 0:
+        return _plan(layer, "skip", "no value above threshold", 0, thr, choice)
+    return _plan(layer, "split", None, n_split, thr, choice)
+
+
+def _run_auto(todo: list[Layer], cfg: SplitConfig):
+    """Yields ``(layer, branches, n_split, threshold, AutoChoice | None)``: each kernel's
+    search and split as one program, all dispatched before the single host sync."""
+    a = cfg.threshold
+    static = dataclasses.replace(a, max_extra=None)  # the budget is data: one program
+    budget = jnp.float32(jnp.inf if a.max_extra is None else a.max_extra)
+    outs = []
+    for layer in todo:
+        w = layer.array
+        with _x64(w.dtype):
+            outs.append(
+                dispatch.auto_fused(
+                    w,
+                    _key(cfg, layer),
+                    budget,
+                    auto_cfg=static,
+                    method=cfg.method,
+                    branches=cfg.branches,
+                )
+            )
+    host = _host_stats(todo, [(counts, thr) for _, counts, thr, _ in outs], cfg)
+    infos = jax.device_get([info for _, _, _, info in outs if not _is_traced(info["split"])])
+    infos = iter(infos)
+    methods = auto.search_methods(cfg.method, a.spec)
+    for layer, (ws, *_), (n, thr) in zip(todo, outs, host, strict=True):
+        choice = None if n is None else auto.choice(next(infos), methods, a.candidates)
+        yield layer, ws, n, thr, choice
+
+
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
     """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched as one
     program before the single host sync; counts are ``None`` when traced."""
@@ -277,7 +328,7 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
     for layer in todo:
         w = layer.array
         with _x64(w.dtype):
-            outs.append(dispatch.fused(w, value, _key(cfg, layer), kind=kind, method=cfg.method))
+            outs.append(dispatch.fused(w, value, _key(cfg, layer), kind=kind, **_method_args(cfg)))
     host = _host_stats(todo, [(counts, thr) for _, counts, thr in outs], cfg)
     for layer, (ws, _, _), (n, thr) in zip(todo, outs, host, strict=True):
         yield layer, ws, n, thr
@@ -301,7 +352,7 @@ def _run_donated(todo: list[Layer], cfg: SplitConfig):
         w = layer.array
         fn = dispatch.apply_donated if _donatable(w, seen) else dispatch.apply
         with _x64(w.dtype):
-            yield layer, fn(w, thr_dev, _key(cfg, layer), method=cfg.method), n, thr
+            yield layer, fn(w, thr_dev, _key(cfg, layer), **_method_args(cfg)), n, thr
 
 
 def _donatable(w, seen: dict[int, int]) -> bool:
@@ -404,15 +455,30 @@ def _sum(*ws):
 # --- tree plumbing -------------------------------------------------------------------------
 
 
-def _plan(layer: Layer, action, reason, n_split, thr) -> LayerPlan:
+def _plan(layer: Layer, action, reason, n_split, thr, choice=None) -> LayerPlan:
     w = layer.array
     return LayerPlan(
-        layer.path, action, reason, n_split, int(w.size), thr, tuple(w.shape), str(w.dtype)
+        layer.path,
+        action,
+        reason,
+        n_split,
+        int(w.size),
+        thr,
+        tuple(w.shape),
+        str(w.dtype),
+        choice,
     )
 
 
 def _log_line(plan: LayerPlan) -> str:
-    thr = "traced" if plan.threshold is None else f"{plan.threshold:.6g}"
+    t, a = plan.threshold, plan.auto
+    if isinstance(t, tuple):
+        thr = f"per channel {min(t):.6g}..{max(t):.6g}"
+    else:
+        thr = ("none" if a is not None else "traced") if t is None else f"{t:.6g}"
+    if a is not None:
+        thr += f"; auto: {a.method or 'untouched'}, mse {a.mse_unsplit:.3g} -> {a.mse:.3g}"
+        thr += f", extra non-zeros {a.extra:.2%}"
     if plan.action == "split":
         n = "?" if plan.n_split is None else plan.n_split
         return f"{plan.path}: split {n}/{plan.n_total} values (threshold {thr})"

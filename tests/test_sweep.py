@@ -149,3 +149,17 @@ def test_nonfinite_kernel_is_an_error_naming_the_layer():
     w = np.array([1.0, np.nan], np.float32)
     with pytest.raises(ValueError, match="'d'.*NaN"):
         sweep({"d": {"kernel": w}}, thresholds=[0.5])
+
+
+def test_readme_sweep_example_runs(tmp_path, monkeypatch, capsys):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("### Sweeps") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"\S+ (balance|random) int\S+ \d+\.\d%", out[0]), out[0]
+    assert out[1].startswith("| layer | threshold") and len(out) == 1 + 2 + 4 * 2 * 2

@@ -184,6 +184,16 @@ def test_one_host_sync_per_call(monkeypatch):
     assert len(calls) == 2
 
 
+def test_readme_performance_example_runs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Performance", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README performance example", "exec"), {})  # noqa: S102
+
+
 def test_fused_balance_keeps_values_whose_half_flushes_to_zero():
     # regression (hypothesis found it): w - w/2 may compile to w * 0.5, flushed on CPU
     w = jnp.full((6,), np.finfo(np.float32).smallest_normal, jnp.float32)

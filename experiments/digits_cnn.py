@@ -122,12 +122,6 @@ def main(argv=None) -> None:
         f"fp32 test accuracy: {100 * fp32['mean']:.2f} ± {100 * fp32['std']:.2f} %",
         "",
     ]
-    omitted = sorted({name for res in results for name, _ in res.omitted})
-    if omitted:
-        lines += [
-            f"**Not measured:** {', '.join(omitted)} — not available in jaxsplit when this ran.",
-            "",
-        ]
     cols = [
         "variant",
         "bits",

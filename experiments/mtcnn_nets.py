@@ -38,6 +38,7 @@ __all__ = [
     "ONet",
     "NETS",
     "INPUT_SIZE",
+    "HEADS",
     "weights_dir",
     "load_raw",
     "load_variables",
@@ -46,6 +47,13 @@ __all__ = [
 
 #: Input side length each network was trained on (P-Net is fully convolutional).
 INPUT_SIZE = {"pnet": 12, "rnet": 24, "onet": 48}
+
+#: The output layers of each network (raw outputs: box/landmark regression, class logits).
+HEADS = {
+    "pnet": ("conv4_1", "conv4_2"),
+    "rnet": ("fc5_1", "fc5_2"),
+    "onet": ("fc6_1", "fc6_2", "fc6_3"),
+}
 
 
 class PReLU(nn.Module):

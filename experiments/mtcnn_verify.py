@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import jax
 import numpy as np
@@ -142,7 +143,8 @@ def main(argv=None) -> None:
     images = mtcnn_detect.sample_images()
     rows, controls, dets, checks = run()
     png = "mtcnn_verify.png"
-    plot(dets, images, f"{report.RESULTS}/{png}")
+    os.makedirs(report.RESULTS, exist_ok=True)
+    plot(dets, images, os.path.join(report.RESULTS, png))
     cols = list(rows[0])
     lines = report.header("MTCNN float check", report.command("experiments.mtcnn_verify"))
     lines += [

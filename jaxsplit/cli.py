@@ -111,7 +111,17 @@ class Command:
 
 
 def add_json_flag(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--json`` (machine-readable output on stdout) to a subcommand parser."""
+    """Adds ``--json`` (machine-readable output on stdout) to a subcommand parser.
+
+    Args:
+      parser: the subcommand's parser (``args.json`` becomes ``ui.json``).
+
+    Example:
+      >>> p = argparse.ArgumentParser()
+      >>> add_json_flag(p)
+      >>> p.parse_args(["--json"]).json
+      True
+    """
     parser.add_argument(
         "--json", action="store_true", help="print machine-readable JSON instead of tables"
     )

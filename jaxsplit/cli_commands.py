@@ -30,7 +30,12 @@ _THRESHOLD_HELP = "T (absolute), rel:F (F x max|W|), sigma:K (K x std), pct:P (p
 
 
 def cli_commands() -> list[Command]:
-    """The built-in subcommands, in help order."""
+    """The built-in subcommands, in help order.
+
+    Example:
+      >>> [c.name for c in cli_commands()]
+      ['inspect', 'split', 'report']
+    """
     from jaxsplit import cli_report
 
     return [
@@ -44,13 +49,43 @@ def cli_commands() -> list[Command]:
 
 
 def add_input_arguments(p: argparse.ArgumentParser, *, name: str = "CKPT") -> None:
-    """Adds the checkpoint positional and ``--format``."""
+    """Adds the checkpoint positional (``args.ckpt``) and ``--format`` to a parser.
+
+    Args:
+      p: the subcommand's parser.
+      name: the positional's metavar in help and errors.
+
+    Example:
+      >>> p = argparse.ArgumentParser()
+      >>> add_input_arguments(p)
+      >>> vars(p.parse_args(["w.bin", "--format", "npz"]))
+      {'ckpt': 'w.bin', 'format': 'npz'}
+    """
     p.add_argument("ckpt", metavar=name, help="orbax directory or .msgpack/.safetensors/.npz")
     p.add_argument("--format", choices=io.FORMATS, help="input format (default: from the path)")
 
 
 def load_checkpoint(path: str, fmt: str | None, what: str = "CKPT") -> dict:
-    """Loads a checkpoint for a command; a missing path or unknown format is a ``UsageError``."""
+    """Loads a checkpoint for a command (``io.load``).
+
+    Args:
+      path: the checkpoint path as typed.
+      fmt: ``--format`` (``None``: from the path).
+      what: the argument's name in messages (``CKPT``, ``SPLIT_CKPT``).
+
+    Returns:
+      The tree, a nested dict of numpy arrays.
+
+    Raises:
+      UsageError: the path does not exist or its format cannot be told (exit 2).
+      OSError, io.CheckpointError: unreadable, truncated or corrupt (exit 1).
+
+    Example:
+      >>> load_checkpoint("/nonexistent.npz", None)
+      Traceback (most recent call last):
+      ...
+      jaxsplit.cli.UsageError: CKPT '/nonexistent.npz' does not exist
+    """
     if not os.path.lexists(path):
         raise UsageError(f"{what} {path!r} does not exist")
     try:
@@ -63,7 +98,23 @@ def load_checkpoint(path: str, fmt: str | None, what: str = "CKPT") -> dict:
 
 
 def require_layers(tree: dict, path: str) -> dict:
-    """``find_layers(tree)``; raises ``ValueError`` (exit 1) when the tree holds no layer."""
+    """The layers of a loaded checkpoint (``find_layers``), which must hold at least one.
+
+    Args:
+      tree: the loaded tree.
+      path: the checkpoint path, for the message.
+
+    Returns:
+      ``{path: Layer}``.
+
+    Raises:
+      ValueError: the tree holds no ``kernel``/``embedding`` array (exit 1).
+
+    Example:
+      >>> import numpy as np
+      >>> list(require_layers({"params": {"d": {"kernel": np.ones((2, 2))}}}, "w.npz"))
+      ['d']
+    """
     from jaxsplit.select import find_layers
 
     layers = find_layers(tree)
@@ -76,7 +127,22 @@ def require_layers(tree: dict, path: str) -> dict:
 
 
 def table(ui: UI, title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    """Prints a rich table on stdout; cells are plain text (no markup)."""
+    """Prints a rich table on ``ui.out``; cells are plain text (no markup), ``None`` is ``-``.
+
+    Args:
+      ui: the command's ``UI``.
+      title: the table's title.
+      columns: headers (text columns are left-aligned, numbers right-aligned).
+      rows: one list of cells per row (floats are printed with 4 significant digits).
+
+    Example:
+      >>> import io as _io
+      >>> from rich.console import Console
+      >>> ui = UI(out=Console(file=_io.StringIO(), width=60), err=None)
+      >>> table(ui, "t", ["path", "max"], [["a/[b]", 1.23456]])
+      >>> "a/[b]" in ui.out.file.getvalue() and "1.235" in ui.out.file.getvalue()
+      True
+    """
     from rich.table import Table
     from rich.text import Text
 
@@ -173,7 +239,18 @@ def parse_threshold(text: str):
 
 
 def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
-    """Adds ``--layers --threshold --method --seed --allow-nonfinite`` (see ``split_config``)."""
+    """Adds ``--layers --threshold --method --seed --allow-nonfinite`` (see ``split_config``).
+
+    Args:
+      p: the subcommand's parser.
+      required: whether ``--layers`` and ``--threshold`` must be given.
+
+    Example:
+      >>> p = argparse.ArgumentParser()
+      >>> add_split_options(p, required=False)
+      >>> p.parse_args(["--layers", "a", "b/*"]).layers
+      ['a', 'b/*']
+    """
     p.add_argument(
         "--layers", nargs="+", required=required, metavar="PATTERN",
         help="layer paths, globs (block_*/Conv_0, ** crosses /) or re:REGEX",
@@ -197,7 +274,24 @@ def _split_args(p: argparse.ArgumentParser) -> None:
 
 
 def split_config(args: argparse.Namespace):
-    """The ``SplitConfig`` of ``add_split_options``' arguments; bad values are ``UsageError``."""
+    """The ``SplitConfig`` of ``add_split_options``' arguments (and ``-v``).
+
+    Args:
+      args: parsed arguments holding ``layers threshold method seed allow_nonfinite verbose``.
+
+    Returns:
+      A validated ``SplitConfig``.
+
+    Raises:
+      UsageError: a missing threshold, or a value ``SplitConfig`` rejects (the message
+        names the flag).
+
+    Example:
+      >>> ns = argparse.Namespace(layers=["d"], threshold="rel:0.5", method="random", seed=1,
+      ...                         allow_nonfinite=False, verbose=False)
+      >>> split_config(ns).threshold
+      Relative(fraction=0.5)
+    """
     from jaxsplit.config import SplitConfig
 
     if args.threshold is None:
@@ -218,7 +312,24 @@ def split_config(args: argparse.Namespace):
 
 
 def check_patterns(tree: dict, cfg, available: list[str]) -> None:
-    """``UsageError`` listing the available paths if a ``--layers`` pattern matches nothing."""
+    """Checks that every ``--layers`` pattern matches a layer.
+
+    Args:
+      tree: the loaded tree.
+      cfg: the ``SplitConfig``.
+      available: every layer path, for the message.
+
+    Raises:
+      UsageError: a pattern matches nothing (exit 2); the message lists ``available``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit.config import SplitConfig
+      >>> check_patterns({"d": {"kernel": np.ones(2)}}, SplitConfig(layers=["e"]), ["d"])
+      Traceback (most recent call last):
+      ...
+      jaxsplit.cli.UsageError: --layers pattern(s) ['e'] matched no layer; available: ['d']
+    """
     from jaxsplit.select import select_layers
 
     unmatched = [k for k, v in select_layers(tree, cfg.layers)[1].items() if not v]

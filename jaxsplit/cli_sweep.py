@@ -61,7 +61,7 @@ def stage_bars(ui: UI) -> Iterator[Callable[[str, int, int], None]]:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--quick", action="store_true", help="seconds-long smoke test (2 epochs, int8/int4)"
+        "--quick", action="store_true", help="smoke test: 2 epochs, int8/int4, no Auto row"
     )
     p.add_argument(
         "--out",
@@ -109,11 +109,10 @@ def _check_out_dir(path: str) -> None:
 def _print_demo(ui: UI, result) -> None:
     from rich.table import Table
 
-    from jaxsplit.demo_report import pivot
+    from jaxsplit.demo_report import overhead, pivot
 
     variants, bits, acc = pivot(result, "accuracy")
     _, _, sqnr = pivot(result, "weight_sqnr_db")
-    _, _, extra = pivot(result, "extra_params_frac")
     t = Table(
         title=(
             f"digits CNN: fp32 test accuracy {result.fp32_accuracy:.2%} "
@@ -129,13 +128,11 @@ def _print_demo(ui: UI, result) -> None:
         t.add_column(f"int{b} SQNR dB", justify="right")
     t.add_column("extra params", justify="right")
     for v in variants:
-        fr = [extra[v, b] for b in bits]
-        cost = f"{min(fr):.2%}" if max(fr) == min(fr) else f"{min(fr):.2%}-{max(fr):.2%}"
         t.add_row(
             v,
             *(f"{acc[v, b]:.2%}" for b in bits),
             *(f"{sqnr[v, b]:.1f}" for b in bits),
-            cost,
+            overhead(result, v),
         )
     ui.out.print(t)
     ui.note(f"took {result.total_seconds:.1f} s (training {result.train_seconds:.1f} s)")

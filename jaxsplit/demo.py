@@ -2,13 +2,14 @@
 
 Trains ``DigitsCNN`` on scikit-learn's bundled digits (``demo_model``), then quantizes
 every kernel per tensor at each bit width and measures test accuracy and weight SQNR
-for: no split, PPQ's ``balance`` at a few thresholds, ``Auto`` thresholds, and the
-``grid`` and ``residual`` methods, with the parameters each split adds. Each branch is
-quantized with its own scale; biases and activations stay in float32.
+for: no split, PPQ's ``balance`` at a few thresholds, ``Auto`` thresholds (best method
+under a budget of extra non-zeros), and the ``clip``, ``grid`` and ``residual`` methods,
+with the parameters each split adds. Each branch is quantized with its own scale;
+biases and activations stay in float32.
 
-The split model's accuracy is measured by running the twin branches themselves
-(``jaxsplit.linen.apply`` with a per-branch ``quant`` hook) when the wrappers are
-available; its weight SQNR compares ``sum_i Q(W_i)`` with ``W`` over all kernels.
+A split layer computes ``sum_i Q(W_i) * x + b``; since a layer is linear in its kernel,
+that equals the unsplit layer with kernel ``sum_i Q(W_i)``, so every row runs the same
+compiled forward pass on those simulated kernels (``effective_kernels``).
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import config as config_mod
 from jaxsplit import kernels, quant
-from jaxsplit.config import Relative, SplitConfig, ThresholdSpec
+from jaxsplit.config import Auto, Relative, SplitConfig, ThresholdSpec
 from jaxsplit.demo_model import accuracy, load_digits_split, train
 from jaxsplit.quant import QuantSpec
 from jaxsplit.select import find_layers, unwrap
@@ -50,8 +50,11 @@ class DemoConfig:
       bits: weight bit widths to evaluate (each in 2..16), per tensor, symmetric.
       thresholds: ``balance`` thresholds (any threshold spec ``SplitConfig`` accepts).
       methods: further ``(method, threshold)`` rows; quantization-aware methods get the
-        row's ``QuantSpec``.
-      auto: include the ``Auto`` threshold rows.
+        row's ``QuantSpec``. ``residual`` at threshold 0 is the dense error-compensating
+        twin (it roughly doubles the parameters: an upper bound, not a bargain).
+      auto: include the ``Auto`` row: per layer and bit width, the best method and
+        threshold among ``auto_candidates`` thresholds, with at most ``auto_max_extra``
+        extra non-zeros (fraction of each layer's size).
 
     Example:
       >>> DemoConfig.quick().bits
@@ -67,10 +70,13 @@ class DemoConfig:
     bits: tuple[int, ...] = (8, 6, 4, 3)
     thresholds: tuple[ThresholdSpec, ...] = (Relative(0.25), Relative(0.5), Relative(0.75))
     methods: tuple[tuple[str, ThresholdSpec], ...] = (
+        ("clip", Relative(0.5)),
         ("grid", Relative(0.5)),
-        ("residual", Relative(0.5)),
+        ("residual", 0.0),
     )
     auto: bool = True
+    auto_candidates: int = 16
+    auto_max_extra: float = 0.02
 
     def __post_init__(self):
         for name, lo in (("seed", 0), ("epochs", 1)):
@@ -95,11 +101,21 @@ class DemoConfig:
                     f"DemoConfig.methods must hold (method, threshold) pairs, got {m!r}"
                 )
         object.__setattr__(self, "methods", methods)
+        for m, t in methods:
+            SplitConfig(layers=("**",), threshold=t, method=m, quant=QuantSpec())
+        Auto(QuantSpec(), candidates=self.auto_candidates, max_extra=self.auto_max_extra)
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
-        """A seconds-long variant for smoke tests: 2 epochs, 8 and 4 bits, one threshold."""
-        kw: dict[str, Any] = dict(epochs=2, bits=(8, 4), thresholds=(Relative(0.5),))
+        """A seconds-long variant for smoke tests: 2 epochs, 8 and 4 bits, one threshold,
+        ``grid``, no ``Auto`` (its search compiles one program per layer and bit width)."""
+        kw: dict[str, Any] = dict(
+            epochs=2,
+            bits=(8, 4),
+            thresholds=(Relative(0.5),),
+            methods=(("grid", Relative(0.5)),),
+            auto=False,
+        )
         return cls(**{**kw, **overrides})
 
 
@@ -156,8 +172,6 @@ class DemoResult:
       n_params: the model's parameter count (kernels and biases).
       n_test: number of test images.
       rows: one ``DemoRow`` per variant × bit width, in table order.
-      omitted: ``(variant, reason)`` for rows left out because a method or threshold
-        kind is not available in this build (never estimated).
       train_seconds, total_seconds: wall-clock times.
     """
 
@@ -166,7 +180,6 @@ class DemoResult:
     n_params: int
     n_test: int
     rows: tuple[DemoRow, ...]
-    omitted: tuple[tuple[str, str], ...]
     train_seconds: float
     total_seconds: float
 
@@ -177,7 +190,6 @@ class DemoResult:
             "n_params": self.n_params,
             "n_test": self.n_test,
             "rows": [r.to_dict() for r in self.rows],
-            "omitted": [list(o) for o in self.omitted],
             "train_seconds": self.train_seconds,
             "total_seconds": self.total_seconds,
             "config": {
@@ -200,12 +212,11 @@ class DemoResult:
         return plot(self, path)
 
 
-def variants(config: DemoConfig) -> tuple[list[Variant], list[tuple[str, str]]]:
-    """The demo's rows for ``config``, and the rows omitted because their method is missing.
+def variants(config: DemoConfig) -> list[Variant]:
+    """The demo's rows for ``config``, in table order.
 
     Example:
-      >>> vs, _ = variants(DemoConfig.quick(methods=(), auto=False))
-      >>> [v.name for v in vs]
+      >>> [v.name for v in variants(DemoConfig.quick(methods=(), auto=False))]
       ['no split', 'balance rel:0.5']
     """
     every = ("**",)
@@ -217,42 +228,31 @@ def variants(config: DemoConfig) -> tuple[list[Variant], list[tuple[str, str]]]:
         )
         for t in config.thresholds
     ]
-    omitted = []
     if config.auto:
-        if not hasattr(config_mod, "Auto"):
-            omitted.append(("auto", "Auto thresholds are not in this build"))
-        else:
-            auto = config_mod.Auto
-            out.append(
-                Variant(
-                    "balance auto",
-                    lambda spec: SplitConfig(layers=every, threshold=auto(spec), method="balance"),
-                    uses_spec=True,
-                )
-            )
-            out.append(
-                Variant(
-                    "auto (best method)",
-                    lambda spec: SplitConfig(layers=every, threshold=auto(spec), method="auto"),
-                    uses_spec=True,
-                )
-            )
-    for method, t in config.methods:
-        name = f"{method} {threshold_label(t)}"
-        if method not in kernels.METHODS:
-            omitted.append((name, f"method {method!r} is not in this build"))
-            continue
-        needs_spec = method in getattr(kernels, "QUANT_METHODS", ())
+        budget = config.auto_max_extra
         out.append(
             Variant(
-                name,
-                lambda spec, m=method, t=t, q=needs_spec: SplitConfig(
-                    layers=every, threshold=t, method=m, **({"quant": spec} if q else {})
+                f"auto (any method, <= {budget:.0%} extra)",
+                lambda spec: SplitConfig(
+                    layers=every,
+                    threshold=Auto(spec, candidates=config.auto_candidates, max_extra=budget),
+                    method="auto",
                 ),
-                uses_spec=needs_spec,
+                uses_spec=True,
             )
         )
-    return out, omitted
+    for method, t in config.methods:
+        q = method in kernels.QUANT_METHODS
+        out.append(
+            Variant(
+                f"{method} {threshold_label(t)}",
+                lambda spec, m=method, t=t, q=q: SplitConfig(
+                    layers=every, threshold=t, method=m, quant=spec if q else None
+                ),
+                uses_spec=q,
+            )
+        )
+    return out
 
 
 def effective_kernels(variables: Mapping, spec: QuantSpec) -> tuple[dict, dict]:
@@ -362,7 +362,7 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
     fp32 = accuracy(model, variables, data.x_test, data.y_test, apply_fn=fwd)
     ws = {p: jnp.asarray(layer.array) for p, layer in find_layers(variables).items()}
     n_params = int(sum(np.size(x) for x in jax.tree.leaves(variables)))
-    vs, omitted = variants(config)
+    vs = variants(config)
     rows, total, done = [], len(vs) * len(config.bits), 0
     for v in vs:
         tree = None
@@ -389,15 +389,12 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
             )
             done += 1
             report("evaluate", done, total)
-    for name, why in omitted:
-        logger.warning("demo: row %r omitted: %s", name, why)
     return DemoResult(
         config=config,
         fp32_accuracy=fp32,
         n_params=n_params,
         n_test=len(data.y_test),
         rows=tuple(rows),
-        omitted=tuple(omitted),
         train_seconds=t_train,
         total_seconds=time.perf_counter() - t0,
     )

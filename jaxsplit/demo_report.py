@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     from jaxsplit.demo import DemoResult
 
-__all__ = ["markdown", "pivot", "plot"]
+__all__ = ["markdown", "overhead", "pivot", "plot"]
 
 
 def pivot(result: DemoResult, field: str) -> tuple[list[str], list[int], dict]:
@@ -24,10 +23,18 @@ def pivot(result: DemoResult, field: str) -> tuple[list[str], list[int], dict]:
     return variants, bits, {(r.variant, r.bits): getattr(r, field) for r in result.rows}
 
 
-def _overhead(result: DemoResult, variant: str) -> str:
-    fr = [r.extra_params_frac for r in result.rows if r.variant == variant]
-    lo, hi = min(fr), max(fr)
-    return f"{lo:.2%}" if math.isclose(lo, hi) else f"{lo:.2%}–{hi:.2%}"
+def overhead(result: DemoResult, variant: str) -> str:
+    """A variant's extra non-zero parameters (% of the model), a range if bits change it.
+
+    Example:
+      >>> overhead(_example(), "balance rel:0.5")
+      '1.00%'
+    """
+    fr = sorted(
+        {f"{r.extra_params_frac:.2%}" for r in result.rows if r.variant == variant},
+        key=lambda x: float(x[:-1]),
+    )
+    return fr[0] if len(fr) == 1 else f"{fr[0]}-{fr[-1]}"
 
 
 def markdown(result: DemoResult) -> str:
@@ -54,7 +61,7 @@ def markdown(result: DemoResult) -> str:
     ]
     for v in variants:
         cells = [f"{acc[v, b]:.2%}" for b in bits]
-        lines.append(f"| {v} | " + " | ".join(cells) + f" | {_overhead(result, v)} |")
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {overhead(result, v)} |")
     lines += [
         "",
         "Weight SQNR (dB) over all kernels:",
@@ -64,12 +71,6 @@ def markdown(result: DemoResult) -> str:
     ]
     for v in variants:
         lines.append(f"| {v} | " + " | ".join(f"{sqnr[v, b]:.2f}" for b in bits) + " |")
-    if result.omitted:
-        lines += [
-            "",
-            "Rows omitted (not in this build): "
-            + "; ".join(f"{n} ({w})" for n, w in result.omitted),
-        ]
     return "\n".join(lines)
 
 
@@ -116,4 +117,4 @@ def _example() -> DemoResult:
         DemoRow("no split", 4, 0.9, 13.0, 0, 0, 0.0),
         DemoRow("balance rel:0.5", 4, 0.95, 19.0, 4, 10, 0.01),
     )
-    return DemoResult(DemoConfig.quick(bits=(4,)), 0.98, 1000, 450, rows, (), 1.0, 2.0)
+    return DemoResult(DemoConfig.quick(bits=(4,)), 0.98, 1000, 450, rows, 1.0, 2.0)

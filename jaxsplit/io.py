@@ -177,7 +177,7 @@ def save(
 
     Raises:
       FileExistsError: ``path`` exists and ``overwrite`` is false.
-      FileNotFoundError / NotADirectoryError: the output's parent directory is missing.
+      FileNotFoundError: the output's parent directory is missing.
       PermissionError: the parent directory is not writable.
       ValueError: unknown format, or keys that the format cannot store.
       TypeError: a leaf is not an array or number.
@@ -212,9 +212,12 @@ def save(
         staged = tmp / out.name
         _WRITERS[fmt](arrays, staged)
         _sync(staged)
+        if staged.is_file():  # some writers (safetensors) create 0600 files: use the umask's mode
+            staged.chmod(_default_file_mode(tmp))
         _move_into_place(staged, out, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _sync_dir(parent)  # make the rename itself durable
     return out
 
 
@@ -225,11 +228,25 @@ def _sync(p: pathlib.Path) -> None:
     """Flushes a written file (or a directory's files) to disk before the rename."""
     files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
     for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _sync_dir(f)
+
+
+def _sync_dir(folder: pathlib.Path) -> None:
+    """fsync of one file or directory (for a directory: its entries, i.e. renames)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _default_file_mode(folder: pathlib.Path) -> int:
+    """The permission bits a newly created file gets under the process umask."""
+    probe = folder / ".mode-probe"
+    probe.touch()
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    return mode
 
 
 def _move_into_place(staged: pathlib.Path, out: pathlib.Path, tmp: pathlib.Path) -> None:

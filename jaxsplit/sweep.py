@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxsplit import kernels, quant
-from jaxsplit.config import SplitConfig, ThresholdSpec, resolve_parts, threshold_parts
+from jaxsplit.config import Auto, SplitConfig, ThresholdSpec, resolve_parts, threshold_parts
 from jaxsplit.evaluate import sqnr_db
 from jaxsplit.quant import QuantSpec
 from jaxsplit.transform import _check_layer, _resolve_selection, _x64
@@ -47,11 +47,13 @@ class SweepRow(NamedTuple):
       layer: layer path.
       shape: kernel shape.
       threshold: the threshold as given (``"0.5"``, ``"rel:0.5"``, ``"sigma:3"``, ``"pct:99"``).
-      threshold_abs: the absolute threshold it resolved to for this kernel.
+      threshold_abs: the absolute threshold it resolved to for this kernel (the mean of
+        the per-channel thresholds for a ``per_channel`` spec).
       method: split method.
       bits, granularity: the ``QuantSpec``'s (``spec`` holds its full label).
       spec: ``spec_label(spec)``.
-      n_split: values with ``|w| > threshold_abs``; ``frac_split`` = ``n_split / size``.
+      n_split: values with ``|w| > threshold_abs`` (``residual`` leaves those already on
+        the grid whole, so ``quant_error`` may count fewer); ``frac_split = n_split / size``.
       extra_nonzero: non-zero values the split adds (non-zeros summed over the branches
         minus those of ``W``, as in ``quant_error``), as a fraction of the kernel's size:
         the parameter cost of the split.
@@ -163,16 +165,17 @@ def _fmt(value, fmt: str) -> str:
 
 
 def threshold_label(spec: ThresholdSpec) -> str:
-    """A short text form of a threshold spec (the CLI's syntax).
+    """A short text form of a threshold spec (the CLI's syntax; ``/ch`` when per channel).
 
     Example:
       >>> from jaxsplit import Relative
-      >>> threshold_label(0.5), threshold_label(Relative(0.25))
-      ('0.5', 'rel:0.25')
+      >>> threshold_label(0.5), threshold_label(Relative(0.25, per_channel=True))
+      ('0.5', 'rel:0.25/ch')
     """
     kind, value = threshold_parts(spec)
-    prefix = {"absolute": "", "relative": "rel:", "sigma": "sigma:", "percentile": "pct:"}[kind]
-    return f"{prefix}{value:g}"
+    base, _, per = kind.partition("/")
+    prefix = {"absolute": "", "relative": "rel:", "sigma": "sigma:", "percentile": "pct:"}[base]
+    return f"{prefix}{value:g}{'/ch' if per else ''}"
 
 
 def spec_label(spec: QuantSpec) -> str:
@@ -193,11 +196,22 @@ def spec_label(spec: QuantSpec) -> str:
 
 
 def _resolve_all(w, values, kinds: tuple[str, ...]):
-    """Absolute thresholds of every candidate: one statistic pass per distinct kind."""
-    out = jnp.zeros(values.shape, jnp.float32)
+    """Absolute thresholds of every candidate, one statistic pass per distinct kind.
+
+    Shape ``(N,)``, or ``(N, 1, ..., 1, C)`` when a kind is per channel (``"/channel"``:
+    one threshold per index of the kernel's last axis; scalar kinds are broadcast).
+    """
+    per_channel = any(k.endswith("/channel") for k in kinds) and w.ndim > 0
+    bshape = (*(1,) * (w.ndim - 1), w.shape[-1]) if per_channel else ()
+    out = jnp.zeros((len(kinds), *bshape), jnp.float32)
     for kind in dict.fromkeys(kinds):
-        idx = jnp.array([i for i, k in enumerate(kinds) if k == kind])
-        out = out.at[idx].set(resolve_parts(kind, values[idx], w))
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        vals = values[jnp.array(idx)]
+        if kind.endswith("/channel"):
+            thr = jnp.stack([resolve_parts(kind, v, w) for v in vals])
+        else:
+            thr = resolve_parts(kind, vals, w).reshape(len(idx), *(1,) * len(bshape))
+        out = out.at[jnp.array(idx)].set(jnp.broadcast_to(thr, (len(idx), *bshape)))
     return out
 
 
@@ -213,17 +227,20 @@ def _sweep_kernel(w, values, key, *, kinds, methods, specs):
     """The whole grid of one kernel in one compiled program (cached per shape/dtype)."""
     thr = _resolve_all(w, values, kinds)
     n_split = jax.lax.map(lambda t: jnp.sum(kernels.split_mask(w, t), dtype=jnp.int32), thr)
+    thr_mean = jnp.mean(thr.reshape(thr.shape[0], -1), axis=1)
     base = [quant.branches_mse((w,), w, spec).measured for spec in specs]
     grid = []  # [method] -> per spec (mse, predicted, predicted_correlated, extra) over thr
     for method in methods:
 
         def one(t, method=method):
+            if method in kernels.QUANT_METHODS:  # shares depend on the spec's grid
+                return [_measure(kernels.split(method, w, t, key, spec=s), w, s) for s in specs]
             branches = kernels.split(method, w, t, key)
             return [_measure(branches, w, spec) for spec in specs]
 
         grid.append(jax.lax.map(one, thr))
     signal = jnp.mean(jnp.square(w.astype(jnp.float32)))
-    return thr, n_split, base, grid, signal
+    return thr_mean, n_split, base, grid, signal
 
 
 def _check_grid(thresholds, methods, specs, layers, seed) -> list[tuple[str, float]]:
@@ -231,12 +248,18 @@ def _check_grid(thresholds, methods, specs, layers, seed) -> list[tuple[str, flo
     for name, seq in (("thresholds", thresholds), ("methods", methods), ("specs", specs)):
         if isinstance(seq, str) or not isinstance(seq, Sequence) or len(seq) == 0:
             raise ValueError(f"sweep {name} must be a non-empty sequence, got {seq!r}")
-    for m in methods:
-        for t in thresholds:
-            SplitConfig(layers=layers, threshold=t, method=m, seed=seed)
     for s in specs:
         if not isinstance(s, QuantSpec):
             raise TypeError(f"sweep specs must hold jaxsplit.QuantSpec, got {s!r}")
+    for t in thresholds:
+        if isinstance(t, Auto):
+            raise TypeError(
+                f"sweep thresholds must be resolvable (float, Relative, Sigma, Percentile), "
+                f"got {t!r}; Auto searches thresholds itself (jaxsplit.auto)"
+            )
+        for m in methods:
+            for s in specs if m in kernels.QUANT_METHODS else (None,):
+                SplitConfig(layers=layers, threshold=t, method=m, quant=s, seed=seed)
     if len(set(methods)) != len(methods) or len(set(specs)) != len(specs):
         raise ValueError(f"sweep methods/specs must not repeat, got {methods!r} / {specs!r}")
     return [threshold_parts(t) for t in thresholds]
@@ -259,8 +282,9 @@ def sweep(
       params: any tree ``split_params`` accepts (unsplit layers only).
       layers: layer patterns as in ``SplitConfig.layers`` (default: every layer).
       thresholds: threshold specs (absolute floats, ``Relative``, ``Sigma``,
-        ``Percentile``), mixed freely.
-      methods: split methods (``kernels.METHODS``).
+        ``Percentile``, also ``per_channel=True``), mixed freely.
+      methods: split methods (``kernels.METHODS``); quantization-aware ones (``grid``,
+        ``residual``) split once per spec, on that spec's grid.
       specs: ``QuantSpec``s; each branch is quantized with its own scale.
       seed: seed of ``"random"`` (folded with each layer's path, as in ``split_params``).
       strict: a pattern that matches no layer raises (else it is logged).

@@ -23,16 +23,35 @@ def result():
 def test_quick_demo_returns_the_table(result):
     res, _ = result
     assert isinstance(res, DemoResult)
-    vs, omitted = variants(QUICK)
+    vs = variants(QUICK)
     assert [(r.variant, r.bits) for r in res.rows] == [(v.name, b) for v in vs for b in (8, 4)]
     assert res.n_test == 450 and res.n_params == 38282
     assert 0.5 < res.fp32_accuracy <= 1.0  # one epoch already learns digits
     assert all(0.0 <= r.accuracy <= 1.0 for r in res.rows)
     md = res.to_markdown()
     assert f"{res.fp32_accuracy:.2%}" in md and "| no split |" in md
-    assert "| balance rel:0.5 |" in md
-    for name, _ in omitted:
-        assert name in md  # omitted rows are named, never filled in
+    assert "| balance rel:0.5 |" in md and "| grid rel:0.5 |" in md
+
+
+def test_default_variants():
+    from jaxsplit.config import Auto
+
+    vs = variants(DemoConfig())
+    assert [v.name for v in vs] == [
+        "no split",
+        "balance rel:0.25",
+        "balance rel:0.5",
+        "balance rel:0.75",
+        "auto (any method, <= 2% extra)",
+        "clip rel:0.5",
+        "grid rel:0.5",
+        "residual 0",
+    ]
+    spec = QuantSpec(bits=4)
+    auto = vs[4].make(spec)
+    assert auto.method == "auto" and auto.threshold == Auto(spec, candidates=16, max_extra=0.02)
+    assert vs[6].make(spec).quant == spec and vs[6].uses_spec and not vs[5].uses_spec
+    assert vs[0].make(spec) is None
 
 
 def test_progress_reports_training_and_evaluation(result):
@@ -135,6 +154,8 @@ def test_model_shapes():
         (dict(seed=-1), ValueError, "DemoConfig.seed must be an int >= 0"),
         (dict(thresholds=(-0.5,)), ValueError, "SplitConfig.threshold must be a finite"),
         (dict(methods=(("grid",),)), ValueError, r"\(method, threshold\) pairs"),
+        (dict(methods=(("nope", 0.5),)), ValueError, r"SplitConfig.method must be one of"),
+        (dict(auto_max_extra=-1.0), ValueError, r"Auto.max_extra must be a finite number"),
     ],
 )
 def test_bad_config_names_the_field(kwargs, exc, match):

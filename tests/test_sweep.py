@@ -8,7 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxsplit import Percentile, Relative, Sigma, SplitConfig, quant_error, split_with_report
+from jaxsplit import (
+    Percentile,
+    Relative,
+    Sigma,
+    SplitConfig,
+    quant_error,
+    split_params,
+    split_with_report,
+)
 from jaxsplit.quant import QuantSpec
 from jaxsplit.sweep import SweepResult, _sweep_kernel, spec_label, sweep, threshold_label
 
@@ -161,5 +169,43 @@ def test_readme_sweep_example_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(r"\S+ (balance|random) int\S+ \d+\.\d%", out[0]), out[0]
-    assert out[1].startswith("| layer | threshold") and len(out) == 1 + 2 + 4 * 2 * 2
+    assert re.fullmatch(r"\S+ (balance|random|clip|grid) int\S+ \d+\.\d%", out[0]), out[0]
+    assert out[1].startswith("| layer | threshold") and len(out) == 1 + 2 + 4 * 4 * 2
+
+
+def test_quantization_aware_methods_and_per_channel_thresholds_match_quant_error():
+    """clip/grid/residual (grid and residual split on each spec's own grid) and per-channel
+    thresholds give the evaluator's numbers too."""
+    rng = np.random.default_rng(4)
+    params = {"d": {"kernel": rng.standard_t(3, (24, 6)).astype(np.float32)}}
+    thresholds = (Relative(0.5), Relative(0.5, per_channel=True))
+    specs = (QuantSpec(bits=4), QuantSpec(bits=4, granularity="per_channel"))
+    methods = ("clip", "grid", "residual")
+    res = sweep(params, thresholds=thresholds, methods=methods, specs=specs)
+    assert len(res.rows) == 2 * 3 * 2
+    rows = {(r.threshold, r.method, r.spec): r for r in res.rows}
+    w = params["d"]["kernel"]
+    chan_max = np.abs(w).max(axis=0)
+    for t in thresholds:
+        for m in methods:
+            for spec in specs:
+                cfg = SplitConfig(layers=["d"], threshold=t, method=m, quant=spec)
+                e = quant_error(params, split_params(params, cfg), spec).layers[0]
+                r = rows[threshold_label(t), m, spec_label(spec)]
+                assert r.mse == pytest.approx(e.mse_after, rel=1e-5), (t, m, spec)
+                assert r.extra_nonzero == e.extra_nonzero / e.n_total
+                assert r.n_split >= e.n_split  # residual leaves on-grid values whole
+                expect = 0.5 * (chan_max.mean() if t.per_channel else chan_max.max())
+                assert r.threshold_abs == pytest.approx(float(expect), rel=1e-6)
+
+
+def test_auto_thresholds_are_not_swept():
+    from jaxsplit.config import Auto
+
+    with pytest.raises(TypeError, match="Auto searches thresholds itself"):
+        sweep(_params(), thresholds=[Auto(QuantSpec(bits=4))])
+
+
+def test_grid_needs_a_symmetric_spec():
+    with pytest.raises(ValueError, match="grid.*symmetric"):
+        sweep(_params(), thresholds=[0.5], methods=["grid"], specs=[QuantSpec(symmetric=False)])

@@ -45,6 +45,15 @@ def is_array(x: Any) -> bool:
     return not isinstance(x, Mapping) and hasattr(x, "shape") and hasattr(x, "dtype")
 
 
+def raw(node: Any) -> Any:
+    """The plain mapping inside an ``nnx.State`` (whose nested nodes are plain dicts).
+
+    ``State.__getitem__`` re-wraps nested dicts in new ``State`` objects; walking the raw
+    mapping keeps identities and rebuilds trees with the structure ``nnx.state`` gives.
+    """
+    return getattr(node, "raw_mapping", node) if isinstance(node, Mapping) else node
+
+
 def params_root(tree: Mapping) -> tuple[Mapping, tuple]:
     """``(params, prefix)``: the params collection of linen variables, else the tree itself.
 
@@ -157,7 +166,7 @@ def find_layers(tree: Mapping) -> dict[str, Layer]:
             else:
                 walk(child, ck)
 
-    walk(root, ())
+    walk(raw(root), ())
     return found
 
 

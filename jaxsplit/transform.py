@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxsplit import auto, dispatch, kernels
 from jaxsplit.config import Auto, SplitConfig, threshold_parts
-from jaxsplit.select import Layer, find_layers, params_root, select_layers, unwrap
+from jaxsplit.select import Layer, find_layers, params_root, raw, select_layers, unwrap
 
 __all__ = [
     "LayerPlan",
@@ -535,8 +535,9 @@ def _rebuild(tree: Mapping, replacements: dict[tuple, Mapping]) -> Mapping:
             return full[keys]
         if keys not in prefixes:
             return node
+        items = raw(node).items()
         return _like(
-            node, {k: go(v, (*keys, k)) if isinstance(v, Mapping) else v for k, v in node.items()}
+            node, {k: go(v, (*keys, k)) if isinstance(v, Mapping) else v for k, v in items}
         )
 
     return go(tree, ())

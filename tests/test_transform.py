@@ -147,6 +147,9 @@ def test_nnx_state_split_and_merge():
     assert s2["conv"]["kernel"] is state["conv"]["kernel"]  # State re-wraps nested dicts
     merged = js.merge_params(s2)
     assert leaves_equal(nnx.to_pure_dict(merged), nnx.to_pure_dict(state))
+    # nested nodes stay plain dicts, as in nnx.state: same pytree structure after a round trip
+    assert jax.tree.structure(merged) == jax.tree.structure(state)
+    assert s2["conv"]["kernel"] is state["conv"]["kernel"]
     # the pure dict gives the same values
     pure2 = js.split_params(nnx.to_pure_dict(state), cfg)
     assert leaves_equal(pure2, nnx.to_pure_dict(s2))

@@ -17,6 +17,7 @@ import types
 
 import numpy as np
 import pytest
+from cli_helpers import assert_cli_error, run_cli
 
 from jaxsplit import cli, io, merge_params
 
@@ -49,20 +50,6 @@ def _snapshot(d: pathlib.Path):
     }
 
 
-def _run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_error(result, code, pattern):
-    got, _, err = result
-    lines = err.strip().splitlines()
-    assert got == code, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert re.search(pattern, lines[0]), lines[0]
-
-
 @pytest.fixture
 def ckpt(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -73,11 +60,11 @@ def ckpt(tmp_path, monkeypatch):
 
 
 def test_inspect_table_and_json(ckpt, capsys):
-    code, out, err = _run(capsys, "inspect", ckpt)
+    code, out, err = run_cli(capsys, "inspect", ckpt)
     assert code == 0 and err == ""
     for path in ("Dense_0", "block_1/Conv_0", "Embed_0"):
         assert path in out
-    code, out, _ = _run(capsys, "inspect", ckpt, "--json")
+    code, out, _ = run_cli(capsys, "inspect", ckpt, "--json")
     data = json.loads(out)
     rows = {r["path"]: r for r in data["layers"]}
     k = io.load(ckpt)["params"]["Dense_0"]["kernel"].astype(np.float64)
@@ -93,18 +80,20 @@ def test_inspect_table_and_json(ckpt, capsys):
 def test_split_dry_run_writes_nothing(ckpt, capsys, tmp_path):
     before = _snapshot(tmp_path)
     argv = ["split", ckpt, "out.npz", "--layers", "Dense_0", "block_*/*", "--threshold", "rel:0.5"]
-    code, out, err = _run(capsys, *argv, "--dry-run", "--json")
+    code, out, err = run_cli(capsys, *argv, "--dry-run", "--json")
     assert code == 0 and "dry run: nothing written" in err
     data = json.loads(out)
     assert data["output"] is None and data["patterns"]["block_*/*"] == ["block_1/Conv_0"]
     assert [p["action"] for p in data["layers"]] == ["split", "split"]
     assert _snapshot(tmp_path) == before
-    code, out, _ = _run(capsys, *argv, "--dry-run")
+    code, out, _ = run_cli(capsys, *argv, "--dry-run")
     assert code == 0 and "would split 2 of 2" in out and "block_1/Conv_0" in out
 
 
 def test_split_verbose_logs_per_layer(ckpt, capsys):
-    code, _, err = _run(capsys, "split", ckpt, "o.npz", "--layers", "*", "--threshold", "1", "-v")
+    code, _, err = run_cli(
+        capsys, "split", ckpt, "o.npz", "--layers", "*", "--threshold", "1", "-v"
+    )
     assert code == 0
     assert re.search(r"Dense_0: split \d+/32 values \(threshold 1\)", err)
     assert "wrote o.npz (npz)" in err
@@ -133,7 +122,7 @@ def test_split_load_merge_round_trip(tmp_path, monkeypatch, capsys, fmt, method)
     src = io.save(tree, NAMES[fmt])
     out = f"split_{NAMES[fmt]}"
     argv = ["split", src, out, "--layers", "*/*", "--threshold", "0.5", "--method", method]
-    code, _, err = _run(capsys, *argv, "--seed", "3")
+    code, _, err = run_cli(capsys, *argv, "--seed", "3")
     assert code == 0, err
     split = io.load(out)
     for name, sub in tree["params"].items():
@@ -166,17 +155,19 @@ def test_subprocess_python_m_jaxsplit(ckpt, tmp_path):
 
 
 def test_help_version_and_no_command(capsys):
-    assert _run(capsys, "--help")[0] == 0
-    code, out, _ = _run(capsys, "--version")
+    assert run_cli(capsys, "--help")[0] == 0
+    code, out, _ = run_cli(capsys, "--version")
     assert code == 0 and out.startswith("jaxsplit ")
-    _assert_error(_run(capsys), 2, r"^jaxsplit: error: a command is required \(inspect, split")
+    assert_cli_error(
+        run_cli(capsys), 2, r"^jaxsplit: error: a command is required \(inspect, split"
+    )
 
 
 def test_demo_is_registered_only_by_its_module(capsys):
     names = [c.name for c in cli.commands()]
     if importlib.util.find_spec("jaxsplit.demo") is None:  # not faked before it exists
         assert "demo" not in names
-        _assert_error(_run(capsys, "demo"), 2, r"^jaxsplit: error: .*invalid choice: 'demo'")
+        assert_cli_error(run_cli(capsys, "demo"), 2, r"^jaxsplit: error: .*invalid choice: 'demo'")
     else:
         assert "demo" in names
 
@@ -194,7 +185,7 @@ def test_extension_modules_register_commands(monkeypatch, capsys):
     fake = types.ModuleType("jaxsplit.sweep")
     fake.cli_commands = lambda: [cli.Command(name="sweep", help="fake", add_arguments=add, run=run)]
     monkeypatch.setitem(sys.modules, "jaxsplit.sweep", fake)
-    assert _run(capsys, "sweep", "--n", "4", "-v")[0] == 0
+    assert run_cli(capsys, "sweep", "--n", "4", "-v")[0] == 0
     assert seen == [(4, True)]
     fake.cli_commands = lambda: [cli.Command(name="split", help="x", add_arguments=add, run=run)]
     with pytest.raises(ValueError, match=r"registered twice: \['split'\]"):
@@ -203,7 +194,7 @@ def test_extension_modules_register_commands(monkeypatch, capsys):
 
 def test_debug_shows_traceback(ckpt, capsys):
     argv = ["split", ckpt, "o.npz", "--layers", "nope", "--threshold", "1", "--debug"]
-    code, _, err = _run(capsys, *argv)
+    code, _, err = run_cli(capsys, *argv)
     assert code == 2 and "Traceback" in err
     assert err.strip().splitlines()[-1].startswith("jaxsplit split: error: --layers pattern")
 
@@ -226,7 +217,7 @@ def test_readme_cli_examples_run(tmp_path, monkeypatch, capsys):
         "report",
     ]
     for argv in lines:
-        code, out, err = _run(capsys, *argv[1:])
+        code, out, err = run_cli(capsys, *argv[1:])
         assert code == 0, (argv, err)
     assert "branch_1" in io.load("ckpt_split")["params"]["Dense_0"]
     assert set(io.load("split.npz")["params"]["Dense_1"]) == {"branch_0", "branch_1"}
@@ -236,7 +227,7 @@ def test_report_modes_agree_with_quant_error(ckpt, capsys, tmp_path):
     from jaxsplit import QuantSpec, Sigma, SplitConfig, quant_error, split_params
 
     split = ["--layers", "*", "block_*/*", "--threshold", "sigma:2"]
-    assert _run(capsys, "split", ckpt, "s.npz", *split)[0] == 0
+    assert run_cli(capsys, "split", ckpt, "s.npz", *split)[0] == 0
     params = io.load(ckpt)
     cfg = SplitConfig(layers=("*", "block_*/*"), threshold=Sigma(2))
     want = quant_error(params, split_params(params, cfg), QuantSpec(bits=4))
@@ -247,18 +238,18 @@ def test_report_modes_agree_with_quant_error(ckpt, capsys, tmp_path):
         "split only": ["report", "s.npz"],
     }
     for name, argv in runs.items():
-        code, out, err = _run(capsys, *argv, "--bits", "4", "--json")
+        code, out, err = run_cli(capsys, *argv, "--bits", "4", "--json")
         assert code == 0, (name, err)
         got = json.loads(out)
         assert got["layers"] == want["layers"] and got["total"] == want["total"], name
     assert want["total"]["layers_split"] == 3 and want["total"]["reduction_pct"] > 0
-    code, out, _ = _run(capsys, "report", ckpt, "--json", "--per-channel")
+    code, out, _ = run_cli(capsys, "report", ckpt, "--json", "--per-channel")
     base = json.loads(out)
     assert base["spec"]["granularity"] == "per_channel"
     assert [r["reduction_pct"] for r in base["layers"]] == [0.0, 0.0, 0.0]
-    code, out, _ = _run(capsys, "report", ckpt, "s.npz", "--markdown", "--bits", "4")
+    code, out, _ = run_cli(capsys, "report", ckpt, "s.npz", "--markdown", "--bits", "4")
     assert code == 0 and "| Dense_0 |" in out
-    code, out, _ = _run(capsys, "report", ckpt, "s.npz", "--bits", "4")
+    code, out, _ = run_cli(capsys, "report", ckpt, "s.npz", "--bits", "4")
     assert code == 0 and "4-bit per-tensor" in out and "block_1/Conv_0" in out
 
 
@@ -295,7 +286,7 @@ SPLIT = ["--layers", "Dense_0", "--threshold", "0.5"]
 
 def _check_bad(capsys, tmp_path, argv, code, pattern):
     before = _snapshot(tmp_path)
-    _assert_error(_run(capsys, *argv), code, pattern)
+    assert_cli_error(run_cli(capsys, *argv), code, pattern)
     assert _snapshot(tmp_path) == before
 
 
@@ -337,7 +328,7 @@ def test_unknown_format(ckpt, capsys, tmp_path):
         r"OUT: cannot tell the checkpoint format of 'out.pt'.*--out-format",
     )  # fmt: skip
     # naming the format reads the file whatever its name
-    assert _run(capsys, "inspect", "w.txt", "--format", "npz")[0] == 0
+    assert run_cli(capsys, "inspect", "w.txt", "--format", "npz")[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -403,7 +394,7 @@ def test_non_float_kernels(tmp_path, monkeypatch, capsys):
     argv = ["split", "int.npz", "o.npz", "--layers", "q", "--threshold", "0.5"]
     _check_bad(capsys, tmp_path, argv, 1, r"layer 'q': kernel has dtype int8; only floating")
     _check_bad(capsys, tmp_path, [*argv, "--dry-run"], 1, r"kernel has dtype int8")
-    assert _run(capsys, "inspect", "int.npz")[0] == 0  # inspect shows it, with no stats
+    assert run_cli(capsys, "inspect", "int.npz")[0] == 0  # inspect shows it, with no stats
 
 
 def test_non_finite_weights(tmp_path, monkeypatch, capsys):
@@ -413,7 +404,7 @@ def test_non_finite_weights(tmp_path, monkeypatch, capsys):
     io.save({"params": {"d": {"kernel": w}}}, "nan.npz")
     argv = ["split", "nan.npz", "o.npz", "--layers", "d", "--threshold", "0.5"]
     _check_bad(capsys, tmp_path, argv, 1, r"layer 'd': kernel holds 2 non-finite value\(s\)")
-    code, _, err = _run(capsys, *argv, "--allow-nonfinite")
+    code, _, err = run_cli(capsys, *argv, "--allow-nonfinite")
     assert code == 0, err
     b = io.load("o.npz")["params"]["d"]
     assert np.isnan(b["branch_0"]["kernel"][0, 0]) and b["branch_1"]["kernel"][2, 2] == 1.5
@@ -429,7 +420,7 @@ def test_output_exists(ckpt, capsys, tmp_path):
     _check_bad(capsys, tmp_path, ["split", ckpt, "odir", *SPLIT], 2, r"'odir' already exists")
     _check_bad(capsys, tmp_path, ["split", ckpt, ckpt, *SPLIT, "--overwrite"], 2,
                r"is the input checkpoint")  # fmt: skip
-    assert _run(capsys, "split", ckpt, "o.npz", *SPLIT, "--overwrite")[0] == 0
+    assert run_cli(capsys, "split", ckpt, "o.npz", *SPLIT, "--overwrite")[0] == 0
     assert "branch_1" in io.load(tmp_path / "o.npz")["params"]["Dense_0"]
 
 

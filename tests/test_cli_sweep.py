@@ -2,26 +2,12 @@
 
 import csv
 import json
-import re
 
 import numpy as np
 import pytest
+from cli_helpers import assert_cli_error, run_cli
 
-from jaxsplit import cli, io
-
-
-def _run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _error(result, code, pattern):
-    got, _, err = result
-    assert got == code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert re.search(pattern, lines[0]), lines[0]
+from jaxsplit import io
 
 
 @pytest.fixture
@@ -42,12 +28,12 @@ def ckpt(tmp_path, monkeypatch):
 
 def test_sweep_table_csv_and_json(ckpt, capsys, tmp_path):
     argv = ["sweep", ckpt, "--thresholds", "rel:0.5", "0.5", "--bits", "8", "4"]
-    code, out, err = _run(capsys, *argv, "--csv", tmp_path / "s.csv")
+    code, out, err = run_cli(capsys, *argv, "--csv", tmp_path / "s.csv")
     assert code == 0, err
     assert "Dense_0" in out and "rel:0.5" in out and "int4" in out
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))  # noqa: SIM115
     assert len(rows) == 2 * 2 * 2
-    code, out, _ = _run(capsys, *argv, "--json")
+    code, out, _ = run_cli(capsys, *argv, "--json")
     data = json.loads(out)
     assert code == 0 and len(data["rows"]) == 8
     assert {r["layer"] for r in data["rows"]} == {"Dense_0", "Dense_1"}
@@ -55,7 +41,7 @@ def test_sweep_table_csv_and_json(ckpt, capsys, tmp_path):
 
 
 def test_sweep_selects_layers(ckpt, capsys):
-    code, out, _ = _run(capsys, "sweep", ckpt, "--layers", "Dense_1", "--json")
+    code, out, _ = run_cli(capsys, "sweep", ckpt, "--layers", "Dense_1", "--json")
     assert code == 0 and {r["layer"] for r in json.loads(out)["rows"]} == {"Dense_1"}
 
 
@@ -70,16 +56,16 @@ def test_sweep_selects_layers(ckpt, capsys):
     ],
 )
 def test_sweep_bad_arguments_exit_2(ckpt, capsys, extra, pattern):
-    _error(_run(capsys, "sweep", ckpt, *extra), 2, pattern)
+    assert_cli_error(run_cli(capsys, "sweep", ckpt, *extra), 2, pattern)
 
 
 def test_sweep_missing_checkpoint(capsys, tmp_path):
-    _error(_run(capsys, "sweep", tmp_path / "nope.npz"), 2, r"does not exist")
+    assert_cli_error(run_cli(capsys, "sweep", tmp_path / "nope.npz"), 2, r"does not exist")
 
 
 def test_demo_quick_writes_table_and_plot(capsys, tmp_path):
     out_dir = tmp_path / "out"
-    code, out, err = _run(capsys, "demo", "--quick", "--epochs", "1", "--out", out_dir, "--json")
+    code, out, err = run_cli(capsys, "demo", "--quick", "--epochs", "1", "--out", out_dir, "--json")
     assert code == 0, err
     data = json.loads(out)
     assert data["rows"] and 0 < data["fp32_accuracy"] <= 1
@@ -89,6 +75,8 @@ def test_demo_quick_writes_table_and_plot(capsys, tmp_path):
 
 
 def test_demo_bad_arguments(capsys, tmp_path):
-    _error(_run(capsys, "demo", "--epochs", "0"), 2, r"--epochs must be an int >= 1, got 0")
+    assert_cli_error(
+        run_cli(capsys, "demo", "--epochs", "0"), 2, r"--epochs must be an int >= 1, got 0"
+    )
     (tmp_path / "f").write_text("x")
-    _error(_run(capsys, "demo", "--out", tmp_path / "f"), 2, r"is not a directory")
+    assert_cli_error(run_cli(capsys, "demo", "--out", tmp_path / "f"), 2, r"is not a directory")

@@ -36,9 +36,9 @@ def configs(spec: js.QuantSpec) -> list[tuple[str, str, dict]]:
     return [
         ("balance (PPQ)", "Relative(0.5)", dict(threshold=js.Relative(0.5))),
         ("balance, 4 branches", "Relative(0.25)", dict(threshold=js.Relative(0.25), branches=4)),
-        ("grid", "Relative(0.25)", dict(threshold=js.Relative(0.25), method="grid", quant=spec)),
+        ("grid", "Relative(0.25)", dict(threshold=js.Relative(0.25), method="grid", spec=spec)),
         ("clip", "Relative(0.25)", dict(threshold=js.Relative(0.25), method="clip")),
-        ("residual", "0 (dense twin)", dict(threshold=0.0, method="residual", quant=spec)),
+        ("residual", "0 (dense twin)", dict(threshold=0.0, method="residual", spec=spec)),
         (
             "clip",
             "Auto(max_extra=1%)",
@@ -70,7 +70,7 @@ def rows() -> list[dict]:
                     "spec": name,
                     "method": method,
                     "threshold": thr,
-                    "reduction": err.reduction_pct,
+                    "reduction": 100 * err.reduction,
                     "extra": 100.0 * err.extra_nonzero / err.n_total,
                     "chosen": plan.auto.method if plan.auto is not None else None,
                 }

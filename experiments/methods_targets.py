@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsplit as js
-from jaxsplit.evaluate_model import evaluate_outputs
+from jaxsplit.outputs import evaluate_outputs
 
 
 class Block(nn.Module):

@@ -33,8 +33,8 @@ import numpy as np
 
 import jaxsplit as js
 from experiments import mtcnn_detect, mtcnn_nets, quantsim, report
-from jaxsplit.evaluate import sqnr_db
-from jaxsplit.select import find_layers
+from jaxsplit.measure import sqnr_db
+from jaxsplit.tree import find_layers
 
 logger = logging.getLogger("jaxsplit")
 

@@ -24,8 +24,9 @@ import numpy as np
 
 import jaxsplit as js
 from jaxsplit import quant
-from jaxsplit.evaluate import sqnr_db as _sqnr_db
-from jaxsplit.select import find_layers
+from jaxsplit.measure import measure as measure_split
+from jaxsplit.measure import sqnr_db as _sqnr_db
+from jaxsplit.tree import find_layers
 
 __all__ = [
     "Variant",
@@ -160,24 +161,24 @@ def measure(ws: dict, branches: dict, spec: quant.QuantSpec) -> dict:
 
     Returns:
       ``{path: {'sim', 'mse_before', 'mse_after', 'pred_before', 'pred_after',
-      'pred_after_corr', 'n_split', 'extra_nonzero', 'signal'}}`` (``jaxsplit.quant``'s
-      ``branches_mse`` and ``quantize``; the same figures as ``jaxsplit.quant_error``).
+      'pred_after_corr', 'n_split', 'extra_nonzero', 'signal'}}`` (``jaxsplit.measure``,
+      the figures ``jaxsplit.quant_error`` reports).
     """
     out = {}
     for path, w in ws.items():
         b = branches[path]
-        before = quant.branches_mse((w,), w, spec)
-        after = quant.branches_mse(b, w, spec)
+        before = measure_split(w, (w,), spec)
+        after = measure_split(w, b, spec)
         nz = [x != 0 for x in b]
         out[path] = {
             "sim": quant.quantize(b[0], spec) + quant.quantize(b[1], spec),
-            "mse_before": before.measured,
-            "mse_after": after.measured,
-            "pred_before": before.predicted,
-            "pred_after": after.predicted,
-            "pred_after_corr": after.predicted_correlated,
+            "mse_before": before.mse,
+            "mse_after": after.mse,
+            "pred_before": before.mse_widrow,
+            "pred_after": after.mse_widrow,
+            "pred_after_corr": after.mse_widrow_correlated,
             "n_split": jnp.sum(nz[0] & nz[1]),
-            "extra_nonzero": jnp.sum(nz[0]) + jnp.sum(nz[1]) - jnp.sum(w != 0),
+            "extra_nonzero": after.extra_nonzero,
             "signal": jnp.mean(jnp.square(w)),
         }
     return out

@@ -26,6 +26,7 @@ import numpy as np
 
 from experiments import mtcnn_nets, quantsim, report
 from jaxsplit import kernels, quant
+from jaxsplit.measure import measure
 
 logger = logging.getLogger("jaxsplit")
 
@@ -56,9 +57,9 @@ def _curve(w, fractions, key, *, spec, method):
 
     def one(f):
         b = kernels.split(method, w, f * top, key, **kw)
-        r = quant.branches_mse(b, w, spec)
+        r = measure(w, b, spec)
         n_split = jnp.sum(kernels.split_mask(w, f * top))
-        return r.measured, r.predicted, r.predicted_correlated, n_split
+        return r.mse, r.mse_widrow, r.mse_widrow_correlated, n_split
 
     return jax.lax.map(one, fractions)
 
@@ -72,14 +73,14 @@ def sweep_layer(
     the no-split measured MSE) plus ``'base'`` (no-split measured MSE) and ``'base_widrow'``.
     """
     w = jnp.asarray(w)
-    base = quant.branches_mse((w,), w, spec)
+    base = measure(w, (w,), spec)
     m, p, pc, n = (
         np.asarray(a)
         for a in _curve(
             w, jnp.asarray(fractions, jnp.float32), jax.random.key(0), spec=spec, method=method
         )
     )
-    b = float(base.measured)
+    b = float(base.mse)
     return {
         "fraction": np.asarray(fractions),
         "measured": m / b,
@@ -87,7 +88,7 @@ def sweep_layer(
         "widrow_corr": pc / b,
         "split_frac": n / w.size,
         "base": b,
-        "base_widrow": float(base.predicted),
+        "base_widrow": float(base.mse_widrow),
     }
 
 

@@ -1,16 +1,16 @@
 """Weight-level error report: what a split buys under simulated quantization, layer by layer.
 
 ``quant_error(params, params2, spec)`` pairs every layer of the original tree with the same
-path in the split tree (``jaxsplit.select.find_layers``), quantizes ``W`` and each branch
+path in the split tree (``jaxsplit.tree.find_layers``), quantizes ``W`` and each branch
 ``W_i`` **separately** (each with its own scale) and measures ``Q(W)`` and ``sum_i Q(W_i)``
 against ``W``, beside Widrow's prediction (naive, and corrected for branches that round
 identically, see ``jaxsplit.quant``) and the price: the extra non-zero parameters the
-branches hold. Every figure is computed in float32 (float64 for float64 kernels).
+branches hold. Every figure is ``jaxsplit.measure``'s, computed in float32 (float64 for
+float64 kernels). Renderings (markdown, rich) are in ``jaxsplit.render``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -21,30 +21,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxsplit import quant
-from jaxsplit.evaluate_format import report_markdown, report_rich_table
+from jaxsplit.errors import ConfigTypeError, UnsplittableError
+from jaxsplit.measure import measure, reduction, sqnr_db
 from jaxsplit.quant import QuantSpec
-from jaxsplit.select import Layer, find_layers, unwrap
+from jaxsplit.tree import Layer, branch_weights, find_layers, x64
 
-__all__ = ["LayerError", "Report", "quant_error", "sqnr_db"]
+__all__ = ["LayerError", "Report", "quant_error"]
 
 #: Branches must sum to the original kernel within this fraction of ``max|W|``.
 SUM_RTOL = 1e-5
-
-
-def sqnr_db(signal_power: float, noise_power: float) -> float:
-    """Signal-to-quantization-noise ratio in dB, ``10·log10(signal / noise)``.
-
-    ``inf`` for zero noise (and a non-zero signal); ``nan`` when both are zero.
-
-    Example:
-      >>> sqnr_db(1.0, 0.01), sqnr_db(1.0, 0.0)
-      (20.0, inf)
-    """
-    if noise_power == 0:
-        return math.inf if signal_power > 0 else math.nan
-    if signal_power == 0:
-        return -math.inf
-    return 10.0 * math.log10(signal_power / noise_power)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +44,8 @@ class LayerError:
       branches: 1 for a layer the split left alone, else ``k``.
       n_total: values in the kernel.
       n_split: values held (non-zero) by two or more branches.
-      extra_nonzero: ``sum_i nnz(W_i) - nnz(W)``, the parameters the split adds.
+      extra_nonzero: ``sum_i nnz(W_i) - nnz(W)``, the parameters the split adds
+        (``extra_fraction``: as a fraction of ``n_total``).
       maxabs: ``max|W|``; ``maxabs_branches``: ``max|W_i|`` per branch.
       scale, scale_branches: quantization steps of ``W`` and of each ``W_i``.
       mse_before, mse_after: measured ``mean((Q(W) - W)²)`` and ``mean((sum_i Q(W_i) - W)²)``.
@@ -117,9 +103,14 @@ class LayerError:
         return sqnr_db(self.signal, self.mse_after)
 
     @property
-    def reduction_pct(self) -> float:
-        """``100·(1 - mse_after / mse_before)``: the share of the error the split removes."""
-        return 100.0 * (1.0 - self.mse_after / self.mse_before) if self.mse_before else 0.0
+    def extra_fraction(self) -> float:
+        """``extra_nonzero / n_total``."""
+        return self.extra_nonzero / self.n_total if self.n_total else 0.0
+
+    @property
+    def reduction(self) -> float:
+        """The fraction of the error the split removes (``measure.reduction``)."""
+        return reduction(self.mse_before, self.mse_after)
 
     def to_dict(self) -> dict[str, Any]:
         """Every field and derived figure as plain Python values (tuples become lists)."""
@@ -138,7 +129,8 @@ _DERIVED = (
     "ratio_after_naive",
     "sqnr_before",
     "sqnr_after",
-    "reduction_pct",
+    "extra_fraction",
+    "reduction",
 )
 
 
@@ -167,7 +159,7 @@ class Report:
           >>> import numpy as np
           >>> w = np.array([[0.1, 2.0]], np.float32)
           >>> r = quant_error({"d": {"kernel": w}}, {"d": {"kernel": w}}, QuantSpec())
-          >>> r.total()["n_total"], r.total()["reduction_pct"]
+          >>> r.total()["n_total"], r.total()["reduction"]
           (2, 0.0)
         """
         n = sum(r.n_total for r in self.layers)
@@ -183,6 +175,7 @@ class Report:
             "n_total": n,
             "n_split": sum(r.n_split for r in self.layers),
             "extra_nonzero": sum(r.extra_nonzero for r in self.layers),
+            "extra_fraction": sum(r.extra_nonzero for r in self.layers) / n if n else 0.0,
             "mse_before": before,
             "mse_after": after,
             "pred_before": mean("pred_before"),
@@ -190,7 +183,7 @@ class Report:
             "pred_after_corr": mean("pred_after_corr"),
             "sqnr_before": sqnr_db(signal, before),
             "sqnr_after": sqnr_db(signal, after),
-            "reduction_pct": 100.0 * (1.0 - after / before) if before else 0.0,
+            "reduction": reduction(before, after),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -201,14 +194,6 @@ class Report:
             "total": self.total(),
         }
 
-    def to_markdown(self) -> str:
-        """The report as a GitHub-flavoured markdown table (one row per layer, then totals)."""
-        return report_markdown(self)
-
-    def to_rich_table(self):
-        """The report as a ``rich.table.Table`` (the CLI prints it)."""
-        return report_rich_table(self)
-
 
 @functools.partial(jax.jit, static_argnames="spec")
 def _layer_stats(w, branches, spec: QuantSpec) -> dict[str, jax.Array]:
@@ -216,21 +201,21 @@ def _layer_stats(w, branches, spec: QuantSpec) -> dict[str, jax.Array]:
     ft = jnp.promote_types(w.dtype, jnp.float32)
     wf = w.astype(ft)
     bf = [b.astype(ft) for b in branches]
-    before = quant.branches_mse((wf,), wf, spec)
-    after = quant.branches_mse(bf, wf, spec)
+    before = measure(wf, (wf,), spec)
+    after = measure(wf, bf, spec)
     nz = jnp.stack([b != 0 for b in bf])
     return {
         "n_split": jnp.sum(jnp.sum(nz, axis=0) >= 2),
-        "extra_nonzero": jnp.sum(nz) - jnp.sum(wf != 0),
+        "extra_nonzero": after.extra_nonzero,
         "maxabs": jnp.max(jnp.abs(wf)),
         "maxabs_branches": jnp.stack([jnp.max(jnp.abs(b)) for b in bf]),
         "scale": _rms(quant.scale(wf, spec)),
         "scale_branches": jnp.stack([_rms(quant.scale(b, spec)) for b in bf]),
-        "mse_before": before.measured,
-        "mse_after": after.measured,
-        "pred_before": before.predicted,
-        "pred_after": after.predicted,
-        "pred_after_corr": after.predicted_correlated,
+        "mse_before": before.mse,
+        "mse_after": after.mse,
+        "pred_before": before.mse_widrow,
+        "pred_after": after.mse_widrow,
+        "pred_after_corr": after.mse_widrow_correlated,
         "signal": jnp.mean(jnp.square(wf)),
         "sum_error": jnp.max(jnp.abs(sum(bf) - wf)),
     }
@@ -239,12 +224,6 @@ def _layer_stats(w, branches, spec: QuantSpec) -> dict[str, jax.Array]:
 def _rms(s: jax.Array) -> jax.Array:
     """A per-tensor scale as is; per-channel scales by their root mean square."""
     return s if s.ndim == 0 else jnp.sqrt(jnp.mean(jnp.square(s)))
-
-
-def _branch_arrays(layer2: Layer) -> list:
-    if not layer2.branches:
-        return [layer2.array]
-    return [unwrap(layer2.node[f"branch_{i}"][layer2.weight]) for i in range(layer2.branches)]
 
 
 def _pair_layers(params: Mapping, params2: Mapping) -> list[tuple[Layer, Layer]]:
@@ -265,11 +244,12 @@ def _pair_layers(params: Mapping, params2: Mapping) -> list[tuple[Layer, Layer]]
     for la, lb in pairs:
         wa = la.array
         if not jnp.issubdtype(wa.dtype, jnp.floating):
-            raise TypeError(
+            raise UnsplittableError(
+                la.path,
                 f"layer {la.path!r}: {la.weight} has dtype {wa.dtype}; only floating "
-                f"kernels can be quantized"
+                f"kernels can be quantized",
             )
-        shapes = [tuple(x.shape) for x in _branch_arrays(lb)]
+        shapes = [tuple(x.shape) for x in branch_weights(lb)]
         if any(s != tuple(wa.shape) for s in shapes):
             raise ValueError(
                 f"layer {la.path!r}: params has shape {tuple(wa.shape)} but params2 holds {shapes}"
@@ -303,18 +283,21 @@ def quant_error(params: Mapping, params2: Mapping, spec: QuantSpec) -> Report:
       >>> row = quant_error(p, p2, QuantSpec(bits=3)).layers[0]
       >>> row.branches, row.n_split, row.extra_nonzero, [round(s, 4) for s in row.scale_branches]
       (2, 1, 1, [0.6667, 0.6667])
-      >>> round(row.reduction_pct, 1)
-      52.5
+      >>> round(row.reduction, 3)
+      0.525
     """
     if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a jaxsplit.QuantSpec, got {spec!r} ({type(spec).__name__})")
+        raise ConfigTypeError(
+            "quant_error",
+            "spec",
+            f"spec must be a jaxsplit.QuantSpec, got {spec!r} ({type(spec).__name__})",
+        )
     pairs = _pair_layers(params, params2)
     pending = []
     for la, lb in pairs:
         w = la.array
-        ctx = jax.enable_x64(True) if w.dtype == jnp.float64 else contextlib.nullcontext()
-        with ctx:
-            pending.append((la, w, _layer_stats(w, tuple(_branch_arrays(lb)), spec)))
+        with x64(w.dtype):
+            pending.append((la, w, _layer_stats(w, tuple(branch_weights(lb)), spec)))
     rows = []
     for la, w, stats in pending:
         s = jax.device_get(stats)

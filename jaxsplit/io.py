@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxsplit.select import unwrap
+from jaxsplit.tree import unwrap
 
 __all__ = ["FORMATS", "CheckpointError", "detect_format", "load", "save", "to_numpy_tree"]
 

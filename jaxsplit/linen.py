@@ -23,20 +23,22 @@ import flax.errors
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxsplit._branches import (
-    branch_name,
-    call_branches,
-    check_branches,
-    sum_branches,
-    unsupported_error,
-)
+from jaxsplit._wrap import call_branches, check_branches, sum_branches, unsupported_error
 from jaxsplit.config import SplitConfig
-from jaxsplit.select import branch_count, find_layers, unwrap, weight_name
-from jaxsplit.transform import _branches, split_params
+from jaxsplit.errors import ConfigTypeError
+from jaxsplit.split import split_params
+from jaxsplit.tree import (
+    branch_count,
+    branch_name,
+    find_layers,
+    make_branches,
+    unwrap,
+    weight_name,
+)
 
 __all__ = ["SUPPORTED", "LayerSpec", "apply", "Split"]
 
-Quant = Callable[[Any], Any]
+WeightFn = Callable[[Any], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +113,8 @@ def _check_nodes(path: str, nodes: list[Mapping], weight: str) -> None:
 class _Interceptor:
     """One per ``apply`` call; ``inside`` lets the branch clones' own calls through."""
 
-    def __init__(self, quant: Quant | None):
-        self.quant = quant
+    def __init__(self, weight_fn: WeightFn | None):
+        self.weight_fn = weight_fn
         self.inside = False
 
     def __call__(self, next_fun, args, kwargs, context):
@@ -133,8 +135,8 @@ class _Interceptor:
             if name == "setup":  # the branches set themselves up
                 return None
             nodes = [own[branch_name(i)] for i in range(k)]
-        elif self.quant is not None and weight_name(own) is not None:
-            spec = _spec(module, path, "quant= was given and it owns a weight")
+        elif self.weight_fn is not None and weight_name(own) is not None:
+            spec = _spec(module, path, "weight_fn= was given and it owns a weight")
             if name not in spec.methods:
                 return next_fun(*args, **kwargs)
             nodes = [own]
@@ -157,8 +159,8 @@ class _Interceptor:
 
     def _run(self, module, path, spec, node, i, name, args, kwargs):
         params = dict(node)
-        if self.quant is not None:
-            params[spec.weight] = self.quant(nn.meta.unbox(params[spec.weight]))
+        if self.weight_fn is not None:
+            params[spec.weight] = self.weight_fn(nn.meta.unbox(params[spec.weight]))
         try:
             return _branch_clone(module, i).apply({"params": params}, *args, method=name, **kwargs)
         except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError) as e:
@@ -174,7 +176,7 @@ def apply(
     *args,
     method: str | Callable | None = None,
     mutable: Any = False,
-    quant: Quant | None = None,
+    weight_fn: WeightFn | None = None,
     **kwargs,
 ):
     """``model.apply`` that runs split layers as the sum of their branches.
@@ -190,7 +192,7 @@ def apply(
       *args: positional arguments of the method.
       method: the method to run, as for ``model.apply``.
       mutable: collections that may change, as for ``model.apply``.
-      quant: optional per-weight transform ``w -> w'`` (e.g. fake quantization),
+      weight_fn: optional per-weight transform ``w -> w'`` (e.g. fake quantization),
         applied to the weight of every supported layer that runs: to each branch
         separately for split layers, to the single weight otherwise. ``None``
         changes nothing.
@@ -200,7 +202,7 @@ def apply(
       What ``model.apply`` returns (output, and updated collections if ``mutable``).
 
     Raises:
-      TypeError: ``quant`` is not callable; a split layer (or, with ``quant``, a layer
+      TypeError: ``weight_fn`` is not callable; a split layer (or, with ``weight_fn``, a layer
         owning a weight) is not of a ``SUPPORTED`` type; the message names its path.
       ValueError: a split layer's branches do not fit the module (path named).
 
@@ -215,9 +217,11 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a flax.linen.Module, got {type(model).__name__}")
-    if quant is not None and not callable(quant):
-        raise TypeError(f"quant must be None or a callable w -> w', got {quant!r}")
-    with nn.intercept_methods(_Interceptor(quant)):
+    if weight_fn is not None and not callable(weight_fn):
+        raise ConfigTypeError(
+            "apply", "weight_fn", f"weight_fn must be None or a callable w -> w', got {weight_fn!r}"
+        )
+    with nn.intercept_methods(_Interceptor(weight_fn)):
         return model.apply(variables, *args, method=method, mutable=mutable, **kwargs)
 
 
@@ -227,7 +231,7 @@ class Split(nn.Module):
     The branches are clones of ``layer`` (same class and settings); only ``branch_0``
     has a bias, and branches ``>= 1`` initialise their weight to zero, so a fresh
     ``Split`` computes exactly what ``layer`` would. Its params are the tree contract's
-    split layer, so ``merge_params``, ``apply(..., quant=...)`` (which quantizes each
+    split layer, so ``merge_params``, ``apply(..., weight_fn=...)`` (which quantizes each
     branch separately) and checkpoints work on it unchanged. Load an existing layer's
     params with ``Split.from_params``.
 
@@ -306,4 +310,4 @@ class Split(nn.Module):
         if branch_count(out):
             return out
         layer = find_layers(tree)["layer"]
-        return _branches(layer, [layer.array, jnp.zeros_like(layer.array)])
+        return make_branches(layer, [layer.array, jnp.zeros_like(layer.array)])

@@ -5,7 +5,7 @@ returns a new model whose split layers are ``Split`` modules holding copies of t
 layer as attributes ``branch_0 … branch_{k-1}`` (only ``branch_0`` keeps the bias).
 So ``nnx.state(split_model(m, cfg))`` is ``split_params(nnx.state(m), cfg)`` with the
 same ``branch_i`` names as a linen tree, and ``merge_model`` undoes it exactly.
-``apply(model, x, quant=...)`` runs a model with every weight (each branch on its
+``apply(model, x, weight_fn=...)`` runs a model with every weight (each branch on its
 own) passed through a transform such as fake quantization.
 """
 
@@ -17,10 +17,11 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxsplit._branches import branch_name, call_branches, check_branches, unsupported_error
+from jaxsplit._wrap import call_branches, check_branches, unsupported_error
 from jaxsplit.config import SplitConfig
-from jaxsplit.select import find_layers, unwrap
-from jaxsplit.transform import _like, _rebuild, _wrap_like, merge_params, split_params
+from jaxsplit.errors import ConfigTypeError
+from jaxsplit.split import merge_params, split_params
+from jaxsplit.tree import branch_name, find_layers, map_branch_weights, rebuild
 
 __all__ = ["SUPPORTED", "Split", "split_model", "merge_model", "apply"]
 
@@ -206,55 +207,46 @@ def merge_model(model2: nnx.Module) -> nnx.Module:
     return model
 
 
-def _quantized_state(model: nnx.Module, state, quant: Callable) -> Any:
-    """``state`` with ``quant`` applied to every layer weight, each branch on its own."""
+def _transformed_state(model: nnx.Module, state, weight_fn: Callable) -> Any:
+    """``state`` with ``weight_fn`` applied to every layer weight, each branch on its own."""
     replacements = {}
     for layer in find_layers(state).values():
         module = _module_at(model, layer.keys)[2]
-        if layer.branches:
-            if not isinstance(module, Split):
-                raise unsupported_error(layer.path, module, SUPPORTED, "it holds split weights")
-            nodes = {branch_name(i): layer.node[branch_name(i)] for i in range(layer.branches)}
-        else:
-            _spec(module, layer.path, "quant= was given and it owns a weight")
-            nodes = {None: layer.node}
-        out = {}
-        for name, node in nodes.items():
-            w = node[layer.weight]
-            items = {k: v for k, v in node.items()}
-            items[layer.weight] = _wrap_like(w, quant(unwrap(w)))
-            out[name] = _like(node, items)
-        replacements[layer.keys] = out[None] if None in out else _like(layer.node, out)
-    return _rebuild(state, replacements)
+        if layer.branches and not isinstance(module, Split):
+            raise unsupported_error(layer.path, module, SUPPORTED, "it holds split weights")
+        if not layer.branches:
+            _spec(module, layer.path, "weight_fn= was given and it owns a weight")
+        replacements[layer.keys] = map_branch_weights(layer, weight_fn)
+    return rebuild(state, replacements)
 
 
 def apply(
     model: nnx.Module,
     *args,
     method: str = "__call__",
-    quant: Callable[[Any], Any] | None = None,
+    weight_fn: Callable[[Any], Any] | None = None,
     **kwargs,
 ):
-    """Calls ``model`` (split or not) with every layer weight passed through ``quant``.
+    """Calls ``model`` (split or not) with every layer weight passed through ``weight_fn``.
 
     The weight of every supported layer, and of each ``Split`` branch separately, is
-    replaced by ``quant(w)`` for this call only (the model's parameters are not
+    replaced by ``weight_fn(w)`` for this call only (the model's parameters are not
     changed); other state the call updates (``BatchNorm`` statistics, RNG counts) is
-    written back to ``model`` as a plain call would. ``quant=None`` is a plain call.
-    Gradients flow through ``quant`` (e.g. a straight-through fake quantizer).
+    written back to ``model`` as a plain call would. ``weight_fn=None`` is a plain call.
+    Gradients flow through ``weight_fn`` (e.g. a straight-through fake quantizer).
 
     Args:
       model: an NNX model.
       *args: arguments of the method.
       method: the method to call.
-      quant: a per-weight transform ``w -> w'``, or ``None``.
+      weight_fn: a per-weight transform ``w -> w'``, or ``None``.
       **kwargs: keyword arguments of the method.
 
     Returns:
       The method's output.
 
     Raises:
-      TypeError: ``model``/``quant`` of the wrong type, or a module owning a weight
+      TypeError: ``model``/``weight_fn`` of the wrong type, or a module owning a weight
         that is not of a ``SUPPORTED`` type (path named).
 
     Example:
@@ -262,16 +254,18 @@ def apply(
       >>> from flax import nnx
       >>> model = nnx.Sequential(nnx.Linear(2, 1, use_bias=False, rngs=nnx.Rngs(0)))
       >>> model.layers[0].kernel[...] = jnp.array([[0.3], [0.6]])
-      >>> apply(model, jnp.ones((1, 2)), quant=jnp.round).tolist()
+      >>> apply(model, jnp.ones((1, 2)), weight_fn=jnp.round).tolist()
       [[1.0]]
     """
     _check_model(model)
-    if quant is not None and not callable(quant):
-        raise TypeError(f"quant must be None or a callable w -> w', got {quant!r}")
-    if quant is None:
+    if weight_fn is not None and not callable(weight_fn):
+        raise ConfigTypeError(
+            "apply", "weight_fn", f"weight_fn must be None or a callable w -> w', got {weight_fn!r}"
+        )
+    if weight_fn is None:
         return getattr(model, method)(*args, **kwargs)
     graphdef, state = nnx.split(model)
-    qmodel = nnx.merge(graphdef, _quantized_state(model, state, quant))
+    qmodel = nnx.merge(graphdef, _transformed_state(model, state, weight_fn))
     out = getattr(qmodel, method)(*args, **kwargs)
     nnx.update(model, nnx.state(qmodel, nnx.Not(nnx.Param)))
     return out

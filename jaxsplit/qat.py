@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning of split twins (optax, straight-through ``fake_quant``).
 
 The forward pass runs the *original* model on ``sum_i fake_quant(W_i)`` for every layer
-(``evaluate_model.quantized_weights`` with ``quant.fake_quant``), so any model whose
+(``outputs.quantized_weights`` with ``quant.fake_quant``), so any model whose
 loss takes an unsplit parameter tree can be fine-tuned, linen or NNX alike. Gradients
 flow straight through the rounding into every branch; each branch keeps its own scale
 (recomputed from its max-abs every step, as at deployment). The split structure is
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import optax
 
 from jaxsplit import quant
-from jaxsplit.evaluate_model import quantized_weights
+from jaxsplit.outputs import quantized_weights
 from jaxsplit.quant import QuantSpec
-from jaxsplit.select import find_layers, unwrap
+from jaxsplit.tree import find_layers, unwrap
 
 __all__ = ["QATResult", "quantized_loss", "finetune"]
 

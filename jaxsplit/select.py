@@ -1,173 +1,22 @@
-"""Find layers in any supported tree and turn the user's patterns into one predicate.
+"""Layer selection: every selector style becomes one predicate, and the match table.
 
-Supported trees (DESIGN.md "Tree contract"): linen variables ``{'params': ..., ...}``
-(only ``params`` is looked at), a bare params dict, a ``FrozenDict``, an ``nnx.State``
-or its pure dict. A *layer* is a mapping holding an array leaf named ``kernel`` or
-``embedding``; a *split layer* is a mapping of ``branch_0 … branch_{k-1}`` layers. A
-layer's *path* is its ``/``-joined keys from the params root.
+``SplitConfig.layers`` holds exact paths (``"block_1/Dense_0"``), globs whose ``*``/``?``
+do not cross ``/`` (``**`` does), ``"re:"``-prefixed regexes matched with ``fullmatch``, or
+one callable ``(path, node) -> bool``. ``compile_patterns`` turns each into a predicate;
+``select_layers`` applies them to the layers ``jaxsplit.tree.find_layers`` finds and
+reports, per pattern, the paths it matched (so unmatched patterns can be reported).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-WEIGHT_NAMES = ("kernel", "embedding")
-_BRANCH_RE = re.compile(r"branch_(\d+)")
+from jaxsplit.tree import Layer, find_layers
 
-__all__ = [
-    "Layer",
-    "WEIGHT_NAMES",
-    "find_layers",
-    "params_root",
-    "unwrap",
-    "is_array",
-    "branch_count",
-    "compile_patterns",
-    "select_layers",
-]
-
-
-def unwrap(x: Any) -> Any:
-    """The array inside an ``nnx.Variable`` (or ``x`` itself for plain arrays)."""
-    get = getattr(x, "get_value", None)
-    if get is not None and not isinstance(x, Mapping):
-        return get()
-    return x
-
-
-def is_array(x: Any) -> bool:
-    """True for array-like leaves (jax/numpy arrays, nnx Variables holding one)."""
-    x = unwrap(x)
-    return not isinstance(x, Mapping) and hasattr(x, "shape") and hasattr(x, "dtype")
-
-
-def raw(node: Any) -> Any:
-    """The plain mapping inside an ``nnx.State`` (whose nested nodes are plain dicts).
-
-    ``State.__getitem__`` re-wraps nested dicts in new ``State`` objects; walking the raw
-    mapping keeps identities and rebuilds trees with the structure ``nnx.state`` gives.
-    """
-    return getattr(node, "raw_mapping", node) if isinstance(node, Mapping) else node
-
-
-def params_root(tree: Mapping) -> tuple[Mapping, tuple]:
-    """``(params, prefix)``: the params collection of linen variables, else the tree itself.
-
-    Example:
-      >>> params_root({"params": {"Dense_0": {}}, "batch_stats": {}})[1]
-      ('params',)
-    """
-    if not isinstance(tree, Mapping):
-        raise TypeError(
-            f"params must be a mapping (dict, FrozenDict, nnx.State or linen "
-            f"variables), got {type(tree).__name__}"
-        )
-    inner = tree.get("params") if "params" in tree else None
-    if isinstance(inner, Mapping):
-        return inner, ("params",)
-    return tree, ()
-
-
-def weight_name(node: Mapping) -> str | None:
-    """``'kernel'``/``'embedding'`` if ``node`` is a (plain) layer, else ``None``."""
-    for name in WEIGHT_NAMES:
-        if name in node and is_array(node[name]):
-            return name
-    return None
-
-
-def branch_count(node: Mapping) -> int:
-    """``k`` if ``node`` is a split layer with ``branch_0 … branch_{k-1}``, else 0.
-
-    Raises:
-      ValueError: the node has ``branch_*`` keys that are not exactly ``0 … k-1``, or a
-        branch that holds no kernel.
-    """
-    keys = [str(k) for k in node]
-    if not keys or "branch_0" not in keys or not all(_BRANCH_RE.fullmatch(k) for k in keys):
-        return 0
-    idx = sorted(int(_BRANCH_RE.fullmatch(k).group(1)) for k in keys)
-    if idx != list(range(len(idx))) or len(idx) < 2:
-        raise ValueError(
-            f"split layer has branches {sorted(keys)}; expected branch_0 … "
-            f"branch_{{k-1}} with k >= 2"
-        )
-    for k in keys:
-        if not isinstance(node[k], Mapping) or weight_name(node[k]) is None:
-            raise ValueError(f"split layer branch {k!r} holds no 'kernel'/'embedding' array")
-    return len(idx)
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """A layer found in a tree.
-
-    Attributes:
-      path: ``/``-joined keys from the params root (``"block_1/Dense_0"``).
-      keys: the original keys (ints stay ints, as in ``nnx.State`` of lists).
-      node: the layer's mapping (for a split layer, the mapping of branches).
-      weight: ``'kernel'`` or ``'embedding'``.
-      branches: number of branches if already split, else 0.
-    """
-
-    path: str
-    keys: tuple
-    node: Mapping
-    weight: str
-    branches: int = 0
-
-    @property
-    def array(self):
-        """The layer's weight array (``branch_0``'s for a split layer), unwrapped."""
-        node = self.node["branch_0"] if self.branches else self.node
-        return unwrap(node[self.weight])
-
-
-def find_layers(tree: Mapping) -> dict[str, Layer]:
-    """All layers of a tree, by path, in the tree's iteration order.
-
-    Args:
-      tree: linen variables, a params dict/``FrozenDict``, an ``nnx.State`` or its pure dict.
-
-    Returns:
-      ``{path: Layer}``. Layers are not searched for nested layers.
-
-    Raises:
-      ValueError: a ``branch_*`` mapping is malformed (message names its path).
-
-    Example:
-      >>> import numpy as np
-      >>> p = {"Dense_0": {"kernel": np.ones((2, 3)), "bias": np.zeros(3)},
-      ...      "block": {"Conv_0": {"kernel": np.ones((3, 3, 1, 4))}}}
-      >>> list(find_layers({"params": p}))
-      ['Dense_0', 'block/Conv_0']
-    """
-    root, _ = params_root(tree)
-    found: dict[str, Layer] = {}
-
-    def walk(node: Mapping, keys: tuple):
-        for k, child in node.items():
-            if not isinstance(child, Mapping):
-                continue
-            ck = (*keys, k)
-            path = "/".join(str(x) for x in ck)
-            try:
-                n = branch_count(child)
-            except ValueError as e:
-                raise ValueError(f"{path}: {e}") from None
-            if n:
-                found[path] = Layer(path, ck, child, weight_name(child["branch_0"]), n)
-            elif (w := weight_name(child)) is not None:
-                found[path] = Layer(path, ck, child, w, 0)
-            else:
-                walk(child, ck)
-
-    walk(raw(root), ())
-    return found
+__all__ = ["compile_patterns", "select_layers"]
 
 
 def _glob_to_regex(pattern: str) -> re.Pattern:

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxsplit.select import find_layers, unwrap
+from jaxsplit.tree import find_layers, unwrap
 
 __all__ = ["LayerStats", "weight_stats", "layer_stats", "rank_by_outliers"]
 

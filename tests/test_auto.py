@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxsplit as js
-from jaxsplit import auto, kernels
+from jaxsplit import search as auto, kernels
 from jaxsplit.quant import QuantSpec, quantize
 
 INT8 = QuantSpec(bits=8)
@@ -34,7 +34,7 @@ def test_clip_auto_cuts_int8_mse_by_95_percent_on_student_t_1024():
     assert c.mse == pytest.approx(_mse(w, ws, INT8), rel=1e-5)
     assert c.mse_unsplit == pytest.approx(_mse(w, (w,), INT8), rel=1e-5)
     assert np.array_equal(kernels.branch_sum(ws), w)
-    assert c.extra == pytest.approx(float(jnp.count_nonzero(ws[1])) / w.size)
+    assert c.extra_fraction == pytest.approx(float(jnp.count_nonzero(ws[1])) / w.size)
 
 
 @pytest.mark.parametrize("method", ["balance", "auto"])
@@ -59,7 +59,7 @@ def test_untouched_when_nothing_helps():
     assert p2["d"] is p["d"]
     plan = rep.layers[0]
     assert plan.action == "skip" and plan.reason == "no candidate beats not splitting"
-    assert plan.auto is not None and not plan.auto.split and plan.auto.extra == 0.0
+    assert plan.auto is not None and not plan.auto.split and plan.auto.extra_fraction == 0.0
 
 
 def test_budget_on_extra_nonzeros_is_respected():
@@ -69,7 +69,7 @@ def test_budget_on_extra_nonzeros_is_respected():
         ws, info = auto.search(w, None, auto=js.Auto(INT8, max_extra=budget), method="auto")
         c = auto.choice(info, auto.search_methods("auto", INT8), 64)
         extra = (sum(int(jnp.count_nonzero(b)) for b in ws) - int(jnp.count_nonzero(w))) / w.size
-        assert c.extra == pytest.approx(extra)
+        assert c.extra_fraction == pytest.approx(extra)
         if budget is not None:
             assert extra <= budget
         results.append(c)
@@ -106,7 +106,7 @@ def test_report_dry_run_and_log(caplog):
     a = rep.layers[0]
     d = a.to_dict()["auto"]
     assert d["method"] in auto.AUTO_METHODS and d["candidates"] == 4 * 8
-    assert d["mse"] < d["mse_unsplit"] and 0 < d["extra"] <= 0.1
+    assert d["mse"] < d["mse_unsplit"] and 0 < d["extra_fraction"] <= 0.1
     assert "auto: " in caplog.text and "mse" in caplog.text
     m = js.merge_params(p2)
     assert all(np.array_equal(m[k]["kernel"], p[k]["kernel"]) for k in p)

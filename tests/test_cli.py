@@ -4,7 +4,6 @@ Every bad input asserts the exit code, the one-line message on stderr, and that 
 in the working directory was written or changed.
 """
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -13,13 +12,13 @@ import shlex
 import shutil
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
 from cli_helpers import assert_cli_error, run_cli
 
 from jaxsplit import cli, io, merge_params
+from jaxsplit.cli.ui import Command, finite
 
 # A failed orbax read leaves a callback on orbax's closed event loop; a background thread
 # reports it later, during whichever test runs then.
@@ -163,16 +162,12 @@ def test_help_version_and_no_command(capsys):
     )
 
 
-def test_demo_is_registered_only_by_its_module(capsys):
-    names = [c.name for c in cli.commands()]
-    if importlib.util.find_spec("jaxsplit.demo") is None:  # not faked before it exists
-        assert "demo" not in names
-        assert_cli_error(run_cli(capsys, "demo"), 2, r"^jaxsplit: error: .*invalid choice: 'demo'")
-    else:
-        assert "demo" in names
+def test_the_command_table_is_static_and_in_help_order():
+    assert [c.name for c in cli.COMMANDS] == ["inspect", "split", "report", "sweep", "demo"]
+    assert len({c.name for c in cli.COMMANDS}) == len(cli.COMMANDS)
 
 
-def test_extension_modules_register_commands(monkeypatch, capsys):
+def test_build_parser_takes_any_command_table():
     seen = []
 
     def add(p):
@@ -182,14 +177,9 @@ def test_extension_modules_register_commands(monkeypatch, capsys):
         seen.append((args.n, args.verbose))
         return 0
 
-    fake = types.ModuleType("jaxsplit.sweep")
-    fake.cli_commands = lambda: [cli.Command(name="sweep", help="fake", add_arguments=add, run=run)]
-    monkeypatch.setitem(sys.modules, "jaxsplit.sweep", fake)
-    assert run_cli(capsys, "sweep", "--n", "4", "-v")[0] == 0
-    assert seen == [(4, True)]
-    fake.cli_commands = lambda: [cli.Command(name="split", help="x", add_arguments=add, run=run)]
-    with pytest.raises(ValueError, match=r"registered twice: \['split'\]"):
-        cli.commands()
+    fake = Command(name="fake", help="fake", add_arguments=add, run=run)
+    args = cli.build_parser([fake]).parse_args(["fake", "--n", "4", "-v"])
+    assert args.command.run(args, None) == 0 and seen == [(4, True)]
 
 
 def test_debug_shows_traceback(ckpt, capsys):
@@ -231,7 +221,7 @@ def test_report_modes_agree_with_quant_error(ckpt, capsys, tmp_path):
     params = io.load(ckpt)
     cfg = SplitConfig(layers=("*", "block_*/*"), threshold=Sigma(2))
     want = quant_error(params, split_params(params, cfg), QuantSpec(bits=4))
-    want = json.loads(json.dumps(cli._finite(want.to_dict())))
+    want = json.loads(json.dumps(finite(want.to_dict())))
     runs = {
         "two files": ["report", ckpt, "s.npz"],
         "in memory": ["report", ckpt, *split],
@@ -242,11 +232,11 @@ def test_report_modes_agree_with_quant_error(ckpt, capsys, tmp_path):
         assert code == 0, (name, err)
         got = json.loads(out)
         assert got["layers"] == want["layers"] and got["total"] == want["total"], name
-    assert want["total"]["layers_split"] == 3 and want["total"]["reduction_pct"] > 0
+    assert want["total"]["layers_split"] == 3 and want["total"]["reduction"] > 0
     code, out, _ = run_cli(capsys, "report", ckpt, "--json", "--per-channel")
     base = json.loads(out)
     assert base["spec"]["granularity"] == "per_channel"
-    assert [r["reduction_pct"] for r in base["layers"]] == [0.0, 0.0, 0.0]
+    assert [r["reduction"] for r in base["layers"]] == [0.0, 0.0, 0.0]
     code, out, _ = run_cli(capsys, "report", ckpt, "s.npz", "--markdown", "--bits", "4")
     assert code == 0 and "| Dense_0 |" in out
     code, out, _ = run_cli(capsys, "report", ckpt, "s.npz", "--bits", "4")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxsplit import Percentile, Relative, Sigma, SplitConfig
-from jaxsplit.config import resolve_threshold
+from jaxsplit.thresholds import as_threshold
 
 
 def test_defaults_and_normalisation():
@@ -83,10 +83,10 @@ def test_bad_threshold_specs(make, field, value):
 
 def test_resolve_threshold_values():
     w = jnp.array([1.0, -4.0, 2.0, jnp.nan, jnp.inf], jnp.float32)  # stats over finite values
-    assert float(resolve_threshold(Relative(0.5), w)) == 2.0
+    assert float(as_threshold(Relative(0.5)).resolve(w)) == 2.0
     finite = np.array([1.0, -4.0, 2.0])
-    assert float(resolve_threshold(Sigma(2), w)) == pytest.approx(2 * finite.std(), rel=1e-6)
-    assert float(resolve_threshold(Percentile(50), w)) == pytest.approx(2.0)
-    assert float(resolve_threshold(0.25, w)) == 0.25
+    assert float(as_threshold(Sigma(2)).resolve(w)) == pytest.approx(2 * finite.std(), rel=1e-6)
+    assert float(as_threshold(Percentile(50)).resolve(w)) == pytest.approx(2.0)
+    assert float(as_threshold(0.25).resolve(w)) == 0.25
     bf = jnp.array([1.0, -3.0], jnp.bfloat16)
-    assert float(resolve_threshold(Relative(1.0), bf)) == 3.0
+    assert float(as_threshold(Relative(1.0)).resolve(bf)) == 3.0

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsplit as js
-from jaxsplit.evaluate_model import quantized_weights
+from jaxsplit.outputs import quantized_weights
 
 
 class Net(nn.Module):
@@ -30,7 +30,7 @@ def test_wrapper_and_evaluator_paths_agree():
     def q(w):
         return js.quant.quantize(w, spec)
 
-    via_wrapper = js.linen.apply(model, variables2, x, quant=q)
+    via_wrapper = js.linen.apply(model, variables2, x, weight_fn=q)
     via_evaluator = model.apply(quantized_weights(variables2, spec), x)
     float_out = model.apply(variables, x)
     np.testing.assert_allclose(via_wrapper, via_evaluator, rtol=1e-5, atol=1e-5)

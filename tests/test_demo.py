@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from jaxsplit import Relative, SplitConfig, match_layers, quant, quant_error, split_params
-from jaxsplit.demo import DemoConfig, DemoResult, effective_kernels, run_demo, variants
-from jaxsplit.demo_model import DigitsCNN, load_digits_split
+from jaxsplit.demo import DemoConfig, DemoResult, markdown, plot, run_demo, simulated_weights, variants
+from jaxsplit.demo.model import DigitsCNN, load_digits_split
 from jaxsplit.quant import QuantSpec
 
 QUICK = DemoConfig.quick(epochs=1)
@@ -28,7 +28,7 @@ def test_quick_demo_returns_the_table(result):
     assert res.n_test == 450 and res.n_params == 38282
     assert 0.5 < res.fp32_accuracy <= 1.0  # one epoch already learns digits
     assert all(0.0 <= r.accuracy <= 1.0 for r in res.rows)
-    md = res.to_markdown()
+    md = markdown(res)
     assert f"{res.fp32_accuracy:.2%}" in md and "| no split |" in md
     assert "| balance rel:0.5 |" in md and "| grid rel:0.5 |" in md
 
@@ -80,7 +80,7 @@ def test_splitting_improves_weight_sqnr_at_every_bit_width(result):
 
 def test_weight_sqnr_and_extra_params_agree_with_quant_error():
     """The demo's single-pass figures equal the evaluator's totals for the same split."""
-    from jaxsplit.demo import _layer_branches, _simulate, _sqnr_db
+    from jaxsplit.demo.job import _kernels, _sqnr_db
 
     rng = np.random.default_rng(1)
     p = {
@@ -89,11 +89,11 @@ def test_weight_sqnr_and_extra_params_agree_with_quant_error():
     }
     p2 = split_params(p, SplitConfig(layers=["a"], threshold=Relative(0.3)))
     spec = QuantSpec(bits=3)
-    eff, extra = _simulate(_layer_branches(p2), spec)
+    simulated, extra = simulated_weights(p2, spec)
     ws = {k: jnp.asarray(v["kernel"]) for k, v in p.items()}
     total = quant_error(p, p2, spec).total()
-    assert float(_sqnr_db(ws, eff)) == pytest.approx(total["sqnr_after"], rel=1e-5)
-    assert int(sum(extra.values())) == total["extra_nonzero"]
+    assert float(_sqnr_db(ws, _kernels(simulated))) == pytest.approx(total["sqnr_after"], rel=1e-5)
+    assert extra == total["extra_nonzero"]
 
 
 def test_effective_kernels_quantize_each_branch_separately():
@@ -104,17 +104,18 @@ def test_effective_kernels_quantize_each_branch_separately():
     }
     p2 = split_params(p, SplitConfig(layers=["a"], threshold=Relative(0.5)))
     spec = QuantSpec(bits=4)
-    eff, extra = effective_kernels(p2, spec)
+    simulated, extra = simulated_weights(p2, spec)
+    eff = {k: v["kernel"] for k, v in simulated.items()}
     b0, b1 = p2["a"]["branch_0"]["kernel"], p2["a"]["branch_1"]["kernel"]
     assert np.array_equal(eff["a"], quant.quantize(b0, spec) + quant.quantize(b1, spec))
     assert np.array_equal(eff["b"], quant.quantize(jnp.asarray(p["b"]["kernel"]), spec))
     n = match_layers(p, SplitConfig(layers=["a"], threshold=Relative(0.5))).layers[0].n_split
-    assert extra == {"a": n, "b": 0}
+    assert extra == n
 
 
 def test_plot_writes_a_png(tmp_path, result):
     res, _ = result
-    path = res.plot(str(tmp_path / "sub" / "demo.png"))
+    path = plot(res, str(tmp_path / "sub" / "demo.png"))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

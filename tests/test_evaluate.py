@@ -95,7 +95,7 @@ def test_unsplit_layer_row_compares_with_itself():
     p2 = js.split_params(p, CFGS[0])
     row = quant_error(p, p2, QuantSpec()).layers[2]
     assert (row.path, row.branches, row.n_split, row.extra_nonzero) == ("Dense_1", 1, 0, 0)
-    assert row.mse_after == row.mse_before and row.reduction_pct == 0.0
+    assert row.mse_after == row.mse_before and row.reduction == 0.0
     assert row.pred_after == row.pred_after_corr == row.pred_before
 
 
@@ -114,7 +114,7 @@ def test_balance_at_half_max_figures():
     assert r.pred_after == pytest.approx(5 / 4 * (s / 2) ** 2 / 12, rel=1e-6)
     assert r.pred_after_corr == pytest.approx((3 + 4) / 4 * (s / 2) ** 2 / 12, rel=1e-6)
     assert r.sqnr_before == pytest.approx(10 * math.log10(np.mean(w**2) / r.mse_before))
-    assert r.reduction_pct == pytest.approx(100 * (1 - r.mse_after / r.mse_before))
+    assert r.reduction == pytest.approx(1 - r.mse_after / r.mse_before)
 
 
 @pytest.mark.parametrize("wrap", ["dict", "frozen", "params_only", "nnx_state"])
@@ -148,7 +148,7 @@ def test_totals_are_element_weighted():
     before = sum(r.mse_before * r.n_total for r in rows) / n
     after = sum(r.mse_after * r.n_total for r in rows) / n
     assert t["mse_before"] == pytest.approx(before) and t["mse_after"] == pytest.approx(after)
-    assert t["reduction_pct"] == pytest.approx(100 * (1 - after / before))
+    assert t["reduction"] == pytest.approx(1 - after / before)
     signal = sum(r.signal * r.n_total for r in rows) / n
     assert t["sqnr_after"] == pytest.approx(10 * math.log10(signal / after))
 
@@ -161,19 +161,19 @@ def test_to_dict_is_plain_python_and_json():
     row = d["layers"][0]
     assert type(row["mse_after"]) is float and type(row["n_split"]) is int
     assert type(row["scale_branches"]) is list and type(row["shape"]) is list
-    assert set(d["total"]) >= {"mse_before", "mse_after", "extra_nonzero", "reduction_pct"}
+    assert set(d["total"]) >= {"mse_before", "mse_after", "extra_nonzero", "reduction"}
 
 
 def test_markdown_and_rich_table():
     p = _params()
     report = quant_error(p, js.split_params(p, CFGS[0]), QuantSpec())
-    md = report.to_markdown()
+    md = js.render.markdown(report)
     lines = md.splitlines()
     assert lines[0].startswith("*int8 symmetric per_tensor")
     assert lines[2].startswith("| layer | shape | split | +nnz |")
     assert len(lines) == 4 + 3 + 1 and lines[-1].startswith("| **total (2/3 split)**")
-    assert f"{report.layers[0].reduction_pct:.1f}%" in lines[4]
-    table = report.to_rich_table()
+    assert f"{100 * report.layers[0].reduction:.1f}%" in lines[4]
+    table = js.render.rich_table(report)
     assert table.row_count == 4
     out = io.StringIO()
     Console(file=out, width=250, record=True).print(table)
@@ -221,9 +221,9 @@ def test_bfloat16_and_zero_kernels():
     p = {"d": {"kernel": w}, "z": {"kernel": jnp.zeros((4, 4), jnp.bfloat16)}}
     p2 = js.split_params(p, js.SplitConfig(layers=["d"], threshold=js.Relative(0.5)))
     rows = quant_error(p, p2, QuantSpec()).layers
-    assert rows[0].dtype == "bfloat16" and rows[0].reduction_pct > 0
+    assert rows[0].dtype == "bfloat16" and rows[0].reduction > 0
     z = rows[1]
-    assert (z.mse_before, z.mse_after, z.pred_before, z.reduction_pct) == (0.0, 0.0, 0.0, 0.0)
+    assert (z.mse_before, z.mse_after, z.pred_before, z.reduction) == (0.0, 0.0, 0.0, 0.0)
     assert math.isnan(z.sqnr_before) and z.ratio_before == 1.0
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 
 import jaxsplit as js
 from jaxsplit import quant
-from jaxsplit.evaluate_model import _output_error, evaluate_outputs, quantized_weights
+from jaxsplit.outputs import _output_error, evaluate_outputs, quantized_weights
 from jaxsplit.quant import QuantSpec
 
 CFG = js.SplitConfig(layers=["**"], threshold=js.Relative(0.5))
@@ -144,9 +144,9 @@ def test_conv_model_with_batch_stats_and_apply_kwargs():
     assert 0.9 < r.after.cosine <= 1.0 + 1e-6
     d = r.to_dict()
     assert d["before"]["agreement"] is not None and type(d["layers"][0]["sqnr_after"]) is float
-    md = r.to_markdown()
+    md = js.render.markdown(r)
     assert "| split, quantized |" in md and "| Conv_0 |" in md
-    assert r.to_rich_table().row_count == 4
+    assert js.render.rich_table(r).row_count == 4
 
 
 def test_output_error_metrics_exact():

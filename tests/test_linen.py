@@ -122,13 +122,13 @@ def test_unsupported_split_layer_names_path_and_type():
     v2 = js.split_params(v, js.SplitConfig(layers=["Squared_0"], threshold=0.1))
     with pytest.raises(TypeError, match=r"'Squared_0' \(Squared\): its params hold split"):
         js.linen.apply(model, v2, X)
-    with pytest.raises(TypeError, match=r"'Squared_0' \(Squared\): quant= was given"):
-        js.linen.apply(model, v, X, quant=lambda w: w)
+    with pytest.raises(TypeError, match=r"'Squared_0' \(Squared\): weight_fn= was given"):
+        js.linen.apply(model, v, X, weight_fn=lambda w: w)
 
 
 def test_bad_arguments():
     with pytest.raises(TypeError, match="quant must be None or a callable"):
-        js.linen.apply(MLP(), {}, X, quant=8)
+        js.linen.apply(MLP(), {}, X, weight_fn=8)
     with pytest.raises(TypeError, match="model must be a flax.linen.Module"):
         js.linen.apply(lambda x: x, {}, X)
 
@@ -153,10 +153,10 @@ def test_quant_applies_to_each_branch_and_unsplit_layers(mlp):
     model, v, v2 = mlp
     v1 = js.split_params(v, js.SplitConfig(layers=["Dense_0"], threshold=js.Relative(0.3)))
     want = model.apply(js.merge_params(_quantized(v1)), X)
-    got = jax.jit(lambda vs: js.linen.apply(model, vs, X, quant=_q))(v1)
+    got = jax.jit(lambda vs: js.linen.apply(model, vs, X, weight_fn=_q))(v1)
     _close(got, want)
     assert not np.allclose(got, model.apply(v, X), atol=1e-3)  # the hook did something
-    _close(js.linen.apply(model, v, X, quant=_q), model.apply(_quantized(v), X))
+    _close(js.linen.apply(model, v, X, weight_fn=_q), model.apply(_quantized(v), X))
 
 
 def test_quant_embed_lookup_and_attend():
@@ -170,9 +170,9 @@ def test_quant_embed_lookup_and_attend():
     v = np_init(model, ids)
     v2 = js.split_params(v, js.SplitConfig(layers=["Embed_0"], threshold=js.Relative(0.3)))
     _close(
-        js.linen.apply(model, v2, ids, quant=_q), model.apply(js.merge_params(_quantized(v2)), ids)
+        js.linen.apply(model, v2, ids, weight_fn=_q), model.apply(js.merge_params(_quantized(v2)), ids)
     )
-    _close(js.linen.apply(model, v, ids, quant=_q), model.apply(_quantized(v), ids))
+    _close(js.linen.apply(model, v, ids, weight_fn=_q), model.apply(_quantized(v), ids))
 
 
 def test_split_module_in_a_model_with_quant():
@@ -198,7 +198,7 @@ def test_split_module_in_a_model_with_quant():
     _close(js.linen.apply(net, v, X), Plain().apply(merged, X))
     _close(net.apply(v, X), Plain().apply(merged, X))
     # quant reaches Split's branches one by one, and the plain layer
-    _close(js.linen.apply(net, v, X, quant=_q), Plain().apply(js.merge_params(_quantized(v)), X))
+    _close(js.linen.apply(net, v, X, weight_fn=_q), Plain().apply(js.merge_params(_quantized(v)), X))
     # a checkpoint of the plain model loads into the Split model through split_params
     pv = np_init(Plain(), X, seed=4)
     pv2 = js.split_params(pv, js.SplitConfig(layers=["fc"], threshold=js.Relative(0.2)))
@@ -229,7 +229,7 @@ def test_scanned_layers_see_their_slice():
         seen.append(w.shape)
         return w
 
-    js.linen.apply(model, v2, X, quant=spy)
+    js.linen.apply(model, v2, X, weight_fn=spy)
     assert seen and all(s == (4, 4) for s in seen)
 
 

@@ -19,7 +19,8 @@ from hypothesis.extra import numpy as hnp
 
 import jaxsplit as js
 from jaxsplit import kernels
-from jaxsplit.config import Auto, resolve_threshold
+from jaxsplit.config import Auto
+from jaxsplit.thresholds import as_threshold
 from jaxsplit.quant import QuantSpec, quantize
 
 SPEC4 = QuantSpec(bits=4)
@@ -177,7 +178,7 @@ def test_kernel_errors_name_the_argument(call, words):
 def test_per_channel_thresholds_follow_each_output_channel(spec, ref):
     rng = np.random.default_rng(5)
     w = rng.normal(size=(50, 6)).astype(np.float32) * np.array([1, 2, 4, 8, 0.1, 0.01], np.float32)
-    thr = np.asarray(resolve_threshold(spec, jnp.asarray(w)))
+    thr = np.asarray(as_threshold(spec).resolve(jnp.asarray(w)))
     assert thr.shape == (1, 6)
     np.testing.assert_allclose(thr[0], ref(w), rtol=1e-5)
 
@@ -210,7 +211,7 @@ def test_split_params_roundtrip_and_structure(method, branches):
         }
     }
     cfg = js.SplitConfig(
-        layers=["*"], threshold=js.Relative(0.25), method=method, branches=branches, quant=SPEC4
+        layers=["*"], threshold=js.Relative(0.25), method=method, branches=branches, spec=SPEC4
     )
     p2 = js.split_params(p, cfg)
     a = p2["params"]["a"]
@@ -228,19 +229,19 @@ def test_split_params_roundtrip_and_structure(method, branches):
         (dict(branches=3), ValueError, ["SplitConfig.branches", "3", "[2, 4, 8]"]),
         (dict(branches=True), ValueError, ["SplitConfig.branches", "True"]),
         (dict(branches=4, method="clip"), ValueError, ["branches=4", "'balance'", "'clip'"]),
-        (dict(method="grid"), ValueError, ["'grid'", "quant=QuantSpec"]),
-        (dict(method="residual"), ValueError, ["'residual'", "quant=QuantSpec"]),
+        (dict(method="grid"), ValueError, ["'grid'", "spec=QuantSpec"]),
+        (dict(method="residual"), ValueError, ["'residual'", "spec=QuantSpec"]),
         (
-            dict(method="grid", quant=QuantSpec(bits=8, symmetric=False)),
+            dict(method="grid", spec=QuantSpec(bits=8, symmetric=False)),
             ValueError,
             ["'grid'", "symmetric"],
         ),
-        (dict(quant=8), TypeError, ["SplitConfig.quant", "8"]),
+        (dict(spec=8), TypeError, ["SplitConfig.spec", "8"]),
         (dict(method="auto"), ValueError, ["method='auto'", "Auto(spec)"]),
         (
-            dict(threshold=Auto(QuantSpec(bits=8)), quant=QuantSpec(bits=4)),
+            dict(threshold=Auto(QuantSpec(bits=8)), spec=QuantSpec(bits=4)),
             ValueError,
-            ["SplitConfig.quant", "Auto"],
+            ["SplitConfig.spec", "Auto"],
         ),
     ],
 )
@@ -262,7 +263,7 @@ def test_config_spec_property_and_hashable():
     assert cfg.spec == QuantSpec(bits=6) and hash(cfg) == hash(
         js.SplitConfig(layers=["a"], threshold=auto, method="auto")
     )
-    assert js.SplitConfig(layers=["a"], method="grid", quant=SPEC4).spec == SPEC4
+    assert js.SplitConfig(layers=["a"], method="grid", spec=SPEC4).spec == SPEC4
     assert js.SplitConfig(layers=["a"]).spec is None
 
 

@@ -178,8 +178,8 @@ def test_unsupported_layer_names_path_and_type():
     model = WithSquared(nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"'sq' \(Squared\): it was selected for splitting"):
         split_model(model, js.SplitConfig(layers=["sq"], threshold=1.5))
-    with pytest.raises(TypeError, match=r"'sq' \(Squared\): quant= was given"):
-        apply(model, jnp.ones((1, 3)), quant=lambda w: w)
+    with pytest.raises(TypeError, match=r"'sq' \(Squared\): weight_fn= was given"):
+        apply(model, jnp.ones((1, 3)), weight_fn=lambda w: w)
 
 
 def test_bad_arguments():
@@ -188,7 +188,7 @@ def test_bad_arguments():
     with pytest.raises(TypeError, match="model2 must be a flax.nnx.Module"):
         merge_model(None)
     with pytest.raises(TypeError, match="quant must be None or a callable"):
-        apply(WithSquared(nnx.Rngs(0)), jnp.ones((1, 3)), quant="int8")
+        apply(WithSquared(nnx.Rngs(0)), jnp.ones((1, 3)), weight_fn="int8")
     with pytest.raises(TypeError, match="SplitConfig"):
         split_model(WithSquared(nnx.Rngs(0)), {"layers": ["fc"]})
 
@@ -228,7 +228,7 @@ def test_quant_each_branch_and_unsplit_layers_and_batch_stats_written_back():
     qref = merge_model(q2)
     qref.out.kernel.set_value(_q(qref.out.kernel.get_value()))
     params_before = nnx.state(model2, nnx.Param)
-    y2 = apply(model2, x, quant=_q)  # train mode: batch statistics update
+    y2 = apply(model2, x, weight_fn=_q)  # train mode: batch statistics update
     _close(y2, qref(x))
     _same_state(nnx.state(model2, nnx.Param), params_before)  # weights not changed
     _close(model2.bn.mean.get_value(), qref.bn.mean.get_value())  # stats written back
@@ -236,7 +236,7 @@ def test_quant_each_branch_and_unsplit_layers_and_batch_stats_written_back():
     assert not np.allclose(model2.bn.mean.get_value(), model.bn.mean.get_value())
     # an unsplit model: every weight quantized
     model.eval()
-    _close(apply(model, x, quant=_q), _quantized_copy(model)(x))
+    _close(apply(model, x, weight_fn=_q), _quantized_copy(model)(x))
     assert np.array_equal(apply(model, x), model(x))
 
 
@@ -255,7 +255,7 @@ def test_quant_embed_attend_and_grad():
     for b in ("branch_0", "branch_1"):
         e = getattr(q2.embed, b).embedding
         e.set_value(_q(e.get_value()))
-    _close(apply(model2, ids, quant=_q), merge_model(q2)(ids))
+    _close(apply(model2, ids, weight_fn=_q), merge_model(q2)(ids))
     ste = lambda w: w + jax.lax.stop_gradient(_q(w) - w)  # noqa: E731
-    g = nnx.grad(lambda m: jnp.sum(apply(m, ids, quant=ste) ** 2))(model2)
+    g = nnx.grad(lambda m: jnp.sum(apply(m, ids, weight_fn=ste) ** 2))(model2)
     assert np.any(g["embed"]["branch_1"]["embedding"].get_value())

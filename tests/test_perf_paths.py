@@ -1,4 +1,4 @@
-"""The optimised paths (jaxsplit.dispatch, donation, batched host sync) give exactly what the
+"""The optimised paths (jaxsplit.programs, donation, batched host sync) give exactly what the
 simple reference kernels give."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from jaxsplit import SplitConfig, dispatch, kernels, merge_params, split_params
-from jaxsplit.config import Percentile, Relative, Sigma, resolve_threshold
-from jaxsplit.transform import match_layers, split_with_report
+from jaxsplit.thresholds import Percentile, Relative, Sigma, as_threshold
+from jaxsplit.split import match_layers, split_with_report
 
 SPECIAL = np.array([0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 3e38, np.inf, -np.inf, np.nan], np.float32)
 
@@ -77,12 +77,11 @@ def test_fused_program_equals_reference_for_any_values(w, thr):
 
 @pytest.mark.parametrize("spec", [1.0, Relative(0.5), Sigma(1.0), Percentile(90.0)])
 def test_stats_thresholds_match_resolve_threshold(spec):
-    from jaxsplit.config import threshold_parts
 
     w = jnp.asarray(_weights((33, 17), special=False))
-    kind, value = threshold_parts(spec)
+    kind, value = as_threshold(spec).kind, as_threshold(spec).value
     counts, thr = dispatch.stats(w, value, kind=kind)
-    assert float(thr) == float(resolve_threshold(spec, w))
+    assert float(thr) == float(as_threshold(spec).resolve(w))
     assert counts.tolist() == _ref_counts(np.asarray(w), float(thr))
 
 

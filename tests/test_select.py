@@ -9,7 +9,8 @@ from flax import nnx
 from flax.core import FrozenDict
 
 from jaxsplit import SplitConfig, find_layers, match_layers
-from jaxsplit.select import compile_patterns, params_root, select_layers
+from jaxsplit.select import compile_patterns, select_layers
+from jaxsplit.tree import params_root
 
 
 def tree():

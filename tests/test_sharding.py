@@ -28,7 +28,7 @@ CHILD = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
     from jaxsplit import Relative, SplitConfig, dispatch, kernels, merge_params, split_params
-    from jaxsplit.config import threshold_parts
+    from jaxsplit.thresholds import as_threshold
 
     assert jax.device_count() == 8, jax.devices()
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
@@ -75,7 +75,7 @@ CHILD = textwrap.dedent(
         thr = jnp.float32(1.0)
         out["hlo"][f"apply/{k}"] = collectives(dispatch.apply, w, thr, None, method="balance")
         for spec in (1.0, Relative(0.5)):
-            kind, value = threshold_parts(spec)
+            kind, value = as_threshold(spec).kind, as_threshold(spec).value
             out["hlo"][f"fused/{kind}/{k}"] = collectives(
                 dispatch.fused, w, value, None, kind=kind, method="balance")
     print("RESULT" + json.dumps(out))

@@ -18,9 +18,12 @@ from jaxsplit import (
     split_with_report,
 )
 from jaxsplit.quant import QuantSpec
-from jaxsplit.sweep import SweepResult, _sweep_kernel, spec_label, sweep, threshold_label
+from jaxsplit.render import sweep_csv, sweep_markdown
+from jaxsplit.sweeps import SweepResult, _sweep_kernel, spec_label, sweep
+from jaxsplit.thresholds import as_threshold
 
 SPECS = (QuantSpec(bits=8), QuantSpec(bits=4, granularity="per_channel"))
+ALL = SplitConfig(layers="**")
 THRESHOLDS = (0.5, Relative(0.5), Percentile(99.0))
 
 
@@ -40,11 +43,10 @@ def _params():
 def result():
     return sweep(
         _params(),
-        layers=["**"],
+        SplitConfig(layers=["**"], seed=3),
         thresholds=THRESHOLDS,
         methods=("balance", "random"),
         specs=SPECS,
-        seed=3,
     )
 
 
@@ -67,17 +69,17 @@ def test_rows_equal_the_direct_evaluator(result):
             plans = {p.path: p for p in rep.layers}
             for spec in SPECS:
                 for e in quant_error(params, p2, spec).layers:
-                    r = rows[e.path, threshold_label(t), method, spec_label(spec)]
+                    r = rows[e.path, as_threshold(t).label, method, spec_label(spec)]
                     plan = plans[e.path]
                     assert r.n_split == (plan.n_split or 0) == e.n_split
                     assert r.threshold_abs == pytest.approx(plan.threshold, rel=1e-6)
                     assert r.frac_split == e.split_fraction
-                    assert r.extra_nonzero == e.extra_nonzero / e.n_total
+                    assert r.extra_fraction == e.extra_nonzero / e.n_total
                     assert r.mse == pytest.approx(e.mse_after, rel=1e-5)
                     assert r.mse_before == pytest.approx(e.mse_before, rel=1e-5)
                     assert r.predicted_mse == pytest.approx(e.pred_after, rel=1e-5)
                     assert r.predicted_mse_correlated == pytest.approx(e.pred_after_corr, rel=1e-5)
-                    assert 100 * r.reduction == pytest.approx(e.reduction_pct, rel=1e-4)
+                    assert r.reduction == pytest.approx(e.reduction, rel=1e-4)
                     assert r.sqnr_db == pytest.approx(e.sqnr_after, rel=1e-5)
                     assert r.sqnr_before_db == pytest.approx(e.sqnr_before, rel=1e-5)
                     checked += 1
@@ -94,15 +96,15 @@ def test_one_compilation_per_kernel_shape_and_dtype():
     }
     grid = dict(methods=("balance",), specs=(QuantSpec(bits=3),))
     before = _sweep_kernel._cache_size()
-    sweep(p, thresholds=[0.1, Relative(0.3)], **grid)
+    sweep(p, ALL, thresholds=[0.1, Relative(0.3)], **grid)
     assert _sweep_kernel._cache_size() - before == 3  # (24, 8) f32, (5, 8) f32, (5, 8) bf16
-    sweep(p, thresholds=[0.7, Relative(0.9)], **grid)  # new values: no recompilation
+    sweep(p, ALL, thresholds=[0.7, Relative(0.9)], **grid)  # new values: no recompilation
     assert _sweep_kernel._cache_size() - before == 3
 
 
 def test_relative_thresholds_resolve_per_layer():
     w = np.array([[1.0, -8.0], [2.0, 4.0]], np.float32)
-    res = sweep({"d": {"kernel": w}}, layers="d", thresholds=[Relative(0.25), 3.0, Sigma(1.0)])
+    res = sweep({"d": {"kernel": w}}, SplitConfig(layers="d"), thresholds=[Relative(0.25), 3.0, Sigma(1.0)])
     assert [r.threshold for r in res.rows] == ["rel:0.25", "3", "sigma:1"]
     assert [r.threshold_abs for r in res.rows[:2]] == [2.0, 3.0]
     assert res.rows[2].threshold_abs == pytest.approx(float(np.std(w)), rel=1e-6)
@@ -111,13 +113,13 @@ def test_relative_thresholds_resolve_per_layer():
 
 
 def test_csv_and_markdown(result):
-    text = result.to_csv()
+    text = sweep_csv(result)
     parsed = list(csv.DictReader(io.StringIO(text)))
     assert len(parsed) == len(result.rows)
     first, row = parsed[0], result.rows[0]
     assert first["shape"] == "32x16" and float(first["mse"]) == row.mse
     assert int(first["n_split"]) == row.n_split
-    md = result.to_markdown().splitlines()
+    md = sweep_markdown(result).splitlines()
     assert len(md) == len(result.rows) + 2 and md[0].startswith("| layer | threshold")
     assert result.to_rows()[0]["shape"] == [32, 16]
     assert SweepResult(result.rows[:1]).to_dict() == {"rows": [result.rows[0].to_dict()]}
@@ -125,13 +127,19 @@ def test_csv_and_markdown(result):
 
 def test_csv_written_to_path(tmp_path, result):
     path = tmp_path / "s.csv"
-    assert result.to_csv(str(path)) == path.read_text()
+    assert sweep_csv(result, str(path)) == path.read_text()
 
 
 def test_nothing_is_mutated():
     p = _params()
     before = [np.array(x) for x in jax.tree.leaves(p)]
-    sweep(p, thresholds=THRESHOLDS, methods=("balance", "random"), specs=SPECS, seed=3)
+    sweep(
+        p,
+        SplitConfig(layers="**", seed=3),
+        thresholds=THRESHOLDS,
+        methods=("balance", "random"),
+        specs=SPECS,
+    )
     after = jax.tree.leaves(p)
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
 
@@ -150,13 +158,14 @@ def test_nothing_is_mutated():
 )
 def test_bad_arguments_name_the_problem(kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        sweep(_params(), **kwargs)
+        cfg = SplitConfig(layers=kwargs.pop("layers", "**"))
+        sweep(_params(), cfg, **kwargs)
 
 
 def test_nonfinite_kernel_is_an_error_naming_the_layer():
     w = np.array([1.0, np.nan], np.float32)
     with pytest.raises(ValueError, match="'d'.*NaN"):
-        sweep({"d": {"kernel": w}}, thresholds=[0.5])
+        sweep({"d": {"kernel": w}}, ALL, thresholds=[0.5])
 
 
 def test_readme_sweep_example_runs(tmp_path, monkeypatch, capsys):
@@ -181,7 +190,7 @@ def test_quantization_aware_methods_and_per_channel_thresholds_match_quant_error
     thresholds = (Relative(0.5), Relative(0.5, per_channel=True))
     specs = (QuantSpec(bits=4), QuantSpec(bits=4, granularity="per_channel"))
     methods = ("clip", "grid", "residual")
-    res = sweep(params, thresholds=thresholds, methods=methods, specs=specs)
+    res = sweep(params, ALL, thresholds=thresholds, methods=methods, specs=specs)
     assert len(res.rows) == 2 * 3 * 2
     rows = {(r.threshold, r.method, r.spec): r for r in res.rows}
     w = params["d"]["kernel"]
@@ -189,11 +198,11 @@ def test_quantization_aware_methods_and_per_channel_thresholds_match_quant_error
     for t in thresholds:
         for m in methods:
             for spec in specs:
-                cfg = SplitConfig(layers=["d"], threshold=t, method=m, quant=spec)
+                cfg = SplitConfig(layers=["d"], threshold=t, method=m, spec=spec)
                 e = quant_error(params, split_params(params, cfg), spec).layers[0]
-                r = rows[threshold_label(t), m, spec_label(spec)]
+                r = rows[as_threshold(t).label, m, spec_label(spec)]
                 assert r.mse == pytest.approx(e.mse_after, rel=1e-5), (t, m, spec)
-                assert r.extra_nonzero == e.extra_nonzero / e.n_total
+                assert r.extra_fraction == e.extra_nonzero / e.n_total
                 assert r.n_split >= e.n_split  # residual leaves on-grid values whole
                 expect = 0.5 * (chan_max.mean() if t.per_channel else chan_max.max())
                 assert r.threshold_abs == pytest.approx(float(expect), rel=1e-6)
@@ -203,9 +212,11 @@ def test_auto_thresholds_are_not_swept():
     from jaxsplit.config import Auto
 
     with pytest.raises(TypeError, match="Auto searches thresholds itself"):
-        sweep(_params(), thresholds=[Auto(QuantSpec(bits=4))])
+        sweep(_params(), ALL, thresholds=[Auto(QuantSpec(bits=4))])
 
 
 def test_grid_needs_a_symmetric_spec():
     with pytest.raises(ValueError, match="grid.*symmetric"):
-        sweep(_params(), thresholds=[0.5], methods=["grid"], specs=[QuantSpec(symmetric=False)])
+        sweep(
+            _params(), ALL, thresholds=[0.5], methods=["grid"], specs=[QuantSpec(symmetric=False)]
+        )

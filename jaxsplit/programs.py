@@ -1,6 +1,6 @@
-"""Compiled per-kernel programs behind ``transform``: statistics, split, and both fused.
+"""Compiled per-kernel programs behind ``split``: statistics, split, and both fused.
 
-Each program is one ``jax.jit`` cached per (shape, dtype, threshold kind, method), so a
+Each program is one ``jax.jit`` cached per (shape, dtype, threshold rule, method), so a
 tree with 20 distinct kernel shapes compiles 20 programs however many layers it has. They
 are written for memory traffic, the whole cost of a split:
 
@@ -30,8 +30,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxsplit import auto, kernels
-from jaxsplit.config import resolve_parts
+from jaxsplit import kernels, search
+from jaxsplit.thresholds import resolve_rule
 
 __all__ = [
     "count_codes",
@@ -41,6 +41,7 @@ __all__ = [
     "apply_donated",
     "fused",
     "auto_fused",
+    "auto_fused_donated",
 ]
 
 _NONFINITE = 1 << 16  # count code of a non-finite value; a chunk sums at most 32 codes
@@ -98,9 +99,12 @@ def _branches(w, thr, key, method: str, branches: int = 2, spec=None):
     return kernels.split(method, w, thr, key, branches=branches, spec=spec)
 
 
-@functools.partial(jax.jit, static_argnames=("kind",))
-def stats(w, value, *, kind: str):
+@functools.partial(jax.jit, static_argnames=("kind", "axis"))
+def stats(w, value, *, kind: str, axis: int | None = None):
     """``(int32[2] counts, threshold)`` of one kernel: one compiled read pass.
+
+    ``kind`` and ``axis`` (``None``: one threshold; else per index of that axis) are the
+    threshold's static rule (``thresholds.resolve_rule``), ``value`` its data.
 
     Example:
       >>> import jax.numpy as jnp
@@ -108,7 +112,7 @@ def stats(w, value, *, kind: str):
       >>> n.tolist(), float(thr)
       ([1, 0], 1.0)
     """
-    thr = resolve_parts(kind, value, w)
+    thr = resolve_rule(kind, value, w, axis)
     return count_codes(w, thr), thr
 
 
@@ -124,8 +128,10 @@ apply = jax.jit(_apply, static_argnames=_STATIC)
 apply_donated = jax.jit(_apply, static_argnames=_STATIC, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=("kind", *_STATIC))
-def fused(w, value, key, *, kind: str, method: str, branches: int = 2, spec=None):
+@functools.partial(jax.jit, static_argnames=("kind", "axis", *_STATIC))
+def fused(
+    w, value, key, *, kind: str, axis: int | None = None, method: str, branches: int = 2, spec=None
+):
     """``(branches, counts, threshold)`` in one program (``stats`` then ``apply``).
 
     Example:
@@ -134,16 +140,22 @@ def fused(w, value, key, *, kind: str, method: str, branches: int = 2, spec=None
       >>> w1.tolist(), w2.tolist(), n.tolist()
       ([2.0], [2.0], [1, 0])
     """
-    thr = resolve_parts(kind, value, w)
+    thr = resolve_rule(kind, value, w, axis)
     return _branches(w, thr, key, method, branches, spec), count_codes(w, thr), thr
 
 
-@functools.partial(jax.jit, static_argnames=("auto_cfg", "method", "branches"))
-def auto_fused(w, key, budget, *, auto_cfg, method: str, branches: int = 2):
-    """``(branches, counts, threshold, info)`` for an ``Auto`` threshold: ``auto.search``
-    then the counts, in one program; ``counts[0]`` is 0 when the layer stays untouched.
-    ``budget`` (data) overrides ``auto_cfg.max_extra``, so budgets share a program."""
-    ws, info = auto.search(w, key, auto=auto_cfg, method=method, branches=branches, budget=budget)
+def _auto(w, key, budget, *, auto_cfg, method: str, branches: int = 2):
+    ws, info = search.search(w, key, auto=auto_cfg, method=method, branches=branches, budget=budget)
     counts = count_codes(w, info["threshold"])
     counts = counts.at[0].set(jnp.where(info["split"], counts[0], 0))
     return ws, counts, info["threshold"], info
+
+
+_AUTO_STATIC = ("auto_cfg", "method", "branches")
+#: ``auto_fused(w, key, budget, auto_cfg=..., method=..., branches=2)``: ``(branches,
+#: counts, threshold, info)`` for an ``Auto`` threshold: ``search.search`` then the
+#: counts, in one program; ``counts[0]`` is 0 when the layer stays untouched. ``budget``
+#: (data) overrides ``auto_cfg.max_extra``, so budgets share a program.
+auto_fused = jax.jit(_auto, static_argnames=_AUTO_STATIC)
+#: ``auto_fused`` with ``w`` donated (after every check has passed, see ``split``).
+auto_fused_donated = jax.jit(_auto, static_argnames=_AUTO_STATIC, donate_argnums=(0,))

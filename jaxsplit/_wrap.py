@@ -8,14 +8,16 @@ only say how to run branch ``i``.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from jaxsplit.errors import ConfigError, ConfigTypeError
+from jaxsplit.kernels import BRANCHES
+from jaxsplit.tree import branch_name
+
 __all__ = [
-    "branch_name",
     "check_branches",
     "sum_branches",
     "call_branches",
@@ -23,31 +25,22 @@ __all__ = [
 ]
 
 
-def branch_name(i: int) -> str:
-    """The tree-contract name of branch ``i``.
-
-    Example:
-      >>> branch_name(1)
-      'branch_1'
-    """
-    return f"branch_{i}"
-
-
 def check_branches(owner: str, branches: Any) -> int:
-    """Validates a branch count (an int >= 2) and returns it.
+    """Validates a branch count (one of ``kernels.BRANCHES``, as ``split_params``) and returns it.
 
     Raises:
-      TypeError: ``branches`` is not an int.
-      ValueError: ``branches`` is smaller than 2.
+      ConfigTypeError: ``branches`` is not an int.
+      ConfigError: ``branches`` is not one of ``kernels.BRANCHES``.
 
     Example:
       >>> check_branches("Split", 2)
       2
     """
-    if isinstance(branches, bool) or not isinstance(branches, numbers.Integral):
-        raise TypeError(f"{owner}.branches must be an int >= 2, got {branches!r}")
-    if branches < 2:
-        raise ValueError(f"{owner}.branches must be an int >= 2, got {branches!r}")
+    msg = f"{owner}.branches must be one of {list(BRANCHES)} (as split_params), got {branches!r}"
+    if isinstance(branches, bool) or not isinstance(branches, int):
+        raise ConfigTypeError(owner, "branches", msg)
+    if branches not in BRANCHES:
+        raise ConfigError(owner, "branches", msg)
     return int(branches)
 
 

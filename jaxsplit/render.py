@@ -1,20 +1,37 @@
-"""Text renderings of ``evaluate.Report``: markdown and a ``rich`` table (printed by the CLI).
+"""Every rendering of jaxsplit's results: markdown, CSV and ``rich`` tables.
 
-Both use the same cells, so the README table and the terminal agree. Each error figure sits
-beside its cost (the extra non-zero parameters the split adds).
+The core returns result objects (``evaluate.Report``, ``outputs.OutputReport``,
+``sweeps.SweepResult``, ``split.SplitReport``); this module turns them into text. Markdown
+and rich tables of one result use the same cells, so the README and the terminal agree,
+and each error figure sits beside its cost (the extra non-zero parameters the split adds).
+``markdown(result)``, ``rich_table(result)`` and ``to_csv(result)`` dispatch on the type.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+from collections.abc import Sequence
+from typing import Any
+
+from jaxsplit.evaluate import Report
+from jaxsplit.outputs import OutputReport
+from jaxsplit.sweeps import SweepResult, SweepRow
 
 __all__ = [
     "COLUMNS",
+    "markdown",
+    "rich_table",
+    "to_csv",
+    "markdown_table",
     "report_cells",
     "report_markdown",
     "report_rich_table",
     "outputs_markdown",
     "outputs_rich_table",
+    "sweep_markdown",
+    "sweep_csv",
 ]
 
 #: Column headers, in order.
@@ -59,7 +76,7 @@ def _layer_cells(r) -> list[str]:
         f"{_g(r.pred_after)} / {_g(r.pred_after_corr)}",
         f"{r.ratio_after_naive:.2f} / {r.ratio_after:.2f}",
         f"{_db(r.sqnr_before)} → {_db(r.sqnr_after)}",
-        f"{r.reduction_pct:.1f}%",
+        f"{100 * r.reduction:.1f}%",
     ]
 
 
@@ -79,7 +96,7 @@ def _total_cells(t: dict) -> list[str]:
         f"{_g(t['pred_after'])} / {_g(t['pred_after_corr'])}",
         f"{naive:.2f} / {corr:.2f}",
         f"{_db(t['sqnr_before'])} → {_db(t['sqnr_after'])}",
-        f"{t['reduction_pct']:.1f}%",
+        f"{100 * t['reduction']:.1f}%",
     ]
 
 
@@ -179,7 +196,7 @@ def outputs_markdown(report) -> str:
     """Markdown for an ``OutputReport``: model-level rows, then per-layer output SQNR.
 
     Example:
-      >>> from jaxsplit.evaluate_model import OutputError, OutputReport, LayerOutput
+      >>> from jaxsplit.outputs import OutputError, OutputReport, LayerOutput
       >>> from jaxsplit.quant import QuantSpec
       >>> e = OutputError(0.01, 20.0, 0.99, 1.0)
       >>> r = OutputReport(QuantSpec(), None, e, e, (LayerOutput("d", 30.0, 36.0),), 5)
@@ -207,7 +224,7 @@ def outputs_rich_table(report):
     """A ``rich.table.Table`` for an ``OutputReport`` (model rows, then one row per layer).
 
     Example:
-      >>> from jaxsplit.evaluate_model import OutputError, OutputReport, LayerOutput
+      >>> from jaxsplit.outputs import OutputError, OutputReport, LayerOutput
       >>> from jaxsplit.quant import QuantSpec
       >>> e = OutputError(0.01, 20.0, 0.99, None)
       >>> r = OutputReport(QuantSpec(), 8, e, e, (LayerOutput("d", 30.0, 36.0),), 5)
@@ -236,3 +253,140 @@ def outputs_rich_table(report):
                 "",
             )
     return table
+
+
+# --- sweeps --------------------------------------------------------------------------------
+
+_SWEEP_COLUMNS = (
+    ("layer", "layer", "{}"),
+    ("threshold", "threshold", "{}"),
+    ("method", "method", "{}"),
+    ("spec", "spec", "{}"),
+    ("frac_split", "split %", "{:.2%}"),
+    ("extra_fraction", "extra nz %", "{:.2%}"),
+    ("mse_before", "MSE before", "{:.3e}"),
+    ("mse", "MSE", "{:.3e}"),
+    ("predicted_mse", "Widrow", "{:.3e}"),
+    ("predicted_mse_correlated", "Widrow corr.", "{:.3e}"),
+    ("reduction", "reduction", "{:.1%}"),
+    ("sqnr_db", "SQNR dB", "{:.2f}"),
+)
+
+
+def _fmt(value, fmt: str) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return fmt.format(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, left: int = 1) -> str:
+    """A GitHub markdown table; the first ``left`` columns left-aligned, the rest right.
+
+    Cells are ``str()``-ed and ``|`` is escaped.
+
+    Example:
+      >>> print(markdown_table(["a", "b"], [["x", 1]]))
+      | a | b |
+      |---|---:|
+      | x | 1 |
+    """
+    rule = "|" + "|".join("---" if i < left else "---:" for i in range(len(headers))) + "|"
+    lines = ["| " + " | ".join(headers) + " |", rule]
+    for r in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |")
+    return "\n".join(lines)
+
+
+def sweep_markdown(result: SweepResult) -> str:
+    """A GitHub markdown table of a sweep's main columns.
+
+    Example:
+      >>> import numpy as np, jaxsplit as js
+      >>> w = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8) ** 3
+      >>> res = js.sweep({"d": {"kernel": w}}, js.SplitConfig(layers=["d"]), thresholds=[0.5])
+      >>> sweep_markdown(res).splitlines()[0][:30]
+      '| layer | threshold | method | s'
+    """
+    rows = [[_fmt(getattr(r, name), f) for name, _, f in _SWEEP_COLUMNS] for r in result.rows]
+    return markdown_table([title for _, title, _ in _SWEEP_COLUMNS], rows, left=4)
+
+
+def sweep_csv(result: SweepResult, path: str | None = None) -> str:
+    """CSV text of every sweep row with a header (``shape`` as ``4x4``); also written to
+    ``path`` if given.
+
+    Example:
+      >>> import numpy as np, jaxsplit as js
+      >>> w = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8) ** 3
+      >>> res = js.sweep({"d": {"kernel": w}}, js.SplitConfig(layers=["d"]), thresholds=[0.5])
+      >>> sweep_csv(res).splitlines()[0].split(",")[:4]
+      ['layer', 'shape', 'threshold', 'threshold_abs']
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SweepRow._fields)
+    for r in result.rows:
+        writer.writerow(
+            "x".join(map(str, v)) if k == "shape" else (repr(v) if isinstance(v, float) else v)
+            for k, v in zip(SweepRow._fields, r, strict=True)
+        )
+    text = buf.getvalue()
+    if path is not None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    return text
+
+
+# --- dispatch ------------------------------------------------------------------------------
+
+
+def _unknown(what: str, result) -> TypeError:
+    return TypeError(
+        f"{what}: result must be a Report, OutputReport or SweepResult, got {type(result).__name__}"
+    )
+
+
+def markdown(result) -> str:
+    """Markdown for any jaxsplit result (``Report``, ``OutputReport``, ``SweepResult``).
+
+    Example:
+      >>> import numpy as np, jaxsplit as js
+      >>> w = {"d": {"kernel": np.array([[0.5, 2.0]], np.float32)}}
+      >>> markdown(js.quant_error(w, w, js.QuantSpec())).startswith("*int8")
+      True
+    """
+    if isinstance(result, Report):
+        return report_markdown(result)
+    if isinstance(result, OutputReport):
+        return outputs_markdown(result)
+    if isinstance(result, SweepResult):
+        return sweep_markdown(result)
+    raise _unknown("markdown", result)
+
+
+def rich_table(result):
+    """A ``rich.table.Table`` for a ``Report`` or ``OutputReport``.
+
+    Example:
+      >>> import numpy as np, jaxsplit as js
+      >>> w = {"d": {"kernel": np.array([[0.5, 2.0]], np.float32)}}
+      >>> rich_table(js.quant_error(w, w, js.QuantSpec())).row_count
+      2
+    """
+    if isinstance(result, Report):
+        return report_rich_table(result)
+    if isinstance(result, OutputReport):
+        return outputs_rich_table(result)
+    raise _unknown("rich_table", result)
+
+
+def to_csv(result, path: str | None = None) -> str:
+    """CSV text for a ``SweepResult`` (also written to ``path`` if given).
+
+    Example:
+      >>> to_csv(SweepResult(()))[:5]
+      'layer'
+    """
+    if isinstance(result, SweepResult):
+        return sweep_csv(result, path)
+    raise _unknown("to_csv", result)

@@ -1,6 +1,6 @@
 """Compiled sweeps: thresholds × methods × ``QuantSpec`` grids over selected layers.
 
-``sweep(params, layers=..., thresholds=..., methods=..., specs=...)`` answers "which
+``sweep(params, cfg, thresholds=..., methods=..., specs=...)`` answers "which
 threshold and method, how much error does a split buy at how many bits?" per layer. The
 whole grid of one kernel runs as **one compiled program per kernel shape and dtype**:
 thresholds are resolved for all candidates at once, and each ``(method, spec)`` pair
@@ -12,30 +12,31 @@ not recompile.
 Each row is one layer × grid point: the threshold as given and resolved, the method,
 the spec, how much was split, the measured MSE of ``sum_i Q(W_i)`` against ``W`` (each
 branch quantized with its own scale), Widrow's prediction (naive and with correlated
-rounding, see ``jaxsplit.quant``), the reduction against not splitting and the SQNR.
+rounding), the reduction against not splitting and the SQNR: ``jaxsplit.measure``'s
+figures. Renderings (markdown, CSV) are in ``jaxsplit.render``.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from jaxsplit import kernels, quant
-from jaxsplit.config import Auto, SplitConfig, ThresholdSpec, resolve_parts, threshold_parts
-from jaxsplit.evaluate import sqnr_db
+from jaxsplit import kernels
+from jaxsplit.config import Auto, SplitConfig, ThresholdSpec
+from jaxsplit.errors import ConfigError, ConfigTypeError, NonFiniteError
+from jaxsplit.measure import measure, reduction, sqnr_db
 from jaxsplit.quant import QuantSpec
-from jaxsplit.transform import _check_layer, _resolve_selection, _x64
+from jaxsplit.split import check_layer, resolve_selection
+from jaxsplit.thresholds import as_threshold, channel_axis, resolve_rule
+from jaxsplit.tree import x64
 
-__all__ = ["SweepRow", "SweepResult", "sweep", "threshold_label", "spec_label"]
+__all__ = ["SweepRow", "SweepResult", "sweep", "spec_label"]
 
 logger = logging.getLogger("jaxsplit")
 
@@ -46,7 +47,7 @@ class SweepRow(NamedTuple):
     Attributes:
       layer: layer path.
       shape: kernel shape.
-      threshold: the threshold as given (``"0.5"``, ``"rel:0.5"``, ``"sigma:3"``, ``"pct:99"``).
+      threshold: the threshold's label (``"0.5"``, ``"rel:0.5"``, ``"sigma:3"``, ``"pct:99"``).
       threshold_abs: the absolute threshold it resolved to for this kernel (the mean of
         the per-channel thresholds for a ``per_channel`` spec).
       method: split method.
@@ -55,13 +56,13 @@ class SweepRow(NamedTuple):
       n_split: values with ``|w| > threshold_abs`` (``residual`` leaves those already on
         the grid whole, so ``quant_error`` may count fewer); ``frac_split = n_split / size``.
       extra_nonzero: non-zero values the split adds (non-zeros summed over the branches
-        minus those of ``W``, as in ``quant_error``), as a fraction of the kernel's size:
-        the parameter cost of the split.
+        minus those of ``W``, ``jaxsplit.measure``): the parameter cost of the split;
+        ``extra_fraction``: the same as a fraction of the kernel's size.
       mse_before: measured MSE of ``Q(W)`` (no split).
       mse: measured MSE of ``sum_i Q(W_i)`` against ``W``.
       predicted_mse: Widrow's naive prediction (independent rounding per branch).
       predicted_mse_correlated: Widrow with identical branches rounding alike.
-      reduction: ``1 - mse / mse_before`` (``nan`` if ``mse_before`` is 0).
+      reduction: ``measure.reduction(mse_before, mse)``: ``1 - mse / mse_before``.
       sqnr_before_db, sqnr_db: ``10 log10(mean(W²) / mse)`` before and after.
     """
 
@@ -75,7 +76,8 @@ class SweepRow(NamedTuple):
     spec: str
     n_split: int
     frac_split: float
-    extra_nonzero: float
+    extra_nonzero: int
+    extra_fraction: float
     mse_before: float
     mse: float
     predicted_mse: float
@@ -91,22 +93,6 @@ class SweepRow(NamedTuple):
         return d
 
 
-_MD_COLUMNS = (
-    ("layer", "layer", "{}"),
-    ("threshold", "threshold", "{}"),
-    ("method", "method", "{}"),
-    ("spec", "spec", "{}"),
-    ("frac_split", "split %", "{:.2%}"),
-    ("extra_nonzero", "extra nz %", "{:.2%}"),
-    ("mse_before", "MSE before", "{:.3e}"),
-    ("mse", "MSE", "{:.3e}"),
-    ("predicted_mse", "Widrow", "{:.3e}"),
-    ("predicted_mse_correlated", "Widrow corr.", "{:.3e}"),
-    ("reduction", "reduction", "{:.1%}"),
-    ("sqnr_db", "SQNR dB", "{:.2f}"),
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class SweepResult:
     """The tidy result of ``sweep``: one ``SweepRow`` per layer × grid point.
@@ -114,11 +100,9 @@ class SweepResult:
     Example:
       >>> import numpy as np
       >>> w = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8) ** 3
-      >>> res = sweep({"d": {"kernel": w}}, layers=["d"], thresholds=[0.25, 0.5])
+      >>> res = sweep({"d": {"kernel": w}}, SplitConfig(layers=["d"]), thresholds=[0.25, 0.5])
       >>> [r["threshold"] for r in res.to_rows()]
       ['0.25', '0.5']
-      >>> res.to_csv().splitlines()[0].split(",")[:4]
-      ['layer', 'shape', 'threshold', 'threshold_abs']
     """
 
     rows: tuple[SweepRow, ...]
@@ -130,52 +114,6 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         """``{"rows": to_rows()}``."""
         return {"rows": self.to_rows()}
-
-    def to_csv(self, path: str | None = None) -> str:
-        """CSV text with a header (``shape`` as ``4x4``); also written to ``path`` if given."""
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(SweepRow._fields)
-        for r in self.rows:
-            writer.writerow(
-                "x".join(map(str, v)) if k == "shape" else (repr(v) if isinstance(v, float) else v)
-                for k, v in zip(SweepRow._fields, r, strict=True)
-            )
-        text = buf.getvalue()
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(text)
-        return text
-
-    def to_markdown(self) -> str:
-        """A GitHub markdown table of the main columns."""
-        head = "| " + " | ".join(title for _, title, _ in _MD_COLUMNS) + " |"
-        rule = "|" + "|".join("---" if f == "{}" else "---:" for _, _, f in _MD_COLUMNS) + "|"
-        lines = [head, rule]
-        for r in self.rows:
-            cells = [_fmt(getattr(r, name), f) for name, _, f in _MD_COLUMNS]
-            lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines)
-
-
-def _fmt(value, fmt: str) -> str:
-    if isinstance(value, float) and math.isnan(value):
-        return "-"
-    return fmt.format(value)
-
-
-def threshold_label(spec: ThresholdSpec) -> str:
-    """A short text form of a threshold spec (the CLI's syntax; ``/ch`` when per channel).
-
-    Example:
-      >>> from jaxsplit import Relative
-      >>> threshold_label(0.5), threshold_label(Relative(0.25, per_channel=True))
-      ('0.5', 'rel:0.25/ch')
-    """
-    kind, value = threshold_parts(spec)
-    base, _, per = kind.partition("/")
-    prefix = {"absolute": "", "relative": "rel:", "sigma": "sigma:", "percentile": "pct:"}[base]
-    return f"{prefix}{value:g}{'/ch' if per else ''}"
 
 
 def spec_label(spec: QuantSpec) -> str:
@@ -195,40 +133,43 @@ def spec_label(spec: QuantSpec) -> str:
     return s
 
 
-def _resolve_all(w, values, kinds: tuple[str, ...]):
-    """Absolute thresholds of every candidate, one statistic pass per distinct kind.
+def _resolve_all(w, values, rules: tuple[tuple[str, int | None], ...]):
+    """Absolute thresholds of every candidate, one statistic pass per distinct rule.
 
-    Shape ``(N,)``, or ``(N, 1, ..., 1, C)`` when a kind is per channel (``"/channel"``:
-    one threshold per index of the kernel's last axis; scalar kinds are broadcast).
+    Shape ``(N,)``, or ``(N, ...)`` broadcasting against ``w`` when a rule is per channel
+    (one threshold per index of its axis; scalar rules are broadcast).
     """
-    per_channel = any(k.endswith("/channel") for k in kinds) and w.ndim > 0
-    bshape = (*(1,) * (w.ndim - 1), w.shape[-1]) if per_channel else ()
-    out = jnp.zeros((len(kinds), *bshape), jnp.float32)
-    for kind in dict.fromkeys(kinds):
-        idx = [i for i, k in enumerate(kinds) if k == kind]
+    axes = {axis for _, axis in rules if axis is not None}
+    bshape = ()
+    if axes:
+        (axis,) = axes  # one channel axis per sweep (SplitConfig.channel_axis)
+        bshape = tuple(w.shape[i] if i == axis else 1 for i in range(w.ndim))
+    out = jnp.zeros((len(rules), *bshape), jnp.float32)
+    for rule in dict.fromkeys(rules):
+        kind, axis = rule
+        idx = [i for i, r in enumerate(rules) if r == rule]
         vals = values[jnp.array(idx)]
-        if kind.endswith("/channel"):
-            thr = jnp.stack([resolve_parts(kind, v, w) for v in vals])
+        if axis is not None:
+            thr = jnp.stack([resolve_rule(kind, v, w, axis) for v in vals])
         else:
-            thr = resolve_parts(kind, vals, w).reshape(len(idx), *(1,) * len(bshape))
+            thr = resolve_rule(kind, vals, w).reshape(len(idx), *(1,) * len(bshape))
         out = out.at[jnp.array(idx)].set(jnp.broadcast_to(thr, (len(idx), *bshape)))
     return out
 
 
 def _measure(branches, w, spec: QuantSpec):
     """``(mse, predicted, predicted_correlated, extra_nonzero)`` of one split."""
-    m = quant.branches_mse(branches, w, spec)
-    nonzero = sum(jnp.sum(b != 0, dtype=jnp.int32) for b in branches)
-    return m.measured, m.predicted, m.predicted_correlated, nonzero - jnp.sum(w != 0)
+    m = measure(w, branches, spec)
+    return m.mse, m.mse_widrow, m.mse_widrow_correlated, m.extra_nonzero
 
 
-@functools.partial(jax.jit, static_argnames=("kinds", "methods", "specs"))
-def _sweep_kernel(w, values, key, *, kinds, methods, specs):
+@functools.partial(jax.jit, static_argnames=("rules", "methods", "specs"))
+def _sweep_kernel(w, values, key, *, rules, methods, specs):
     """The whole grid of one kernel in one compiled program (cached per shape/dtype)."""
-    thr = _resolve_all(w, values, kinds)
+    thr = _resolve_all(w, values, rules)
     n_split = jax.lax.map(lambda t: jnp.sum(kernels.split_mask(w, t), dtype=jnp.int32), thr)
     thr_mean = jnp.mean(thr.reshape(thr.shape[0], -1), axis=1)
-    base = [quant.branches_mse((w,), w, spec).measured for spec in specs]
+    base = [measure(w, (w,), spec).mse for spec in specs]
     grid = []  # [method] -> per spec (mse, predicted, predicted_correlated, extra) over thr
     for method in methods:
 
@@ -243,96 +184,123 @@ def _sweep_kernel(w, values, key, *, kinds, methods, specs):
     return thr_mean, n_split, base, grid, signal
 
 
-def _check_grid(thresholds, methods, specs, layers, seed) -> list[tuple[str, float]]:
-    """Validates the grid through ``SplitConfig``/``QuantSpec``; returns threshold parts."""
+def _check_grid(cfg, thresholds, methods, specs) -> None:
+    """Validates the grid through ``SplitConfig``/``QuantSpec`` (errors name the entry)."""
     for name, seq in (("thresholds", thresholds), ("methods", methods), ("specs", specs)):
         if isinstance(seq, str) or not isinstance(seq, Sequence) or len(seq) == 0:
-            raise ValueError(f"sweep {name} must be a non-empty sequence, got {seq!r}")
+            raise ConfigError(
+                "sweep", name, f"sweep {name} must be a non-empty sequence, got {seq!r}"
+            )
     for s in specs:
         if not isinstance(s, QuantSpec):
-            raise TypeError(f"sweep specs must hold jaxsplit.QuantSpec, got {s!r}")
+            raise ConfigTypeError(
+                "sweep", "specs", f"sweep specs must hold jaxsplit.QuantSpec, got {s!r}"
+            )
     for t in thresholds:
         if isinstance(t, Auto):
-            raise TypeError(
+            raise ConfigTypeError(
+                "sweep",
+                "thresholds",
                 f"sweep thresholds must be resolvable (float, Relative, Sigma, Percentile), "
-                f"got {t!r}; Auto searches thresholds itself (jaxsplit.auto)"
+                f"got {t!r}; Auto searches thresholds itself (jaxsplit.search)",
             )
         for m in methods:
+            if m == "auto":
+                raise ConfigError(
+                    "sweep",
+                    "methods",
+                    "sweep methods must be kernel methods (balance, random, clip, grid, "
+                    "residual), got 'auto'; split_with_report with an Auto threshold searches",
+                )
             for s in specs if m in kernels.QUANT_METHODS else (None,):
-                SplitConfig(layers=layers, threshold=t, method=m, quant=s, seed=seed)
+                SplitConfig(layers=cfg.layers, threshold=t, method=m, spec=s, seed=cfg.seed)
     if len(set(methods)) != len(methods) or len(set(specs)) != len(specs):
-        raise ValueError(f"sweep methods/specs must not repeat, got {methods!r} / {specs!r}")
-    return [threshold_parts(t) for t in thresholds]
+        raise ConfigError(
+            "sweep", "methods", f"sweep methods/specs must not repeat, got {methods!r} / {specs!r}"
+        )
 
 
 def sweep(
     params: Mapping,
+    cfg: SplitConfig,
     *,
-    layers: Sequence[str] | Callable | str = ("**",),
-    thresholds: Sequence[ThresholdSpec],
-    methods: Sequence[str] = ("balance",),
-    specs: Sequence[QuantSpec] = (QuantSpec(bits=8),),
-    seed: int = 0,
-    strict: bool = True,
+    thresholds: Sequence[ThresholdSpec] | None = None,
+    methods: Sequence[str] | None = None,
+    specs: Sequence[QuantSpec] | None = None,
     on_layer: Callable[[str], Any] | None = None,
 ) -> SweepResult:
     """Evaluates a grid of thresholds × methods × quantization specs on the selected layers.
 
     Args:
       params: any tree ``split_params`` accepts (unsplit layers only).
-      layers: layer patterns as in ``SplitConfig.layers`` (default: every layer).
+      cfg: a ``SplitConfig``: its ``layers``, ``seed`` and ``strict`` apply; its
+        ``threshold``, ``method`` and ``spec`` are the grid's defaults.
       thresholds: threshold specs (absolute floats, ``Relative``, ``Sigma``,
-        ``Percentile``, also ``per_channel=True``), mixed freely.
+        ``Percentile``, also ``per_channel=True``, along ``cfg.channel_axis``), mixed
+        freely. Default: ``(cfg.threshold,)``.
       methods: split methods (``kernels.METHODS``); quantization-aware ones (``grid``,
-        ``residual``) split once per spec, on that spec's grid.
-      specs: ``QuantSpec``s; each branch is quantized with its own scale.
-      seed: seed of ``"random"`` (folded with each layer's path, as in ``split_params``).
-      strict: a pattern that matches no layer raises (else it is logged).
+        ``residual``) split once per spec, on that spec's grid. Default ``(cfg.method,)``.
+      specs: ``QuantSpec``s; each branch is quantized with its own scale. Default
+        ``(cfg.spec,)``, or int8 per tensor when ``cfg.spec`` is ``None``.
       on_layer: called with each layer's path once its grid is done (progress bars).
 
     Returns:
       A ``SweepResult``: rows ordered by layer (tree order), then method, spec, threshold.
 
     Raises:
-      ValueError: an empty grid, repeated methods/specs, an invalid threshold or method
-        (the message names it), an unmatched pattern (``strict``), a kernel holding
-        NaN/inf or already split.
-      TypeError: a spec is not a ``QuantSpec``, or a selected kernel is not floating.
+      ConfigError: an empty grid, repeated methods/specs, an invalid threshold or method
+        (the message names it).
+      UnmatchedPatternError: a pattern matched no layer (``cfg.strict``).
+      NonFiniteError, AlreadySplitError: a kernel holding NaN/inf, or already split.
+      ConfigTypeError: a spec is not a ``QuantSpec``; UnsplittableError: a selected
+        kernel is not floating.
 
     Example:
       >>> import numpy as np
       >>> from jaxsplit import Relative
       >>> w = np.array([[0.1, -0.2], [0.3, 4.0]], np.float32)
-      >>> res = sweep({"d": {"kernel": w}}, layers="d", thresholds=[Relative(0.5)],
+      >>> res = sweep({"d": {"kernel": w}}, SplitConfig(layers="d"), thresholds=[Relative(0.5)],
       ...             specs=[QuantSpec(bits=4)])
       >>> r = res.rows[0]
-      >>> r.threshold, r.threshold_abs, r.n_split, r.extra_nonzero
-      ('rel:0.5', 2.0, 1, 0.25)
+      >>> r.threshold, r.threshold_abs, r.n_split, r.extra_nonzero, r.extra_fraction
+      ('rel:0.5', 2.0, 1, 1, 0.25)
     """
-    layers = (layers,) if isinstance(layers, str) else layers
-    parts = _check_grid(thresholds, methods, specs, layers, seed)
-    cfg = SplitConfig(layers=layers, strict=strict)
-    selected, _, _ = _resolve_selection(params, cfg)
-    kinds = tuple(k for k, _ in parts)
-    values = jnp.asarray([v for _, v in parts], jnp.float32)
-    labels = [threshold_label(t) for t in thresholds]
+    if not isinstance(cfg, SplitConfig):
+        raise ConfigTypeError(
+            "sweep", "cfg", f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}"
+        )
+    if isinstance(cfg.threshold, Auto) and thresholds is None:
+        raise ConfigError(
+            "sweep",
+            "thresholds",
+            "sweep needs thresholds=[...] when cfg.threshold is Auto (Auto is a search)",
+        )
+    thresholds = (cfg.threshold,) if thresholds is None else tuple(thresholds)
+    methods = (cfg.method,) if methods is None else tuple(methods)
+    specs = ((cfg.spec or QuantSpec(bits=8)),) if specs is None else tuple(specs)
+    _check_grid(cfg, thresholds, methods, specs)
+    objs = [as_threshold(t) for t in thresholds]
+    selected, _, _ = resolve_selection(params, cfg)
+    values = jnp.asarray([t.value for t in objs], jnp.float32)
+    labels = [t.label for t in objs]
     rows: list[SweepRow] = []
     for layer in selected:
-        reason = _check_layer(layer)
+        reason = check_layer(layer)
         if reason is not None:
             logger.warning("sweep: %s skipped (%s)", layer.path, reason)
             continue
         w = layer.array
         if not bool(jnp.all(jnp.isfinite(w))):
-            raise ValueError(
-                f"layer {layer.path!r}: kernel holds NaN/inf; sweep needs finite weights"
+            raise NonFiniteError(
+                layer.path,
+                f"layer {layer.path!r}: kernel holds NaN/inf; sweep needs finite weights",
             )
-        key = kernels.stochastic_key(seed, layer.path)
-        with _x64(w.dtype):
-            out = _sweep_kernel(
-                w, values, key, kinds=kinds, methods=tuple(methods), specs=tuple(specs)
-            )
-        rows.extend(_rows(layer.path, w, labels, tuple(methods), tuple(specs), out))
+        axis = channel_axis(w.ndim, cfg.channel_axis) if w.ndim else None
+        rules = tuple((t.kind, axis if t.per_channel else None) for t in objs)
+        key = kernels.stochastic_key(cfg.seed, layer.path)
+        with x64(w.dtype):
+            out = _sweep_kernel(w, values, key, rules=rules, methods=methods, specs=specs)
+        rows.extend(_rows(layer.path, w, labels, methods, specs, out))
         if on_layer is not None:
             on_layer(layer.path)
     return SweepResult(tuple(rows))
@@ -361,21 +329,15 @@ def _rows(path, w, labels, methods, specs, out) -> list[SweepRow]:
                         spec=spec_label(spec),
                         n_split=int(n_split[i]),
                         frac_split=int(n_split[i]) / size,
-                        extra_nonzero=int(extra[i]) / size,
+                        extra_nonzero=int(extra[i]),
+                        extra_fraction=int(extra[i]) / size,
                         mse_before=before,
                         mse=m,
                         predicted_mse=float(pred[i]),
                         predicted_mse_correlated=float(pred_c[i]),
-                        reduction=1.0 - m / before if before > 0 else math.nan,
+                        reduction=reduction(before, m),
                         sqnr_before_db=sqnr_db(signal, before),
                         sqnr_db=sqnr_db(signal, m),
                     )
                 )
     return rows
-
-
-def cli_commands():
-    """``jaxsplit sweep`` for ``jaxsplit.cli``'s registration hook (defined in ``cli_sweep``)."""
-    from jaxsplit.cli_sweep import sweep_command
-
-    return [sweep_command()]

@@ -13,17 +13,22 @@ from __future__ import annotations
 import argparse
 
 from jaxsplit import io
-from jaxsplit.cli import UI, Command, UsageError, add_json_flag
-from jaxsplit.cli_commands import (
+from jaxsplit.cli.common import (
     add_input_arguments,
+    add_quant_options,
     add_split_options,
     check_patterns,
     load_checkpoint,
+    quant_spec,
     require_layers,
     split_config,
 )
+from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag
+from jaxsplit.evaluate import quant_error
+from jaxsplit.render import report_markdown, report_rich_table
+from jaxsplit.split import merge_params, split_params
 
-__all__ = ["COMMAND", "quant_spec"]
+__all__ = ["COMMAND"]
 
 
 def _args(p: argparse.ArgumentParser) -> None:
@@ -32,42 +37,21 @@ def _args(p: argparse.ArgumentParser) -> None:
         "split_ckpt", metavar="SPLIT_CKPT", nargs="?", help="the split checkpoint to compare"
     )
     p.add_argument("--split-format", choices=io.FORMATS, help="SPLIT_CKPT's format")
-    p.add_argument("--bits", type=int, default=8, help="integer bit width (default 8)")
-    p.add_argument(
-        "--per-channel", action="store_true", help="one scale per output channel (last axis)"
-    )
+    add_quant_options(p)
     add_split_options(p, required=False)
     p.add_argument("--markdown", action="store_true", help="print a markdown table")
     add_json_flag(p)
 
 
-def quant_spec(args: argparse.Namespace):
-    """The ``QuantSpec`` of ``--bits``/``--per-channel``; bad values are ``UsageError``.
-
-    Example:
-      >>> quant_spec(argparse.Namespace(bits=4, per_channel=True)).granularity
-      'per_channel'
-    """
-    from jaxsplit.quant import QuantSpec
-
-    granularity = "per_channel" if args.per_channel else "per_tensor"
-    try:
-        return QuantSpec(bits=args.bits, granularity=granularity)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--bits: {e}") from None
-
-
 def _trees(args: argparse.Namespace, tree: dict, layers: dict) -> tuple[dict, dict, str]:
     """``(params, params2, what)`` per the module docstring."""
-    from jaxsplit.transform import merge_params, split_params
-
     if args.split_ckpt is not None:
         if args.layers:
             raise UsageError("give SPLIT_CKPT or --layers, not both")
         split = load_checkpoint(args.split_ckpt, args.split_format, "SPLIT_CKPT")
         return tree, split, f"{args.ckpt} vs {args.split_ckpt}"
     if args.layers:
-        cfg = split_config(args)
+        cfg = split_config(args, quant_spec(args))
         check_patterns(tree, cfg, list(layers))
         return tree, split_params(tree, cfg), f"{args.ckpt} split in memory"
     if any(layer.branches for layer in layers.values()):
@@ -76,8 +60,6 @@ def _trees(args: argparse.Namespace, tree: dict, layers: dict) -> tuple[dict, di
 
 
 def _run(args: argparse.Namespace, ui: UI) -> int:
-    from jaxsplit.evaluate import quant_error
-
     spec = quant_spec(args)
     if args.threshold is not None and not args.layers:
         raise UsageError("--threshold needs --layers")
@@ -89,9 +71,9 @@ def _run(args: argparse.Namespace, ui: UI) -> int:
         ui.print_json({"checkpoint": args.ckpt, "split_checkpoint": args.split_ckpt,
                        **report.to_dict()})  # fmt: skip
     elif args.markdown:
-        print(report.to_markdown(), file=ui.out.file)
+        print(report_markdown(report), file=ui.out.file)
     else:
-        table = report.to_rich_table()
+        table = report_rich_table(report)
         table.title = f"{what}: {spec.bits}-bit {spec.granularity.replace('_', '-')}"
         table.title_justify = "left"
         ui.out.print(table)

@@ -11,8 +11,8 @@ the same values.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -20,9 +20,30 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxsplit import auto, dispatch, kernels
-from jaxsplit.config import Auto, SplitConfig, threshold_parts
-from jaxsplit.select import Layer, find_layers, params_root, raw, select_layers, unwrap
+from jaxsplit import kernels, programs, search
+from jaxsplit.config import Auto, SplitConfig
+from jaxsplit.errors import (
+    AlreadySplitError,
+    ConfigTypeError,
+    NonFiniteError,
+    UnmatchedPatternError,
+    UnsplittableError,
+)
+from jaxsplit.select import select_layers
+from jaxsplit.thresholds import channel_axis
+from jaxsplit.tree import (
+    Layer,
+    branch_name,
+    find_layers,
+    is_traced,
+    keep_sharding,
+    like,
+    make_branches,
+    rebuild,
+    unwrap,
+    wrap_like,
+    x64,
+)
 
 __all__ = [
     "LayerPlan",
@@ -31,6 +52,8 @@ __all__ = [
     "split_with_report",
     "merge_params",
     "match_layers",
+    "check_layer",
+    "resolve_selection",
 ]
 
 logger = logging.getLogger("jaxsplit")
@@ -61,7 +84,7 @@ class LayerPlan:
     threshold: float | tuple[float, ...] | None
     shape: tuple[int, ...]
     dtype: str
-    auto: auto.AutoChoice | None = None
+    auto: search.AutoChoice | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -97,52 +120,67 @@ class SplitReport:
         }
 
 
-def _x64(dtype) -> contextlib.AbstractContextManager:
-    """float64 kernels need x64 mode (else jax would silently compute in float32)."""
-    if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
-        return jax.enable_x64(True)
-    return contextlib.nullcontext()
+def check_layer(layer: Layer) -> str | None:
+    """Raises for a layer that cannot be split; returns a skip reason or ``None``.
 
+    Raises:
+      AlreadySplitError: the layer is already split (a ``ValueError``).
+      UnsplittableError: its weight is not floating point (a ``TypeError``).
 
-def _check_layer(layer: Layer) -> str | None:
-    """Raises for layers that cannot be split; returns a skip reason or ``None``."""
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit.tree import find_layers
+      >>> check_layer(find_layers({"d": {"kernel": np.zeros((0, 2))}})["d"])
+      'empty kernel'
+    """
     w = layer.array
     if layer.branches:
-        raise ValueError(
+        raise AlreadySplitError(
+            layer.path,
             f"layer {layer.path!r} is already split into {layer.branches} branches; "
-            f"call merge_params first (splitting a split tree is not supported)"
+            f"call merge_params first (splitting a split tree is not supported)",
         )
     if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise TypeError(
+        raise UnsplittableError(
+            layer.path,
             f"layer {layer.path!r}: {layer.weight} has dtype {w.dtype}; only floating "
-            f"kernels (float16, bfloat16, float32, float64) can be split"
+            f"kernels (float16, bfloat16, float32, float64) can be split",
         )
     if w.size == 0:
         return "empty kernel"
     return None
 
 
-def _resolve_selection(params, cfg: SplitConfig):
+def resolve_selection(params: Mapping, cfg: SplitConfig):
+    """``(selected layers, {pattern: matched paths}, available paths)`` for ``cfg.layers``.
+
+    Raises:
+      ConfigTypeError: ``cfg`` is not a ``SplitConfig``.
+      UnmatchedPatternError: a pattern matched no layer and ``cfg.strict`` (else a
+        warning is logged).
+
+    Example:
+      >>> import numpy as np
+      >>> sel, matches, avail = resolve_selection({"d": {"kernel": np.ones(2)}},
+      ...                                         SplitConfig(layers=["*"]))
+      >>> [lay.path for lay in sel], matches, avail
+      (['d'], {'*': ('d',)}, ('d',))
+    """
     if not isinstance(cfg, SplitConfig):
-        raise TypeError(f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}")
+        raise ConfigTypeError(
+            "split", "cfg", f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}"
+        )
     if cfg.layers is None or (not callable(cfg.layers) and len(cfg.layers) == 0):
         logger.warning("SplitConfig.layers is %r: nothing is split", cfg.layers)
     selected, matches = select_layers(params, cfg.layers)
     available = tuple(find_layers(params))
     unmatched = [k for k, v in matches.items() if not v]
     if unmatched:
-        msg = (
-            f"SplitConfig.layers pattern(s) {unmatched} matched no layer; available layer "
-            f"paths: {list(available) or '(none: the tree holds no kernel/embedding)'}"
-        )
+        err = UnmatchedPatternError(unmatched, available)
         if cfg.strict:
-            raise ValueError(msg)
-        logger.warning(msg)
+            raise err
+        logger.warning("%s", err)
     return selected, matches, available
-
-
-def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
 
 
 def split_with_report(
@@ -169,24 +207,29 @@ def split_with_report(
       (1, [[0.0, 2.0]])
     """
     if not isinstance(donate, bool):
-        raise TypeError(f"donate must be a bool, got {donate!r} ({type(donate).__name__})")
-    selected, matches, available = _resolve_selection(params, cfg)
+        raise ConfigTypeError(
+            "split_params",
+            "donate",
+            f"donate must be a bool, got {donate!r} ({type(donate).__name__})",
+        )
+    selected, matches, available = resolve_selection(params, cfg)
     plans, todo = _checked(selected)
-    run = _run_donated if donate else _run_fused
     if isinstance(cfg.threshold, Auto):
-        run = _run_auto
+        run = functools.partial(_run_auto, donate=donate)
+    else:
+        run = _run_donated if donate else _run_fused
     replacements = {}
     for layer, ws, n_split, thr, *choice in run(todo, cfg):
         plans[layer.path] = plan = _result_plan(layer, n_split, thr, *choice)
         if plan.action == "skip":
             continue
-        replacements[layer.keys] = _branches(layer, [_keep_sharding(w, layer.array) for w in ws])
+        replacements[layer.keys] = make_branches(layer, [keep_sharding(w, layer.array) for w in ws])
 
     report = SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
     if cfg.verbose:
         for plan in report.layers:
             logger.info("%s", _log_line(plan))
-    return _rebuild(params, replacements), report
+    return rebuild(params, replacements), report
 
 
 def split_params(params: Mapping, cfg: SplitConfig, *, donate: bool = False) -> Mapping:
@@ -209,16 +252,19 @@ def split_params(params: Mapping, cfg: SplitConfig, *, donate: bool = False) -> 
         arrays are deleted (using them afterwards raises). Statistics and every check
         run for all layers before anything is donated, so an error loses nothing.
         Numpy kernels, kernels shared by several selected layers, skipped layers and
-        traced values are never donated.
+        traced values are never donated. Under an ``Auto`` threshold the search runs
+        first for every layer (and every check), then each split donates its kernel.
 
     Returns:
       A new tree of the same container types.
 
     Raises:
-      ValueError: a pattern matched no layer (``strict``), a selected layer is already
-        split, or holds NaN/inf (unless ``allow_nonfinite``).
-      TypeError: ``cfg`` is not a ``SplitConfig``, ``donate`` is not a bool, or a
-        selected kernel is not floating.
+      UnmatchedPatternError: a pattern matched no layer (``strict``).
+      AlreadySplitError: a selected layer is already split.
+      NonFiniteError: a selected layer holds NaN/inf (unless ``allow_nonfinite``).
+      ConfigTypeError: ``cfg`` is not a ``SplitConfig`` or ``donate`` is not a bool.
+      UnsplittableError: a selected kernel is not floating.
+      (All are ``ValueError`` or ``TypeError`` subclasses, see ``jaxsplit.errors``.)
 
     Example:
       >>> import numpy as np
@@ -245,7 +291,7 @@ def match_layers(params: Mapping, cfg: SplitConfig) -> SplitReport:
       >>> [(q.path, q.action, q.reason) for q in rep.layers]
       [('a', 'split', None), ('b', 'skip', 'no value above threshold')]
     """
-    selected, matches, available = _resolve_selection(params, cfg)
+    selected, matches, available = resolve_selection(params, cfg)
     plans, todo = _checked(selected)
     if isinstance(cfg.threshold, Auto):  # the search is the dry run's answer
         for layer, _, n, thr, choice in _run_auto(todo, cfg):
@@ -266,7 +312,7 @@ def _checked(selected: list[Layer]) -> tuple[dict[str, LayerPlan], list[Layer]]:
     """Skip plans for layers that cannot be processed, and the layers that can."""
     plans, todo = {}, []
     for layer in selected:
-        reason = _check_layer(layer)
+        reason = check_layer(layer)
         if reason is None:
             todo.append(layer)
         else:
@@ -291,44 +337,74 @@ def _result_plan(layer: Layer, n_split, thr, choice=None) -> LayerPlan:
     return _plan(layer, "split", None, n_split, thr, choice)
 
 
-def _run_auto(todo: list[Layer], cfg: SplitConfig):
+def _run_auto(todo: list[Layer], cfg: SplitConfig, *, donate: bool = False):
     """Yields ``(layer, branches, n_split, threshold, AutoChoice | None)``: each kernel's
-    search and split as one program, all dispatched before the single host sync."""
+    search and split as one program, all dispatched before the single host sync.
+
+    With ``donate``, every kernel's non-finite check runs first (a statistics pass that
+    consumes nothing), then each search-and-split program donates its kernel."""
     a = cfg.threshold
     static = dataclasses.replace(a, max_extra=None)  # the budget is data: one program
     budget = jnp.float32(jnp.inf if a.max_extra is None else a.max_extra)
+    donating = donate and not any(is_traced(layer.array) for layer in todo)
+    if donating:  # phase 1: checks only (raises before anything is consumed)
+        stats = [_stats(layer.array, "absolute", jnp.inf, None) for layer in todo]
+        _host_stats(todo, stats, cfg)
+        seen = _usage(todo)
     outs = []
     for layer in todo:
         w = layer.array
-        with _x64(w.dtype):
+        fn = programs.auto_fused
+        if donating and _donatable(w, seen):
+            fn = programs.auto_fused_donated
+        with x64(w.dtype):
             outs.append(
-                dispatch.auto_fused(
-                    w,
-                    _key(cfg, layer),
-                    budget,
-                    auto_cfg=static,
-                    method=cfg.method,
-                    branches=cfg.branches,
-                )
-            )
+                fn(w, _key(cfg, layer), budget, auto_cfg=static, method=cfg.method,
+                   branches=cfg.branches)
+            )  # fmt: skip
     host = _host_stats(todo, [(counts, thr) for _, counts, thr, _ in outs], cfg)
-    infos = jax.device_get([info for _, _, _, info in outs if not _is_traced(info["split"])])
+    infos = jax.device_get([info for _, _, _, info in outs if not is_traced(info["split"])])
     infos = iter(infos)
-    methods = auto.search_methods(cfg.method, a.spec)
+    methods = search.search_methods(cfg.method, a.spec)
     for layer, (ws, *_), (n, thr) in zip(todo, outs, host, strict=True):
-        choice = None if n is None else auto.choice(next(infos), methods, a.candidates)
+        size = int(ws[0].size)
+        choice = None if n is None else search.choice(next(infos), methods, a.candidates, size=size)
         yield layer, ws, n, thr, choice
+
+
+def _usage(todo: list[Layer]) -> dict[int, int]:
+    """How many selected layers share each kernel object (shared ones are not donated)."""
+    seen: dict[int, int] = {}
+    for layer in todo:
+        seen[id(layer.array)] = seen.get(id(layer.array), 0) + 1
+    return seen
+
+
+def _rule(cfg: SplitConfig, w) -> tuple[str, float, int | None]:
+    """``(kind, value, axis)``: the threshold's static rule and its data, for kernel ``w``."""
+    t = cfg.rule
+    axis = channel_axis(w.ndim, cfg.channel_axis) if t.per_channel and w.ndim else None
+    return t.kind, t.value, axis
+
+
+def _stats(w, kind, value, axis):
+    with x64(w.dtype):
+        return programs.stats(w, value, kind=kind, axis=axis)
 
 
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
     """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched as one
     program before the single host sync; counts are ``None`` when traced."""
-    kind, value = threshold_parts(cfg.threshold)
     outs = []
     for layer in todo:
         w = layer.array
-        with _x64(w.dtype):
-            outs.append(dispatch.fused(w, value, _key(cfg, layer), kind=kind, **_method_args(cfg)))
+        kind, value, axis = _rule(cfg, w)
+        with x64(w.dtype):
+            outs.append(
+                programs.fused(
+                    w, value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
+                )
+            )
     host = _host_stats(todo, [(counts, thr) for _, counts, thr in outs], cfg)
     for layer, (ws, _, _), (n, thr) in zip(todo, outs, host, strict=True):
         yield layer, ws, n, thr
@@ -337,21 +413,19 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
 def _run_donated(todo: list[Layer], cfg: SplitConfig):
     """Two phases: statistics and checks for every layer (nothing consumed yet), then
     the splits, donating each kernel that may be consumed."""
-    if any(_is_traced(layer.array) for layer in todo):
+    if any(is_traced(layer.array) for layer in todo):
         yield from _run_fused(todo, cfg)  # donation means nothing to a tracer
         return
     stats = _dispatch_stats(todo, cfg)
     host = _host_stats(todo, stats, cfg)
-    seen: dict[int, int] = {}
-    for layer in todo:
-        seen[id(layer.array)] = seen.get(id(layer.array), 0) + 1
+    seen = _usage(todo)
     for layer, (_, thr_dev), (n, thr) in zip(todo, stats, host, strict=True):
         if n == 0:
             yield layer, None, 0, thr
             continue
         w = layer.array
-        fn = dispatch.apply_donated if _donatable(w, seen) else dispatch.apply
-        with _x64(w.dtype):
+        fn = programs.apply_donated if _donatable(w, seen) else programs.apply
+        with x64(w.dtype):
             yield layer, fn(w, thr_dev, _key(cfg, layer), **_method_args(cfg)), n, thr
 
 
@@ -360,31 +434,27 @@ def _donatable(w, seen: dict[int, int]) -> bool:
 
 
 def _dispatch_stats(todo: list[Layer], cfg: SplitConfig) -> list:
-    kind, value = threshold_parts(cfg.threshold)
-    out = []
-    for layer in todo:
-        with _x64(layer.array.dtype):
-            out.append(dispatch.stats(layer.array, value, kind=kind))
-    return out
+    return [_stats(layer.array, *_rule(cfg, layer.array)) for layer in todo]
 
 
 def _host_stats(todo: list[Layer], stats: list, cfg: SplitConfig) -> list[tuple]:
     """``[(n_split, threshold)]`` fetched in one transfer (``(None, None)`` if traced);
     raises for non-finite kernels unless ``cfg.allow_nonfinite``."""
-    concrete = [s for s in stats if not _is_traced(s[0])]
+    concrete = [s for s in stats if not is_traced(s[0])]
     fetched = iter(jax.device_get(concrete))
     host = []
     for layer, s in zip(todo, stats, strict=True):
-        if _is_traced(s[0]):
+        if is_traced(s[0]):
             host.append((None, None))
             continue
         counts, thr = next(fetched)
         n_split, n_bad = (int(x) for x in counts)
         if n_bad and not cfg.allow_nonfinite:
-            raise ValueError(
+            raise NonFiniteError(
+                layer.path,
                 f"layer {layer.path!r}: {layer.weight} holds {n_bad} non-finite "
                 f"value(s) (NaN/inf); pass allow_nonfinite=True to keep them on "
-                f"branch_0"
+                f"branch_0",
             )
         host.append((n_split, _host_threshold(thr)))
     return host
@@ -420,7 +490,7 @@ def merge_params(params2: Mapping) -> Mapping:
         node, wname = layer.node, layer.weight
         ws = []
         for i in range(layer.branches):
-            b = node[f"branch_{i}"]
+            b = node[branch_name(i)]
             extra = [str(k) for k in b if k != wname]
             if i and extra:
                 raise ValueError(
@@ -433,13 +503,13 @@ def merge_params(params2: Mapping) -> Mapping:
                 f"layer {layer.path!r}: branch kernels disagree: "
                 f"{[(tuple(w.shape), str(w.dtype)) for w in ws]}"
             )
-        with _x64(ws[0].dtype):
-            total = _keep_sharding(_sum(*ws), ws[0])
-        b0 = node["branch_0"]
-        replacements[layer.keys] = _like(
-            b0, {k: (_wrap_like(v, total) if k == wname else v) for k, v in b0.items()}
+        with x64(ws[0].dtype):
+            total = keep_sharding(_sum(*ws), ws[0])
+        b0 = node[branch_name(0)]
+        replacements[layer.keys] = like(
+            b0, {k: (wrap_like(v, total) if k == wname else v) for k, v in b0.items()}
         )
-    return _rebuild(params2, replacements)
+    return rebuild(params2, replacements)
 
 
 @jax.jit
@@ -450,9 +520,6 @@ def _sum(*ws):
     for w in ws[1:]:
         total = jnp.where(w == 0, total, total + w)
     return total
-
-
-# --- tree plumbing -------------------------------------------------------------------------
 
 
 def _plan(layer: Layer, action, reason, n_split, thr, choice=None) -> LayerPlan:
@@ -478,66 +545,8 @@ def _log_line(plan: LayerPlan) -> str:
         thr = ("none" if a is not None else "traced") if t is None else f"{t:.6g}"
     if a is not None:
         thr += f"; auto: {a.method or 'untouched'}, mse {a.mse_unsplit:.3g} -> {a.mse:.3g}"
-        thr += f", extra non-zeros {a.extra:.2%}"
+        thr += f", extra non-zeros {a.extra_fraction:.2%}"
     if plan.action == "split":
         n = "?" if plan.n_split is None else plan.n_split
         return f"{plan.path}: split {n}/{plan.n_total} values (threshold {thr})"
     return f"{plan.path}: skipped, {plan.reason} (threshold {thr})"
-
-
-def _like(node: Mapping, items: dict) -> Mapping:
-    """A mapping of ``node``'s type (dict, FrozenDict, nnx.State) holding ``items``."""
-    try:
-        return type(node)(items)
-    except TypeError:
-        return dict(items)
-
-
-def _wrap_like(original, value):
-    """``value`` wrapped like ``original`` (an ``nnx.Variable`` stays a Variable)."""
-    if hasattr(original, "replace") and hasattr(original, "get_value"):
-        return original.replace(value)
-    return value
-
-
-def _keep_sharding(out, like):
-    sharding = getattr(like, "sharding", None)
-    if sharding is None or _is_traced(out) or not isinstance(like, jax.Array):
-        return out
-    return out if out.sharding == sharding else jax.device_put(out, sharding)
-
-
-def _branches(layer: Layer, ws) -> Mapping:
-    """``{'branch_0': {..., weight: ws[0]}, 'branch_i': {weight: ws[i]}}``; other leaves on 0."""
-    node, wname = layer.node, layer.weight
-    orig = node[wname]
-    out = {
-        "branch_0": _like(
-            node, {k: (_wrap_like(orig, ws[0]) if k == wname else v) for k, v in node.items()}
-        )
-    }
-    for i, w in enumerate(ws[1:], start=1):
-        out[f"branch_{i}"] = _like(node, {wname: _wrap_like(orig, w)})
-    return _like(node, out)
-
-
-def _rebuild(tree: Mapping, replacements: dict[tuple, Mapping]) -> Mapping:
-    """A copy of ``tree`` with the nodes at the given key paths (from the params root)
-    replaced; subtrees without replacements are returned as the same objects."""
-    if not replacements:
-        return tree
-    _, prefix = params_root(tree)
-    full = {(*prefix, *keys): node for keys, node in replacements.items()}
-    prefixes = {keys[:i] for keys in full for i in range(len(keys))}
-
-    def go(node: Mapping, keys: tuple):
-        if keys in full:
-            return full[keys]
-        if keys not in prefixes:
-            return node
-        items = raw(node).items()
-        return _like(
-            node, {k: go(v, (*keys, k)) if isinstance(v, Mapping) else v for k, v in items}
-        )
-
-    return go(tree, ())

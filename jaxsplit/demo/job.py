@@ -1,6 +1,6 @@
 """``jaxsplit demo``: what splitting buys a real (small) network under weight quantization.
 
-Trains ``DigitsCNN`` on scikit-learn's bundled digits (``demo_model``), then quantizes
+Trains ``DigitsCNN`` on scikit-learn's bundled digits (``demo.model``), then quantizes
 every kernel per tensor at each bit width and measures test accuracy and weight SQNR
 for: no split, PPQ's ``balance`` at a few thresholds, ``Auto`` thresholds (best method
 under a budget of extra non-zeros), and the ``clip``, ``grid`` and ``residual`` methods,
@@ -9,13 +9,13 @@ biases and activations stay in float32.
 
 A split layer computes ``sum_i Q(W_i) * x + b``; since a layer is linear in its kernel,
 that equals the unsplit layer with kernel ``sum_i Q(W_i)``, so every row runs the same
-compiled forward pass on those simulated kernels (``effective_kernels``).
+compiled forward pass on those simulated kernels (``jaxsplit.quantized_weights``). The
+demo uses the public API only (``import jaxsplit as js``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,15 +25,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import kernels, quant
-from jaxsplit.config import Auto, Relative, SplitConfig, ThresholdSpec
-from jaxsplit.demo_model import accuracy, load_digits_split, train
-from jaxsplit.quant import QuantSpec
-from jaxsplit.select import find_layers, unwrap
-from jaxsplit.sweep import threshold_label
-from jaxsplit.transform import _rebuild, split_params
+import jaxsplit as js
+from jaxsplit.demo.model import accuracy, load_digits_split, train
 
-__all__ = ["DemoConfig", "DemoRow", "DemoResult", "Variant", "run_demo", "variants"]
+__all__ = [
+    "DemoConfig",
+    "DemoRow",
+    "DemoResult",
+    "Variant",
+    "run_demo",
+    "variants",
+    "simulated_weights",
+]
+
+Auto, Relative, SplitConfig, QuantSpec = js.Auto, js.Relative, js.SplitConfig, js.QuantSpec
+ThresholdSpec = float | js.thresholds.Threshold | js.Auto
 
 logger = logging.getLogger("jaxsplit")
 
@@ -102,7 +108,7 @@ class DemoConfig:
                 )
         object.__setattr__(self, "methods", methods)
         for m, t in methods:
-            SplitConfig(layers=("**",), threshold=t, method=m, quant=QuantSpec())
+            SplitConfig(layers=("**",), threshold=t, method=m, spec=QuantSpec())
         Auto(QuantSpec(), candidates=self.auto_candidates, max_extra=self.auto_max_extra)
 
     @classmethod
@@ -199,18 +205,6 @@ class DemoResult:
             },
         }
 
-    def to_markdown(self) -> str:
-        """Accuracy and weight-SQNR tables (variants × bits) in GitHub markdown."""
-        from jaxsplit.demo_report import markdown
-
-        return markdown(self)
-
-    def plot(self, path: str) -> str:
-        """Saves accuracy and weight SQNR vs bits as a PNG at ``path``; returns ``path``."""
-        from jaxsplit.demo_report import plot
-
-        return plot(self, path)
-
 
 def variants(config: DemoConfig) -> list[Variant]:
     """The demo's rows for ``config``, in table order.
@@ -223,7 +217,7 @@ def variants(config: DemoConfig) -> list[Variant]:
     out = [Variant("no split", lambda spec: None)]
     out += [
         Variant(
-            f"balance {threshold_label(t)}",
+            f"balance {js.thresholds.as_threshold(t).label}",
             lambda spec, t=t: SplitConfig(layers=every, threshold=t),
         )
         for t in config.thresholds
@@ -242,12 +236,12 @@ def variants(config: DemoConfig) -> list[Variant]:
             )
         )
     for method, t in config.methods:
-        q = method in kernels.QUANT_METHODS
+        q = method in js.kernels.QUANT_METHODS
         out.append(
             Variant(
-                f"{method} {threshold_label(t)}",
+                f"{method} {js.thresholds.as_threshold(t).label}",
                 lambda spec, m=method, t=t, q=q: SplitConfig(
-                    layers=every, threshold=t, method=m, quant=spec if q else None
+                    layers=every, threshold=t, method=m, spec=spec if q else None
                 ),
                 uses_spec=q,
             )
@@ -255,54 +249,26 @@ def variants(config: DemoConfig) -> list[Variant]:
     return out
 
 
-def effective_kernels(variables: Mapping, spec: QuantSpec) -> tuple[dict, dict]:
-    """Per layer path, the simulated kernel ``sum_i Q(W_i)`` (``Q(W)`` for unsplit layers).
-
-    A split layer computes ``sum_i (Q(W_i) * x) + b``, which equals the layer with kernel
-    ``sum_i Q(W_i)``: that is what the demo feeds its single compiled forward pass.
-
-    Returns:
-      ``({path: simulated kernel}, {path: extra non-zeros})``; the extra non-zeros are
-      those summed over the branches minus those of the kernel (their exact sum).
+def simulated_weights(params: Mapping, spec: QuantSpec) -> tuple[Mapping, int]:
+    """``(tree, extra)``: the unsplit tree whose kernels are ``sum_i Q(W_i)``
+    (``js.quantized_weights``), and the non-zeros the split adds
+    (``js.measure.extra_nonzero``, summed over layers).
 
     Example:
       >>> import numpy as np
       >>> p = {"d": {"branch_0": {"kernel": np.array([1.0, 0.3])},
       ...            "branch_1": {"kernel": np.array([1.0, 0.0])}},
       ...      "e": {"kernel": np.array([0.5, -2.0])}}
-      >>> eff, extra = effective_kernels(p, QuantSpec(bits=2))
-      >>> eff["d"].tolist(), extra["d"], eff["e"].tolist(), extra["e"]
-      ([2.0, 0.0], 1, [0.0, -2.0], 0)
+      >>> tree, extra = simulated_weights(p, QuantSpec(bits=2))
+      >>> tree["d"]["kernel"].tolist(), tree["e"]["kernel"].tolist(), extra
+      ([2.0, 0.0], [0.0, -2.0], 1)
     """
-    eff, extra = _simulate(_layer_branches(variables), spec)
-    return eff, {k: int(v) for k, v in extra.items()}
-
-
-def _layer_branches(tree: Mapping) -> dict[str, tuple]:
-    """Every layer's branch kernels; an unsplit layer is ``(W, 0)`` (``Q(0) == 0``), so
-    split and unsplit trees share one structure and ``_simulate`` one compilation."""
-    out = {}
-    for path, layer in find_layers(tree).items():
-        if layer.branches:
-            ws = tuple(
-                jnp.asarray(unwrap(layer.node[f"branch_{i}"][layer.weight]))
-                for i in range(layer.branches)
-            )
-        else:
-            w = jnp.asarray(layer.array)
-            ws = (w, jnp.zeros_like(w))
-        out[path] = ws
-    return out
-
-
-@functools.partial(jax.jit, static_argnames="spec")
-def _simulate(branches: dict, spec: QuantSpec):
-    eff = {p: sum(quant.quantize(b, spec) for b in bs) for p, bs in branches.items()}
-    extra = {
-        p: sum(jnp.count_nonzero(b) for b in bs) - jnp.count_nonzero(sum(bs))
-        for p, bs in branches.items()
-    }
-    return eff, extra
+    extra = 0
+    for layer in js.find_layers(params).values():
+        ws = [jnp.asarray(w) for w in js.tree.branch_weights(layer)]
+        if len(ws) > 1:
+            extra += int(js.measure.extra_nonzero(sum(ws), ws))
+    return js.quantized_weights(params, spec), extra
 
 
 @jax.jit
@@ -313,12 +279,8 @@ def _sqnr_db(ws: dict, eff: dict) -> jax.Array:
     return 10.0 * jnp.log10(signal / noise)
 
 
-def _with_kernels(variables: Mapping, eff: Mapping) -> Mapping:
-    """``variables`` (unsplit) with each layer's kernel replaced by ``eff[path]``."""
-    repl = {}
-    for path, layer in find_layers(variables).items():
-        repl[layer.keys] = {**layer.node, layer.weight: eff[path]}
-    return _rebuild(variables, repl)
+def _kernels(tree: Mapping) -> dict:
+    return {p: jnp.asarray(layer.array) for p, layer in js.find_layers(tree).items()}
 
 
 def run_demo(config: DemoConfig | None = None, progress: Progress | None = None) -> DemoResult:
@@ -330,7 +292,7 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
         or ``"evaluate"`` (rows); the CLI draws rich progress bars from it.
 
     Returns:
-      A ``DemoResult`` (``to_markdown()``, ``plot(path)``, ``to_dict()``).
+      A ``DemoResult`` (``to_dict()``; ``demo.markdown(result)``, ``demo.plot(result, path)``).
 
     Raises:
       ImportError: scikit-learn is missing.
@@ -360,7 +322,7 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
         return forward(v, x)
 
     fp32 = accuracy(model, variables, data.x_test, data.y_test, apply_fn=fwd)
-    ws = {p: jnp.asarray(layer.array) for p, layer in find_layers(variables).items()}
+    ws = _kernels(variables)
     n_params = int(sum(np.size(x) for x in jax.tree.leaves(variables)))
     vs = variants(config)
     rows, total, done = [], len(vs) * len(config.bits), 0
@@ -370,19 +332,16 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
             spec = QuantSpec(bits=bits)
             if tree is None or v.uses_spec:  # spec-independent splits are made once
                 cfg = v.make(spec)
-                tree = variables if cfg is None else split_params(variables, cfg)
-            eff, extra = effective_kernels(tree, spec)
-            acc = accuracy(
-                model, _with_kernels(variables, eff), data.x_test, data.y_test, apply_fn=fwd
-            )
-            n_extra = sum(extra.values())
+                tree = variables if cfg is None else js.split_params(variables, cfg)
+            simulated, n_extra = simulated_weights(tree, spec)
+            acc = accuracy(model, simulated, data.x_test, data.y_test, apply_fn=fwd)
             rows.append(
                 DemoRow(
                     variant=v.name,
                     bits=bits,
                     accuracy=acc,
-                    weight_sqnr_db=float(_sqnr_db(ws, eff)),
-                    split_layers=sum(1 for n in find_layers(tree).values() if n.branches),
+                    weight_sqnr_db=float(_sqnr_db(ws, _kernels(simulated))),
+                    split_layers=sum(1 for n in js.find_layers(tree).values() if n.branches),
                     extra_params=n_extra,
                     extra_params_frac=n_extra / n_params,
                 )
@@ -398,10 +357,3 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
         train_seconds=t_train,
         total_seconds=time.perf_counter() - t0,
     )
-
-
-def cli_commands():
-    """``jaxsplit demo`` for ``jaxsplit.cli``'s registration hook (defined in ``cli_sweep``)."""
-    from jaxsplit.cli_sweep import demo_command
-
-    return [demo_command()]

@@ -23,11 +23,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxsplit import quant
-from jaxsplit.evaluate import sqnr_db
-from jaxsplit.evaluate_format import outputs_markdown, outputs_rich_table
+from jaxsplit.errors import ConfigError, ConfigTypeError
+from jaxsplit.measure import extra_nonzero, sqnr_db
 from jaxsplit.quant import QuantSpec
-from jaxsplit.select import find_layers, unwrap
-from jaxsplit.transform import _like, _rebuild, _wrap_like, merge_params
+from jaxsplit.split import merge_params
+from jaxsplit.tree import branch_weights, find_layers, map_branch_weights, rebuild
 
 __all__ = ["OutputError", "LayerOutput", "OutputReport", "quantized_weights", "evaluate_outputs"]
 
@@ -76,7 +76,9 @@ class OutputReport:
       spec: weight ``QuantSpec``; ``act_bits``: activation bits (``None``: float activations).
       before: original model with quantized weights vs float; ``after``: split model.
       layers: per Dense/Conv-like layer call, output SQNR before/after (call order).
-      extra_nonzero: parameters the split adds (its cost), over all layers.
+      extra_nonzero: parameters the split adds (its cost), over all layers
+        (``jaxsplit.measure.extra_nonzero``).
+      n_weights: values in all layer weights (so ``extra_fraction`` is a fraction of them).
     """
 
     spec: QuantSpec
@@ -85,6 +87,12 @@ class OutputReport:
     after: OutputError
     layers: tuple[LayerOutput, ...]
     extra_nonzero: int
+    n_weights: int = 0
+
+    @property
+    def extra_fraction(self) -> float:
+        """``extra_nonzero / n_weights``."""
+        return self.extra_nonzero / self.n_weights if self.n_weights else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values."""
@@ -95,19 +103,13 @@ class OutputReport:
             "after": self.after.to_dict(),
             "layers": [r.to_dict() for r in self.layers],
             "extra_nonzero": self.extra_nonzero,
+            "n_weights": self.n_weights,
+            "extra_fraction": self.extra_fraction,
         }
-
-    def to_markdown(self) -> str:
-        """Markdown: model-level table, then per-layer output SQNR."""
-        return outputs_markdown(self)
-
-    def to_rich_table(self):
-        """A ``rich.table.Table`` of the report."""
-        return outputs_rich_table(self)
 
 
 def quantized_weights(
-    variables: Mapping, spec: QuantSpec, *, quantize: Callable = quant.quantize
+    params: Mapping, spec: QuantSpec, *, quantize: Callable = quant.quantize
 ) -> Mapping:
     """The tree with every layer's weight replaced by ``sum_i Q(W_i)`` (branches merged).
 
@@ -116,7 +118,7 @@ def quantized_weights(
     (biases, batch statistics) are unchanged; containers are preserved.
 
     Args:
-      variables: any supported tree, split or not.
+      params: any supported tree, split or not.
       spec: the weight ``QuantSpec``.
       quantize: ``quant.quantize``, or ``quant.fake_quant`` for a tree to train through
         (straight-through gradients into every branch; see ``jaxsplit.qat``).
@@ -131,36 +133,22 @@ def quantized_weights(
       >>> quantized_weights(p, QuantSpec(bits=2))["d"]["kernel"].tolist()
       [0.0, 2.0]
     """
-    replacements = {}
-    for layer in find_layers(variables).values():
-        node = layer.node
+    replacements = {
+        layer.keys: map_branch_weights(layer, lambda w: quantize(w, spec))
+        for layer in find_layers(params).values()
+    }
+    return merge_params(rebuild(params, replacements))
+
+
+def _weight_counts(params2: Mapping) -> tuple[int, int]:
+    """``(extra non-zeros, values)`` over every layer weight of a (split) tree."""
+    extra, size = 0, 0
+    for layer in find_layers(params2).values():
+        ws = branch_weights(layer)
+        size += int(ws[0].size)
         if layer.branches:
-            node = _like(
-                node,
-                {
-                    f"branch_{i}": _quantize_leaf(node[f"branch_{i}"], layer.weight, spec, quantize)
-                    for i in range(layer.branches)
-                },
-            )
-        else:
-            node = _quantize_leaf(node, layer.weight, spec, quantize)
-        replacements[layer.keys] = node
-    return merge_params(_rebuild(variables, replacements))
-
-
-def _quantize_leaf(node: Mapping, name: str, spec: QuantSpec, quantize=quant.quantize) -> Mapping:
-    w = node[name]
-    q = quantize(unwrap(w), spec)
-    return _like(node, {k: (_wrap_like(w, q) if k == name else v) for k, v in node.items()})
-
-
-def _extra_nonzero(variables2: Mapping) -> int:
-    total = 0
-    for layer in find_layers(variables2).values():
-        if layer.branches:
-            ws = [unwrap(layer.node[f"branch_{i}"][layer.weight]) for i in range(layer.branches)]
-            total += int(sum(jnp.count_nonzero(w) for w in ws) - jnp.count_nonzero(sum(ws)))
-    return total
+            extra += int(extra_nonzero(sum(jnp.asarray(w) for w in ws), ws))
+    return extra, size
 
 
 # --- running a model with hooks -----------------------------------------------------------
@@ -285,8 +273,8 @@ def _flat_output(out) -> jax.Array:
 
 def evaluate_outputs(
     model,
-    variables: Mapping | None,
-    variables2: Mapping,
+    params: Mapping | None,
+    params2: Mapping,
     inputs,
     spec: QuantSpec,
     act_bits: int | None = None,
@@ -302,9 +290,9 @@ def evaluate_outputs(
 
     Args:
       model: a ``flax.linen.Module``, or an ``nnx.Module`` (its own weights are the original).
-      variables: linen variables of the original model; for NNX an ``nnx.State`` (or
+      params: linen variables of the original model; for NNX an ``nnx.State`` (or
         ``None``: the model's own state).
-      variables2: the same tree after ``split_params``.
+      params2: the same tree after ``split_params``.
       inputs: one array, or a tuple of positional arguments for the model.
       spec: weight ``QuantSpec``.
       act_bits: activation bits (2–16) or ``None`` for float activations.
@@ -329,31 +317,39 @@ def evaluate_outputs(
       (True, ['layers_0', 'layers_2'])
     """
     if not isinstance(spec, QuantSpec):
-        raise TypeError(f"spec must be a jaxsplit.QuantSpec, got {spec!r} ({type(spec).__name__})")
+        raise ConfigTypeError(
+            "evaluate_outputs",
+            "spec",
+            f"spec must be a jaxsplit.QuantSpec, got {spec!r} ({type(spec).__name__})",
+        )
     if act_bits is not None and (
         isinstance(act_bits, bool) or not isinstance(act_bits, int) or not 2 <= act_bits <= 16
     ):
-        raise ValueError(f"act_bits must be None or an int in [2, 16], got {act_bits!r}")
+        raise ConfigError(
+            "evaluate_outputs",
+            "act_bits",
+            f"act_bits must be None or an int in [2, 16], got {act_bits!r}",
+        )
     act_spec = None if act_bits is None else QuantSpec(bits=act_bits)
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     kwargs = dict(apply_kwargs or {})
-    if variables is None and isinstance(model, nnx.Module):
-        variables = nnx.state(model)
+    if params is None and isinstance(model, nnx.Module):
+        params = nnx.state(model)
 
     if not isinstance(model, nn.Module | nnx.Module):
         raise TypeError(
             f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
         )
     run, paths = _runner(model, kwargs, act_spec)
-    y, float_calls = run(variables, None, args)
+    y, float_calls = run(params, None, args)
     act = None
     if act_spec is not None:
         amax: dict[str, jax.Array] = {}
         for path, (m, _) in zip(paths, float_calls, strict=True):
             amax[path] = jnp.maximum(amax.get(path, 0.0), m)
         act = {path: m / act_spec.qmax for path, m in amax.items()}
-    yb, calls_b = run(quantized_weights(variables, spec), act, args)
-    ya, calls_a = run(quantized_weights(variables2, spec), act, args)
+    yb, calls_b = run(quantized_weights(params, spec), act, args)
+    ya, calls_a = run(quantized_weights(params2, spec), act, args)
     layers = []
     for path, (_, f), (_, b), (_, a) in zip(paths, float_calls, calls_b, calls_a, strict=True):
         layers.append(LayerOutput(path, _layer_sqnr(f, b), _layer_sqnr(f, a)))
@@ -364,7 +360,7 @@ def evaluate_outputs(
         _output_error(y, yb),
         _output_error(y, ya),
         tuple(layers),
-        _extra_nonzero(variables2),
+        *_weight_counts(params2),
     )
 
 

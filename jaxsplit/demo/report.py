@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # pragma: no cover
-    from jaxsplit.demo import DemoResult
+from jaxsplit.demo.job import DemoConfig, DemoResult, DemoRow
 
 __all__ = ["markdown", "overhead", "pivot", "plot"]
 
@@ -111,8 +109,6 @@ def plot(result: DemoResult, path: str) -> str:
 
 def _example() -> DemoResult:
     """A two-row result for the doctests."""
-    from jaxsplit.demo import DemoConfig, DemoResult, DemoRow
-
     rows = (
         DemoRow("no split", 4, 0.9, 13.0, 0, 0, 0.0),
         DemoRow("balance rel:0.5", 4, 0.95, 19.0, 4, 10, 0.01),

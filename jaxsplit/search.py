@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit import kernels, quant
-from jaxsplit.config import Auto
+from jaxsplit.config import AUTO_METHODS, Auto
+from jaxsplit.measure import measure, reduction
+from jaxsplit.thresholds import channel_axis
 
 __all__ = [
-    "AUTO_METHODS",
     "AutoChoice",
     "candidate_thresholds",
     "evaluate",
@@ -38,10 +39,6 @@ __all__ = [
     "search",
     "choice",
 ]
-
-#: Methods ``method="auto"`` chooses from (``grid`` only under a symmetric spec).
-AUTO_METHODS = ("balance", "clip", "grid", "residual")
-
 
 @dataclasses.dataclass(frozen=True)
 class AutoChoice:
@@ -53,7 +50,8 @@ class AutoChoice:
         (``None`` when untouched).
       mse: weight MSE of the split (equal to ``mse_unsplit`` when untouched).
       mse_unsplit: weight MSE of quantizing the layer as it is.
-      extra: extra non-zero parameters as a fraction of the layer's size.
+      extra_nonzero: extra non-zero parameters (count, ``jaxsplit.measure``).
+      extra_fraction: the same as a fraction of the layer's size.
       candidates: number of (method, threshold) pairs measured.
     """
 
@@ -61,7 +59,8 @@ class AutoChoice:
     threshold: float | tuple[float, ...] | None
     mse: float
     mse_unsplit: float
-    extra: float
+    extra_nonzero: int
+    extra_fraction: float
     candidates: int
 
     @property
@@ -71,8 +70,8 @@ class AutoChoice:
 
     @property
     def reduction(self) -> float:
-        """Fraction of the unsplit MSE removed (``0`` when untouched)."""
-        return 1.0 - self.mse / self.mse_unsplit if self.mse_unsplit > 0 else 0.0
+        """Fraction of the unsplit MSE removed (``measure.reduction``; ``0`` when untouched)."""
+        return reduction(self.mse_unsplit, self.mse)
 
     def to_dict(self) -> dict[str, Any]:
         """Fields plus ``split`` and ``reduction``, as plain Python values."""
@@ -83,12 +82,7 @@ def _axis(w: jax.Array, spec: quant.QuantSpec) -> int | None:
     """The channel axis of ``w`` under ``spec`` (``None`` per tensor)."""
     if spec.granularity == "per_tensor" or w.ndim == 0:
         return None
-    if not -w.ndim <= spec.axis < w.ndim:
-        raise ValueError(
-            f"QuantSpec.axis={spec.axis} is out of range for a kernel of shape "
-            f"{tuple(w.shape)} (valid: {-w.ndim} to {w.ndim - 1})"
-        )
-    return spec.axis % w.ndim
+    return channel_axis(w.ndim, spec.axis)
 
 
 def candidate_thresholds(w: jax.Array, spec: quant.QuantSpec, n: int) -> jax.Array:
@@ -123,15 +117,6 @@ def candidate_thresholds(w: jax.Array, spec: quant.QuantSpec, n: int) -> jax.Arr
     return thr.reshape(n, *shape)
 
 
-def _measure(w, branches, spec):
-    """``(mse, extra)`` of one split: weight MSE of ``sum Q(W_i)`` and extra non-zeros."""
-    ft = jnp.promote_types(w.dtype, jnp.float32)
-    recon = sum(quant.quantize(b, spec).astype(ft) for b in branches)
-    err = jnp.mean(jnp.square(recon - w.astype(ft)))
-    nnz = sum(jnp.count_nonzero(b) for b in branches) - jnp.count_nonzero(w)
-    return err, nnz.astype(jnp.float32) / w.size
-
-
 def evaluate(
     w: jax.Array,
     thresholds: jax.Array,
@@ -152,19 +137,21 @@ def evaluate(
       key: a key for ``"random"``.
 
     Returns:
-      ``(mse, extra)``, two float32 arrays of shape ``(n,)``.
+      ``(mse, extra_nonzero)``: float32 and int32 arrays of shape ``(n,)``
+      (``jaxsplit.measure``).
 
     Example:
       >>> import jax.numpy as jnp
       >>> w = jnp.array([0.1, -0.2, 0.3, 4.0])
       >>> mse, extra = evaluate(w, jnp.array([0.2, 0.5]), "clip", quant.QuantSpec(bits=4))
       >>> extra.tolist(), bool(mse[1] < mse[0])
-      ([0.5, 0.25], True)
+      ([2, 1], True)
     """
 
     def one(thr):
         bs = kernels.split(method, w, thr, key, branches=branches, spec=spec)
-        return _measure(w, bs, spec)
+        m = measure(w, bs, spec)
+        return m.mse, m.extra_nonzero
 
     return jax.lax.map(one, thresholds)
 
@@ -206,7 +193,7 @@ def search(
     Returns:
       ``(ws, info)``: the branches (``ws[0] = w``, others zero, when no candidate beats
       not splitting) and a dict of arrays: ``split`` (bool), ``method`` (index into
-      ``search_methods``), ``threshold``, ``mse``, ``mse_unsplit``, ``extra``.
+      ``search_methods``), ``threshold``, ``mse``, ``mse_unsplit``, ``extra_nonzero``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -237,10 +224,10 @@ def _search(w, key, budget, *, spec, candidates: int, method: str, branches: int
     results = [evaluate(wf, thr, m, spec, branches=branches, key=key) for m in methods]
     mse = jnp.stack([r[0] for r in results])
     extra = jnp.stack([r[1] for r in results])
-    score = jnp.where(jnp.isfinite(mse) & (extra <= budget), mse, jnp.inf)
+    score = jnp.where(jnp.isfinite(mse) & (extra <= budget * w.size), mse, jnp.inf)
     best = jnp.argmin(score.reshape(-1))
     mi, ti = best // candidates, best % candidates
-    mse0 = _measure(wf, (wf,), spec)[0]
+    mse0 = measure(wf, (wf,), spec).mse
     do_split = score.reshape(-1)[best] < mse0
     t = thr[ti]
 
@@ -256,19 +243,20 @@ def _search(w, key, budget, *, spec, candidates: int, method: str, branches: int
         "threshold": t,
         "mse": jnp.where(do_split, mse[mi, ti], mse0),
         "mse_unsplit": mse0,
-        "extra": jnp.where(do_split, extra[mi, ti], 0.0),
+        "extra_nonzero": jnp.where(do_split, extra[mi, ti], 0),
     }
     return ws, info
 
 
-def choice(info: dict, methods: tuple[str, ...], candidates: int) -> AutoChoice:
+def choice(info: dict, methods: tuple[str, ...], candidates: int, *, size: int) -> AutoChoice:
     """An ``AutoChoice`` from ``search``'s concrete ``info`` (a host sync).
 
     Example:
       >>> info = {"split": True, "method": 1, "threshold": 0.5, "mse": 1e-4,
-      ...         "mse_unsplit": 4e-4, "extra": 0.01}
-      >>> choice(info, ("balance", "clip"), 64).reduction
-      0.75
+      ...         "mse_unsplit": 4e-4, "extra_nonzero": 3}
+      >>> c = choice(info, ("balance", "clip"), 64, size=300)
+      >>> c.reduction, c.extra_fraction
+      (0.75, 0.01)
     """
     split = bool(info["split"])
     thr = np.asarray(info["threshold"], np.float64)
@@ -278,6 +266,7 @@ def choice(info: dict, methods: tuple[str, ...], candidates: int) -> AutoChoice:
         threshold=thr_v if split else None,
         mse=float(info["mse"]),
         mse_unsplit=float(info["mse_unsplit"]),
-        extra=float(info["extra"]),
+        extra_nonzero=int(info["extra_nonzero"]),
+        extra_fraction=int(info["extra_nonzero"]) / max(size, 1),
         candidates=len(methods) * candidates,
     )

@@ -1,0 +1,268 @@
+"""Arguments and checks shared by the subcommands: inputs, split options, ``QuantSpec``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from jaxsplit import io
+from jaxsplit.cli.ui import UsageError
+from jaxsplit.config import SplitConfig
+from jaxsplit.errors import ConfigError, ConfigTypeError
+from jaxsplit.quant import QuantSpec
+from jaxsplit.select import select_layers
+from jaxsplit.thresholds import SYNTAX, parse
+from jaxsplit.tree import find_layers
+
+__all__ = [
+    "add_input_arguments",
+    "load_checkpoint",
+    "require_layers",
+    "parse_threshold",
+    "add_split_options",
+    "split_config",
+    "check_patterns",
+    "add_quant_options",
+    "quant_spec",
+]
+
+logger = logging.getLogger("jaxsplit")
+
+#: ``SplitConfig`` fields and the flags that set them, for error messages.
+FLAGS = {
+    "layers": "--layers",
+    "threshold": "--threshold",
+    "method": "--method",
+    "seed": "--seed",
+    "branches": "--branches",
+    "spec": "--bits",
+    "text": "--threshold",
+}
+
+
+def add_input_arguments(p: argparse.ArgumentParser, *, name: str = "CKPT") -> None:
+    """Adds the checkpoint positional (``args.ckpt``) and ``--format`` to a parser.
+
+    Args:
+      p: the subcommand's parser.
+      name: the positional's metavar in help and errors.
+
+    Example:
+      >>> p = argparse.ArgumentParser()
+      >>> add_input_arguments(p)
+      >>> vars(p.parse_args(["w.bin", "--format", "npz"]))
+      {'ckpt': 'w.bin', 'format': 'npz'}
+    """
+    p.add_argument("ckpt", metavar=name, help="orbax directory or .msgpack/.safetensors/.npz")
+    p.add_argument("--format", choices=io.FORMATS, help="input format (default: from the path)")
+
+
+def load_checkpoint(path: str, fmt: str | None, what: str = "CKPT") -> dict:
+    """Loads a checkpoint for a command (``io.load``).
+
+    Args:
+      path: the checkpoint path as typed.
+      fmt: ``--format`` (``None``: from the path).
+      what: the argument's name in messages (``CKPT``, ``SPLIT_CKPT``).
+
+    Returns:
+      The tree, a nested dict of numpy arrays.
+
+    Raises:
+      UsageError: the path does not exist or its format cannot be told (exit 2).
+      OSError, io.CheckpointError: unreadable, truncated or corrupt (exit 1).
+
+    Example:
+      >>> load_checkpoint("/nonexistent.npz", None)
+      Traceback (most recent call last):
+      ...
+      jaxsplit.cli.ui.UsageError: CKPT '/nonexistent.npz' does not exist
+    """
+    if not os.path.lexists(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    try:
+        fmt = io.detect_format(path, fmt)
+    except ValueError as e:
+        raise UsageError(f"{what}: {e} (--format)") from None
+    tree = io.load(path, fmt=fmt)
+    logger.info("loaded %s (%s)", path, fmt)
+    return tree
+
+
+def require_layers(tree: dict, path: str) -> dict:
+    """The layers of a loaded checkpoint (``find_layers``), which must hold at least one.
+
+    Args:
+      tree: the loaded tree.
+      path: the checkpoint path, for the message.
+
+    Returns:
+      ``{path: Layer}``.
+
+    Raises:
+      ValueError: the tree holds no ``kernel``/``embedding`` array (exit 1).
+
+    Example:
+      >>> import numpy as np
+      >>> list(require_layers({"params": {"d": {"kernel": np.ones((2, 2))}}}, "w.npz"))
+      ['d']
+    """
+    layers = find_layers(tree)
+    if not layers:
+        raise ValueError(
+            f"checkpoint {path!r} holds no layers (no 'kernel' or 'embedding' array under "
+            f"{'params' if 'params' in tree else 'the root'})"
+        )
+    return layers
+
+
+def parse_threshold(text: str, flag: str = "--threshold"):
+    """``T``, ``rel:F``, ``sigma:K`` or ``pct:P`` (``/ch``: per channel) as a threshold object.
+
+    Raises:
+      UsageError: unknown prefix, not a number, or a value the threshold rejects.
+
+    Example:
+      >>> parse_threshold("sigma:3"), parse_threshold("rel:0.5/ch")
+      (Sigma(k=3.0), Relative(fraction=0.5, per_channel=True))
+    """
+    try:
+        return parse(text)
+    except (ConfigError, ConfigTypeError) as e:
+        raise UsageError(f"{flag}: {e}") from None
+
+
+def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """Adds ``--layers --threshold --method --branches --seed --allow-nonfinite``
+    (see ``split_config``).
+
+    Args:
+      p: the subcommand's parser.
+      required: whether ``--layers`` and ``--threshold`` must be given.
+
+    Example:
+      >>> p = argparse.ArgumentParser()
+      >>> add_split_options(p, required=False)
+      >>> p.parse_args(["--layers", "a", "b/*"]).layers
+      ['a', 'b/*']
+    """
+    p.add_argument(
+        "--layers", nargs="+", required=required, metavar="PATTERN",
+        help="layer paths, globs (block_*/Conv_0, ** crosses /) or re:REGEX",
+    )  # fmt: skip
+    p.add_argument("--threshold", required=required, help=SYNTAX)
+    p.add_argument(
+        "--method", default=None,
+        help="balance (default), random, clip, grid, residual (grid/residual use --bits)",
+    )  # fmt: skip
+    p.add_argument("--branches", type=int, default=2, help="2 (default), 4 or 8 (balance only)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --method random (default 0)")
+    p.add_argument(
+        "--allow-nonfinite", action="store_true", help="keep NaN/inf weights on branch_0"
+    )
+
+
+def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
+    """The ``SplitConfig`` of ``add_split_options``' arguments (and ``-v``).
+
+    Args:
+      args: parsed arguments holding ``layers threshold method seed allow_nonfinite verbose``
+        (and ``branches`` where the command has it).
+      spec: the branches' ``QuantSpec`` (``grid``/``residual`` need one).
+
+    Returns:
+      A validated ``SplitConfig``.
+
+    Raises:
+      UsageError: a missing threshold, or a value ``SplitConfig`` rejects (the message
+        names the flag).
+
+    Example:
+      >>> ns = argparse.Namespace(layers=["d"], threshold="rel:0.5", method="random", seed=1,
+      ...                         allow_nonfinite=False, verbose=False)
+      >>> split_config(ns).threshold
+      Relative(fraction=0.5)
+    """
+    if args.threshold is None:
+        raise UsageError("--threshold is required with --layers")
+    threshold = parse_threshold(args.threshold)
+    try:
+        return SplitConfig(
+            layers=tuple(args.layers),
+            threshold=threshold,
+            method=args.method,
+            branches=getattr(args, "branches", 2),
+            spec=spec,
+            seed=args.seed,
+            allow_nonfinite=args.allow_nonfinite,
+            verbose=args.verbose,
+        )
+    except (ConfigError, ConfigTypeError) as e:
+        flag = FLAGS.get(e.field)
+        raise UsageError(f"{flag}: {e}" if flag else str(e)) from None
+
+
+def check_patterns(tree: dict, cfg, available: list[str]) -> None:
+    """Checks that every ``--layers`` pattern matches a layer.
+
+    Raises:
+      UsageError: a pattern matches nothing (exit 2); the message lists ``available``.
+
+    Example:
+      >>> import numpy as np
+      >>> check_patterns({"d": {"kernel": np.ones(2)}}, SplitConfig(layers=["e"]), ["d"])
+      Traceback (most recent call last):
+      ...
+      jaxsplit.cli.ui.UsageError: --layers pattern(s) ['e'] matched no layer; available: ['d']
+    """
+    unmatched = [k for k, v in select_layers(tree, cfg.layers)[1].items() if not v]
+    if unmatched:
+        raise UsageError(
+            f"--layers pattern(s) {unmatched} matched no layer; available: {available}"
+        )
+
+
+def add_quant_options(p: argparse.ArgumentParser, *, many_bits: bool = False) -> None:
+    """Adds ``--bits`` (one, or several with ``many_bits``), ``--per-channel``, ``--axis``,
+    ``--asymmetric`` and ``--full-range``: every ``QuantSpec`` option.
+
+    Example:
+      >>> p = argparse.ArgumentParser()
+      >>> add_quant_options(p)
+      >>> quant_spec(p.parse_args(["--bits", "4", "--per-channel"])).granularity
+      'per_channel'
+    """
+    if many_bits:
+        p.add_argument("--bits", nargs="+", type=int, default=[8], metavar="B",
+                       help="bit widths (default 8)")  # fmt: skip
+    else:
+        p.add_argument("--bits", type=int, default=8, help="integer bit width (default 8)")
+    p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    p.add_argument("--axis", type=int, default=-1, help="channel axis (default -1, the last)")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point)")
+    p.add_argument("--full-range", action="store_true", help="use -2^(b-1) too (not narrow)")
+
+
+def quant_spec(args: argparse.Namespace, bits: int | None = None) -> QuantSpec:
+    """The ``QuantSpec`` of ``add_quant_options``' flags; bad values are ``UsageError``.
+
+    Args:
+      args: parsed arguments (``bits``, ``per_channel`` and, where present, ``axis``,
+        ``asymmetric``, ``full_range``).
+      bits: overrides ``args.bits`` (one entry of a ``--bits`` list).
+
+    Example:
+      >>> quant_spec(argparse.Namespace(bits=4, per_channel=True)).granularity
+      'per_channel'
+    """
+    try:
+        return QuantSpec(
+            bits=args.bits if bits is None else bits,
+            granularity="per_channel" if args.per_channel else "per_tensor",
+            axis=getattr(args, "axis", -1),
+            symmetric=not getattr(args, "asymmetric", False),
+            narrow_range=not getattr(args, "full_range", False),
+        )
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--bits/--per-channel/--axis: {e}") from None

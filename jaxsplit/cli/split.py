@@ -1,0 +1,112 @@
+"""``jaxsplit split``: split a checkpoint's layers into twin branches (or ``--dry-run``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+
+from jaxsplit import io
+from jaxsplit.cli.common import (
+    add_input_arguments,
+    add_quant_options,
+    add_split_options,
+    check_patterns,
+    load_checkpoint,
+    quant_spec,
+    require_layers,
+    split_config,
+)
+from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
+from jaxsplit.split import match_layers, split_with_report
+
+__all__ = ["COMMAND"]
+
+
+def _split_args(p: argparse.ArgumentParser) -> None:
+    add_input_arguments(p)
+    p.add_argument("out", metavar="OUT", nargs="?", help="output path (not needed with --dry-run)")
+    add_split_options(p, required=True)
+    add_quant_options(p)
+    p.add_argument("--out-format", choices=io.FORMATS, help="output format (default: from OUT)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument("--dry-run", action="store_true", help="print what would split; write nothing")
+    add_json_flag(p)
+
+
+def _check_output(args: argparse.Namespace) -> str | None:
+    """Validates OUT before any work; returns its format (``None`` for a dry run)."""
+    if args.dry_run:
+        return None
+    if args.out is None:
+        raise UsageError("OUT is required (or pass --dry-run)")
+    out, src = pathlib.Path(args.out), pathlib.Path(args.ckpt)
+    if out.absolute() == src.absolute() or (out.exists() and src.exists() and out.samefile(src)):
+        raise UsageError(f"OUT {args.out!r} is the input checkpoint; choose another path")
+    try:
+        fmt = io.detect_format(out, args.out_format)
+    except ValueError as e:
+        raise UsageError(f"OUT: {e} (--out-format)") from None
+    if os.path.lexists(out) and not args.overwrite:
+        raise UsageError(f"OUT {args.out!r} already exists; pass --overwrite to replace it")
+    if not out.absolute().parent.is_dir():
+        raise UsageError(f"OUT's directory {str(out.absolute().parent)!r} does not exist")
+    return fmt
+
+
+def _split_run(args: argparse.Namespace, ui: UI) -> int:
+    cfg = split_config(args, quant_spec(args))
+    out_fmt = _check_output(args)
+    tree = load_checkpoint(args.ckpt, args.format)
+    available = list(require_layers(tree, args.ckpt))
+    check_patterns(tree, cfg, available)
+    if args.dry_run:
+        report = match_layers(tree, cfg)
+    else:
+        with ui.progress(f"splitting {len(available)} layers"):
+            tree2, report = split_with_report(tree, cfg)
+        with ui.progress(f"saving {args.out}"):
+            io.save(tree2, args.out, fmt=out_fmt, overwrite=args.overwrite)
+    _print_split(args, ui, cfg, report, out_fmt)
+    return 0
+
+
+def _print_split(args, ui: UI, cfg, report, out_fmt) -> None:
+    written = None if args.dry_run else args.out
+    if ui.json:
+        ui.print_json(
+            {
+                "checkpoint": args.ckpt,
+                "output": written,
+                "output_format": out_fmt,
+                "dry_run": args.dry_run,
+                "config": {
+                    "layers": list(cfg.layers),
+                    "threshold": args.threshold,
+                    "method": cfg.method,
+                    "branches": cfg.branches,
+                    "seed": cfg.seed,
+                },
+                **report.to_dict(),
+            }
+        )
+    else:
+        _split_table(args, ui, report)
+    ui.note(f"wrote {written} ({out_fmt})" if written else "dry run: nothing written")
+
+
+def _split_table(args, ui: UI, report) -> None:
+    rows = [
+        [p.path, p.action, p.n_split, p.n_total, p.threshold, p.dtype, p.reason]
+        for p in report.layers
+    ]
+    cols = ["path", "action", "split", "of", "threshold", "dtype", "reason"]
+    verb = "would split" if args.dry_run else "split"
+    title = f"{verb} {len(report.split_paths)} of {len(report.layers)} matched layers"
+    table(ui, title, cols, rows)
+
+
+COMMAND = Command(
+    name="split", help="split layers into twin branches", add_arguments=_split_args,
+    run=_split_run,
+)  # fmt: skip

@@ -1,0 +1,31 @@
+"""The built-in job (``jaxsplit demo``): what splitting buys a small CNN under quantization.
+
+Built on the public API only. ``run_demo(DemoConfig())`` returns a ``DemoResult``;
+``markdown(result)`` and ``plot(result, path)`` render it.
+"""
+
+from jaxsplit.demo.job import DemoConfig as DemoConfig
+from jaxsplit.demo.job import DemoResult as DemoResult
+from jaxsplit.demo.job import DemoRow as DemoRow
+from jaxsplit.demo.job import Variant as Variant
+from jaxsplit.demo.job import run_demo as run_demo
+from jaxsplit.demo.job import simulated_weights as simulated_weights
+from jaxsplit.demo.job import variants as variants
+from jaxsplit.demo.report import markdown as markdown
+from jaxsplit.demo.report import overhead as overhead
+from jaxsplit.demo.report import pivot as pivot
+from jaxsplit.demo.report import plot as plot
+
+__all__ = [
+    "DemoConfig",
+    "DemoResult",
+    "DemoRow",
+    "Variant",
+    "run_demo",
+    "simulated_weights",
+    "variants",
+    "markdown",
+    "overhead",
+    "pivot",
+    "plot",
+]

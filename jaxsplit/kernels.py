@@ -391,7 +391,7 @@ def split(
 ) -> tuple[jax.Array, ...]:
     """Dispatches to a method by name; returns the branches (``branch_sum == w`` bit for bit).
 
-    This is the one place ``transform`` calls, so new methods only touch this module
+    This is the one place ``split`` (via ``programs``) calls, so new methods only touch this module
     (and ``METHODS``).
 
     Args:

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxsplit import SplitConfig, dispatch, kernels, merge_params, split_params
+from jaxsplit import SplitConfig, kernels, merge_params, split_params
+from jaxsplit import programs as dispatch
 from jaxsplit.thresholds import Percentile, Relative, Sigma, as_threshold
 from jaxsplit.split import match_layers, split_with_report
 

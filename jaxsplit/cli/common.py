@@ -188,10 +188,11 @@ def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
         raise UsageError("--threshold is required with --layers")
     threshold = parse_threshold(args.threshold)
     try:
+        method = {} if args.method is None else {"method": args.method}
         return SplitConfig(
             layers=tuple(args.layers),
             threshold=threshold,
-            method=args.method,
+            **method,
             branches=getattr(args, "branches", 2),
             spec=spec,
             seed=args.seed,

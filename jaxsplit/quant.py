@@ -8,7 +8,8 @@ Exact reference (what every element equals, bit for bit, at every granularity). 
 every operation correctly rounded in ``ft``:
 
 - symmetric: ``qmax = 2**(bits-1) - 1``, ``qmin = -qmax`` (``narrow_range``) or
-  ``-qmax - 1``; ``s = ft(max|x|) / ft(qmax)``; ``q = clip(rint(x / s), qmin, qmax) * s``.
+  ``-qmax - 1``; ``s = ft(max|x|) / ft(qmax)``; ``q = clip(rint(x / s), qmin, qmax) * s``
+  (no zero point is added, so a small negative value gives ``-0.0``).
 - asymmetric: integer levels ``[qmin, qmax] = [narrow_range, 2**bits - 1]``;
   ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``, ``s = (hi - lo) / ft(qmax - qmin)``;
   ``zp = clip(rint(qmin - lo / s), qmin, qmax)`` (an integer zero point, so ``0`` stays
@@ -367,9 +368,14 @@ def _quantize_f(xf: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Array,
     zp = qp.zero_point.astype(xf.dtype)
     nonzero = s > 0
     safe = jnp.where(nonzero, s, jnp.ones_like(s))
-    v = jnp.round(_div(xf, safe)) + zp
-    inside = (v >= spec.qmin) & (v <= spec.qmax)
-    q = (jnp.clip(v, spec.qmin, spec.qmax) - zp) * s
+    v = jnp.round(_div(xf, safe))
+    if spec.symmetric:  # no ``+ 0``: it would turn ``rint(-0.3) == -0.0`` into ``+0.0``
+        inside = (v >= spec.qmin) & (v <= spec.qmax)
+        q = jnp.clip(v, spec.qmin, spec.qmax) * s
+    else:
+        v = v + zp
+        inside = (v >= spec.qmin) & (v <= spec.qmax)
+        q = (jnp.clip(v, spec.qmin, spec.qmax) - zp) * s
     return jnp.where(nonzero, q, jnp.zeros_like(q)), inside | ~nonzero
 
 
@@ -443,9 +449,22 @@ def fake_quant(x: jax.Array, spec: QuantSpec, *, params: QParams | None = None) 
     """
     x = jnp.asarray(x)
     q, inside = _quantize_full(jax.lax.stop_gradient(x), spec, params)
-    q = q.astype(x.dtype)
-    ste = x + jax.lax.stop_gradient(q - x)
-    return jnp.where(inside, ste, jax.lax.stop_gradient(q))
+    return _straight_through(x, q.astype(x.dtype), inside)
+
+
+@jax.custom_jvp
+def _straight_through(x: jax.Array, q: jax.Array, inside: jax.Array) -> jax.Array:
+    """``q`` itself (bit for bit: ``x + (q - x)`` would round, and lose ``-0.0``), with
+    the derivative of ``x`` inside the clip range and 0 outside."""
+    del x, inside
+    return q
+
+
+@_straight_through.defjvp
+def _straight_through_jvp(primals, tangents):
+    x, q, inside = primals
+    dx = tangents[0]
+    return q, jnp.where(inside, dx, jnp.zeros_like(dx))
 
 
 @functools.partial(jax.jit, static_argnames="spec")

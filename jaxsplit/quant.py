@@ -59,6 +59,7 @@ __all__ = [
     "GRANULARITIES",
     "qparams",
     "scale",
+    "per_element",
     "quantize",
     "fake_quant",
     "mse",
@@ -360,6 +361,41 @@ def scale(x: jax.Array, spec: QuantSpec) -> jax.Array:
       [[1.0, 0.5], [2.0, 0.0]]
     """
     return qparams(x, spec).scale
+
+
+def per_element(a: jax.Array, shape: tuple[int, ...], spec: QuantSpec) -> jax.Array:
+    """A statistic from ``qparams``/``scale`` in a form that broadcasts against ``x``.
+
+    Per tensor and per channel ``a`` already broadcasts and comes back unchanged; per group
+    the ``(n_groups, d_out)`` array is expanded to ``shape`` (each element gets its group's
+    value). Use it to combine a per-group scale with the array elementwise.
+
+    Args:
+      a: ``qparams(x, spec).scale`` or ``.zero_point`` (or any array of that shape).
+      shape: ``x.shape``.
+      spec: the ``QuantSpec`` that produced ``a``.
+
+    Returns:
+      ``a``, broadcastable against an array of ``shape``.
+
+    Raises:
+      ValueError: ``spec.axis`` is out of range for ``shape`` (per group).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.array([[1.0], [-4.0], [0.5]])
+      >>> spec = QuantSpec(bits=2, granularity="per_group", group_size=2)
+      >>> per_element(scale(x, spec), x.shape, spec).ravel().tolist()
+      [4.0, 4.0, 0.5]
+    """
+    a = jnp.asarray(a)
+    if spec.granularity != "per_group":
+        return a
+    shape = tuple(shape)
+    ax = _channel_axis(len(shape), spec)
+    g = spec.group_size
+    full = jnp.broadcast_to(a[:, None, :], (a.shape[0], g, shape[ax]))
+    return _from_layout(full, shape, spec)
 
 
 def _quantize_f(xf: jax.Array, qp: QParams, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:

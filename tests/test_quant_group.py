@@ -285,3 +285,16 @@ def test_branches_mse_balance_split_per_group():
     plain = quant.branches_mse((w,), w, spec)
     assert float(plain.measured) == float(quant.mse(w, spec))
     assert float(plain.predicted) == float(quant.widrow_mse(w, spec))
+
+
+def test_per_element_expands_group_statistics():
+    x = _weights((3, 3, 5, 8), seed=10)
+    spec = G(16, bits=4)
+    s = quant.per_element(quant.scale(x, spec), x.shape, spec)
+    assert s.shape == x.shape
+    flat = np.moveaxis(np.asarray(s), -1, 0).reshape(8, 45)
+    ref_s = ref_quantize_exact(x, spec, with_params=True)[1]
+    for k, rows in enumerate([slice(0, 16), slice(16, 32), slice(32, 45)]):
+        assert np.all(flat[:, rows] == ref_s[k][:, None])
+    pc = QuantSpec(granularity="per_channel")
+    assert quant.per_element(quant.scale(x, pc), x.shape, pc).shape == (1, 1, 1, 8)

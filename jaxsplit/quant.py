@@ -33,6 +33,11 @@ every axis but ``axis`` flattened in C order (a Conv kernel ``(kh, kw, cin, cout
 ``d_in = kh*kw*cin``), and group ``g`` holds inputs ``[g*G, min((g+1)*G, d_in))``: when
 ``G`` does not divide ``d_in`` the last group is *ragged* (``d_in % G`` inputs, its own
 scale from those inputs only), and ``G >= d_in`` is per channel.
+``qparams``/``scale`` return ``(n_groups, d_out)`` per group (``QParams``); ``per_element``
+expands such a statistic to the array's shape.
+
+``fake_quant``'s forward value is ``quantize``'s, bit for bit (a ``custom_jvp`` straight
+-through estimator, not ``x + stop_gradient(q - x)``, which rounds and loses ``-0.0``).
 
 Widrow's model: rounding error uniform on ``[-scale/2, scale/2]``, so each quantized value
 contributes ``scale² / 12``; exact zeros contribute nothing (zero is on the grid).
@@ -251,7 +256,7 @@ def _from_layout(xl: jax.Array, shape: tuple[int, ...], spec: QuantSpec) -> jax.
     ax = _channel_axis(len(shape), spec)
     moved = shape[:ax] + shape[ax + 1 :] + (shape[ax],)
     d_in = math.prod(moved[:-1])
-    x2 = xl.reshape(-1, shape[ax])[:d_in]
+    x2 = xl.reshape(xl.shape[0] * xl.shape[1], shape[ax])[:d_in]
     return jnp.moveaxis(x2.reshape(moved), -1, ax)
 
 

@@ -298,3 +298,12 @@ def test_per_element_expands_group_statistics():
         assert np.all(flat[:, rows] == ref_s[k][:, None])
     pc = QuantSpec(granularity="per_channel")
     assert quant.per_element(quant.scale(x, pc), x.shape, pc).shape == (1, 1, 1, 8)
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (6, 0), (2, 0, 3)], ids=str)
+def test_empty_arrays(shape):
+    x = np.zeros(shape, np.float32)
+    spec = G(4)
+    assert quant.quantize(x, spec).shape == shape
+    d_in = int(np.prod(shape[:-1]))
+    assert quant.scale(x, spec).shape == (max(1, -(-d_in // 4)), shape[-1])

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import kernels, quant
+from jaxsplit import kernels, quant, screen
 from jaxsplit.config import AUTO_METHODS, Auto
 from jaxsplit.measure import measure, reduction
 from jaxsplit.thresholds import channel_axis
@@ -39,6 +39,7 @@ __all__ = [
     "search",
     "choice",
 ]
+
 
 @dataclasses.dataclass(frozen=True)
 class AutoChoice:
@@ -91,6 +92,9 @@ def candidate_thresholds(w: jax.Array, spec: quant.QuantSpec, n: int) -> jax.Arr
     ``b`` broadcasts against ``w`` (size 1 except on the channel axis). The first
     ``n // 2`` are ``j / (n // 2) × max|W|``; the rest are the ``k``-th largest ``|W|``
     (per channel), so that ``k`` values are split, for ``k`` geometric in ``[1, R/2]``.
+    Per tensor on kernels of ``screen.MIN_SIZE`` values or more, the ``k``-th largest is
+    exact for ``k < screen.TAIL`` and read from ``screen.sample`` beyond (so that about
+    ``k`` values are split) instead of sorting the whole kernel.
 
     Example:
       >>> import jax.numpy as jnp
@@ -107,8 +111,11 @@ def candidate_thresholds(w: jax.Array, spec: quant.QuantSpec, n: int) -> jax.Arr
     rel = frac[:, None] * jnp.max(cols, axis=0)[None, :]
     ks = np.unique(np.round(np.geomspace(1, max(rows // 2, 1), n - n_rel)).astype(int))
     ks = np.resize(ks, n - n_rel)  # repeat if the geometric grid has fewer distinct sizes
-    desc = jnp.sort(cols, axis=0)[::-1]
-    top = desc[np.clip(ks, 0, rows - 1)]
+    if ax is None and rows >= screen.MIN_SIZE:  # no full sort: exact tail, sampled rest
+        top = screen.order_stats(screen.sample(w), ks)[:, None]
+    else:
+        desc = jnp.sort(cols, axis=0)[::-1]
+        top = desc[np.clip(ks, 0, rows - 1)]
     thr = jnp.concatenate([rel, top], axis=0)
     if ax is None:
         return thr[:, 0]
@@ -176,6 +183,8 @@ def search(
     method: str,
     branches: int = 2,
     budget=None,
+    exhaustive: bool = False,
+    top: int = 4,
 ):
     """Chooses and applies the best split of one kernel, in one compiled call.
 
@@ -189,6 +198,12 @@ def search(
       budget: overrides ``auto.max_extra`` (a scalar, may be traced), so that callers
         compiling ``search`` inside their own ``jit`` can share one program across
         budgets; ``None``: ``auto.max_extra``.
+      exhaustive: measure every candidate on the whole kernel (static). By default
+        candidates are scored on a sample and only the ``top`` best are measured
+        (``jaxsplit.screen``) where the screen applies (per-tensor specs, kernels of
+        ``screen.MIN_SIZE`` values or more, no ``random``); elsewhere the search is
+        exhaustive anyway.
+      top: candidates the screen measures exactly (static).
 
     Returns:
       ``(ws, info)``: the branches (``ws[0] = w``, others zero, when no candidate beats
@@ -212,18 +227,25 @@ def search(
         candidates=auto.candidates,
         method=method,
         branches=branches,
+        top=0 if exhaustive else top,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "candidates", "method", "branches"))
-def _search(w, key, budget, *, spec, candidates: int, method: str, branches: int):
+def _measured(wf, thr, methods, spec, budget, *, top, branches, key):
+    """``(mse, extra)`` per method and candidate: screened (``top > 0``) or all measured."""
+    if top > 0 and screen.applies(wf.shape, spec, methods):
+        return screen.screen(wf, thr, methods, spec, budget, top=top, branches=branches, key=key)
+    results = [evaluate(wf, thr, m, spec, branches=branches, key=key) for m in methods]
+    return jnp.stack([r[0] for r in results]), jnp.stack([r[1] for r in results])
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "candidates", "method", "branches", "top"))
+def _search(w, key, budget, *, spec, candidates: int, method: str, branches: int, top: int = 0):
     """``search`` with the budget as data, so budgets share one compilation."""
     methods = search_methods(method, spec)
     wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
     thr = candidate_thresholds(wf, spec, candidates)
-    results = [evaluate(wf, thr, m, spec, branches=branches, key=key) for m in methods]
-    mse = jnp.stack([r[0] for r in results])
-    extra = jnp.stack([r[1] for r in results])
+    mse, extra = _measured(wf, thr, methods, spec, budget, top=top, branches=branches, key=key)
     score = jnp.where(jnp.isfinite(mse) & (extra <= budget * w.size), mse, jnp.inf)
     best = jnp.argmin(score.reshape(-1))
     mi, ti = best // candidates, best % candidates

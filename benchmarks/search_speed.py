@@ -1,4 +1,4 @@
-"""Warm ``Auto`` search speed against one numpy fake-quant pass: ``python -m benchmarks.search_speed``.
+"""Warm ``Auto`` search speed vs one numpy fake-quant pass: ``python -m benchmarks.search_speed``.
 
 One heavy-tailed float32 layer (Student-t, df=3, ``× 0.02``), ``Auto(QuantSpec(bits),
 max_extra=budget)``. In one process, interleaved rep by rep with the floor (medians):
@@ -87,8 +87,9 @@ def main(argv=None) -> list[dict]:
         }
         rows.append(row)
         print(
-            f"| {method} | {med['floor']:.0f} | {med['fast']:.0f} | {med['fast'] / med['floor']:.1f} |"
-            f" {med['slow']:.0f} | {med['slow'] / med['floor']:.0f} | {med['slow'] / med['fast']:.0f}× |"
+            f"| {method} | {med['floor']:.0f} | {med['fast']:.0f} |"
+            f" {med['fast'] / med['floor']:.1f} | {med['slow']:.0f} |"
+            f" {med['slow'] / med['floor']:.0f} | {med['slow'] / med['fast']:.0f}× |"
             f" {mf:.4g} | {ms:.4g} | {row['gap']:+.2%} |"
         )
     print(f"\nload average after: {os.getloadavg()}")

@@ -213,7 +213,7 @@ def screen(
     branches: int = 2,
     key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Measured ``(mse, extra_nonzero)`` of the ``top`` best-predicted candidates, ``inf`` elsewhere.
+    """Measured ``(mse, extra_nonzero)`` of the ``top`` best-predicted candidates, else ``inf``.
 
     Args:
       w: a finite floating-point kernel (per-tensor ``spec``; see ``applies``).

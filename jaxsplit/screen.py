@@ -184,8 +184,10 @@ def predict(
       >>> import jax.numpy as jnp
       >>> w = jnp.linspace(-1.0, 1.0, 4001) ** 3
       >>> s = sample(w, tail=64, n=500)
-      >>> mse, extra = predict(s, jnp.array([0.5]), "clip", quant.QuantSpec(bits=4))
-      >>> int(extra[0]) == int(jnp.sum(jnp.abs(w) > 0.5))
+      >>> mse, extra = predict(s, jnp.array([0.97, 0.5]), "clip", quant.QuantSpec(bits=4))
+      >>> int(extra[0]) == int(jnp.sum(jnp.abs(w) > 0.97))  # all in the tail: exact
+      True
+      >>> bool(abs(extra[1] / jnp.sum(jnp.abs(w) > 0.5) - 1) < 0.05)  # estimated
       True
     """
     x = s.values

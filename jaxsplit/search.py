@@ -9,11 +9,16 @@ parameters (non-zeros summed over the branches minus those of ``W``, as a fracti
 ``W.size``). ``lax.map`` keeps one candidate's arrays alive at a time, where ``vmap``
 would materialise all of them (and was measured 3-4x slower on CPU).
 
-The choice is the lowest MSE within the ``max_extra`` budget, and only if it is below
-the MSE of not splitting (``Q(W)`` alone); otherwise the layer stays untouched. Since
-every candidate is measured, the choice is never worse than any of them, in particular
-than ``balance`` at any candidate threshold when ``method="auto"``. With a per-channel
-spec, thresholds are per channel (along ``spec.axis``).
+On large per-tensor kernels (``jaxsplit.screen``) every candidate is first *predicted*
+on a sample of the kernel (its largest values exactly, a strided rest), and only the
+``top`` best predictions within the budget are measured on the whole kernel; the others
+count as unmeasured. ``exhaustive=True`` measures them all (per-channel and per-group
+specs, small kernels and ``random`` always are).
+
+The choice is the lowest measured MSE within the ``max_extra`` budget, and only if it is
+below the MSE of not splitting (``Q(W)`` alone); otherwise the layer stays untouched. So
+the choice is never worse than not splitting nor than any measured candidate (all of them
+when exhaustive). With a per-channel spec, thresholds are per channel (along ``spec.axis``).
 """
 
 from __future__ import annotations

@@ -118,6 +118,8 @@ def _spec_line(report) -> str:
     s = report.spec
     kind = "symmetric" if s.symmetric else "asymmetric"
     gran = s.granularity + (f" (axis {s.axis})" if s.granularity == "per_channel" else "")
+    if s.granularity == "per_group":
+        gran += f" (groups of {s.group_size}, axis {s.axis})"
     rng = "narrow" if s.narrow_range else "full"
     return f"int{s.bits} {kind} {gran}, {rng} range; MSE per element, branches quantized separately"
 

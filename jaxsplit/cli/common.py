@@ -225,8 +225,9 @@ def check_patterns(tree: dict, cfg, available: list[str]) -> None:
 
 
 def add_quant_options(p: argparse.ArgumentParser, *, many_bits: bool = False) -> None:
-    """Adds ``--bits`` (one, or several with ``many_bits``), ``--per-channel``, ``--axis``,
-    ``--asymmetric`` and ``--full-range``: every ``QuantSpec`` option.
+    """Adds ``--bits`` (one, or several with ``many_bits``), ``--per-channel``,
+    ``--group-size``, ``--axis``, ``--asymmetric`` and ``--full-range``: every ``QuantSpec``
+    option.
 
     Example:
       >>> p = argparse.ArgumentParser()
@@ -240,6 +241,10 @@ def add_quant_options(p: argparse.ArgumentParser, *, many_bits: bool = False) ->
     else:
         p.add_argument("--bits", type=int, default=8, help="integer bit width (default 8)")
     p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    p.add_argument(
+        "--group-size", type=int, metavar="G",
+        help="one scale per G consecutive inputs of each output channel (per group)",
+    )  # fmt: skip
     p.add_argument("--axis", type=int, default=-1, help="channel axis (default -1, the last)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point)")
     p.add_argument("--full-range", action="store_true", help="use -2^(b-1) too (not narrow)")
@@ -257,13 +262,18 @@ def quant_spec(args: argparse.Namespace, bits: int | None = None) -> QuantSpec:
       >>> quant_spec(argparse.Namespace(bits=4, per_channel=True)).granularity
       'per_channel'
     """
+    group = getattr(args, "group_size", None)
+    if group is not None and args.per_channel:
+        raise UsageError("give --per-channel or --group-size, not both")
+    granularity = "per_channel" if args.per_channel else "per_tensor"
     try:
         return QuantSpec(
             bits=args.bits if bits is None else bits,
-            granularity="per_channel" if args.per_channel else "per_tensor",
+            granularity="per_group" if group is not None else granularity,
+            group_size=group,
             axis=getattr(args, "axis", -1),
             symmetric=not getattr(args, "asymmetric", False),
             narrow_range=not getattr(args, "full_range", False),
         )
     except (TypeError, ValueError) as e:
-        raise UsageError(f"--bits/--per-channel/--axis: {e}") from None
+        raise UsageError(f"--bits/--per-channel/--group-size/--axis: {e}") from None

@@ -5,6 +5,13 @@ float16, integers, ...) are preserved by every format. Flat formats (safetensors
 npz) store ``/``-joined keys (``params/Dense_0/kernel``), so keys must not contain
 ``/`` and empty sub-dicts are not kept.
 
+Split trees are stored compactly: a ``branch_1 … branch_{k-1}`` weight whose density
+(non-zero bit patterns / size) is below ``save(sparse_below=...)`` is written as a sparse
+record (indices + values + shape, see ``jaxsplit.sparse_io``) in every format; ``load``
+gives it back dense, bit for bit (``dense=False``: as a ``SparseArray``).
+``stored_info`` reports how each tensor is stored; ``open_checkpoint`` reads one tensor
+at a time (the streamed split in ``jaxsplit.stream`` is built on it).
+
 Saving is atomic: the checkpoint is written into a fresh temporary directory next to
 the output and renamed into place only once complete, so a crash or Ctrl-C never
 leaves a half-written output where a good one was; an existing output is replaced
@@ -14,6 +21,7 @@ only with ``overwrite=True``. Nothing is ever written next to, or into, the inpu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -26,9 +34,24 @@ from typing import Any
 
 import numpy as np
 
+from jaxsplit import sparse_io
 from jaxsplit.select import unwrap
+from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
 
-__all__ = ["FORMATS", "CheckpointError", "detect_format", "load", "save", "to_numpy_tree"]
+__all__ = [
+    "FORMATS",
+    "CheckpointError",
+    "CheckpointReader",
+    "StoredTensor",
+    "detect_format",
+    "load",
+    "open_checkpoint",
+    "save",
+    "staged_output",
+    "stored_info",
+    "to_numpy_tree",
+]
+logger = logging.getLogger("jaxsplit")
 
 #: Supported checkpoint formats (``fmt=`` / ``--format`` values).
 FORMATS = ("orbax", "msgpack", "safetensors", "npz")
@@ -36,9 +59,9 @@ _SUFFIXES = {".msgpack": "msgpack", ".safetensors": "safetensors", ".npz": "npz"
 _NPZ_DTYPES = "__jaxsplit_dtypes__"  # npz entry recording dtypes numpy cannot store (bfloat16)
 
 
-class CheckpointError(Exception):
-    """A checkpoint cannot be read (missing parts, truncated, corrupt) or its tree cannot be
-    stored in the requested format."""
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read (missing parts, truncated, corrupt, malformed sparse
+    records) or its tree cannot be stored in the requested format."""
 
 
 def detect_format(path: str | os.PathLike, fmt: str | None = None) -> str:
@@ -86,6 +109,7 @@ def to_numpy_tree(tree: Mapping, _path: str = "") -> dict[str, Any]:
 
     Accepts dicts, ``FrozenDict``, ``nnx.State`` (Variables are unwrapped), jax and
     numpy arrays and Python numbers. Integer keys (``nnx`` lists) become strings.
+    ``SparseArray`` leaves are kept as they are.
 
     Raises:
       TypeError: a leaf is not an array or a number (the message names its path).
@@ -102,7 +126,9 @@ def to_numpy_tree(tree: Mapping, _path: str = "") -> dict[str, Any]:
     for k, v in tree.items():
         key = f"{_path}/{k}" if _path else str(k)
         v = unwrap(v)
-        if isinstance(v, Mapping):
+        if isinstance(v, SparseArray):
+            out[str(k)] = v  # written as a sparse record by ``save``
+        elif isinstance(v, Mapping):
             out[str(k)] = to_numpy_tree(v, key)
         elif (hasattr(v, "shape") and hasattr(v, "dtype")) or isinstance(v, int | float | bool):
             out[str(k)] = np.asarray(v)
@@ -114,13 +140,15 @@ def to_numpy_tree(tree: Mapping, _path: str = "") -> dict[str, Any]:
     return out
 
 
-def load(path: str | os.PathLike, *, fmt: str | None = None) -> dict[str, Any]:
+def load(path: str | os.PathLike, *, fmt: str | None = None, dense: bool = True) -> dict[str, Any]:
     """Loads a checkpoint as a nested dict of numpy arrays.
 
     Args:
       path: an orbax checkpoint directory (or a directory holding exactly one, e.g.
         ``step/default``), or a ``.msgpack``/``.safetensors``/``.npz`` file.
       fmt: format override, one of ``FORMATS``.
+      dense: give sparse-stored twins back as dense arrays (bit for bit); ``False``:
+        as ``jaxsplit.sparse_io.SparseArray`` records.
 
     Returns:
       The tree, as saved (linen ``{'params': ...}`` variables stay so).
@@ -130,6 +158,7 @@ def load(path: str | os.PathLike, *, fmt: str | None = None) -> dict[str, Any]:
       PermissionError: ``path`` cannot be read.
       ValueError: unknown format.
       CheckpointError: the checkpoint is truncated, corrupt or not of that format.
+      TypeError: ``dense`` is not a bool.
 
     Example:
       >>> import tempfile, numpy as np
@@ -137,7 +166,16 @@ def load(path: str | os.PathLike, *, fmt: str | None = None) -> dict[str, Any]:
       >>> _ = save({"d": {"kernel": np.ones(2, np.float16)}}, f"{d}/w.npz")
       >>> load(f"{d}/w.npz")["d"]["kernel"].dtype
       dtype('float16')
+      >>> w2 = np.zeros(100, np.float32); w2[7] = 1.5
+      >>> t = {"d": {"branch_0": {"kernel": np.ones(100, np.float32)}, "branch_1": {"kernel": w2}}}
+      >>> _ = save(t, f"{d}/s.safetensors")
+      >>> np.array_equal(load(f"{d}/s.safetensors")["d"]["branch_1"]["kernel"], w2)
+      True
+      >>> load(f"{d}/s.safetensors", dense=False)["d"]["branch_1"]["kernel"].nnz
+      1
     """
+    if not isinstance(dense, bool):
+        raise TypeError(f"dense must be a bool, got {dense!r} ({type(dense).__name__})")
     p = pathlib.Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
@@ -157,11 +195,19 @@ def load(path: str | os.PathLike, *, fmt: str | None = None) -> dict[str, Any]:
         ) from e
     if not isinstance(tree, Mapping):
         raise CheckpointError(f"{str(path)!r} holds a {type(tree).__name__}, not a tree")
-    return tree
+    try:
+        return sparse_io.decode_tree(tree, dense)
+    except sparse_io.SparseRecordError as e:
+        raise CheckpointError(f"cannot read {str(path)!r}: {e}") from None
 
 
 def save(
-    tree: Mapping, path: str | os.PathLike, *, fmt: str | None = None, overwrite: bool = False
+    tree: Mapping,
+    path: str | os.PathLike,
+    *,
+    fmt: str | None = None,
+    overwrite: bool = False,
+    sparse_below: float | None = DEFAULT_SPARSE_BELOW,
 ) -> pathlib.Path:
     """Saves ``tree`` atomically (temporary sibling, then rename).
 
@@ -171,6 +217,10 @@ def save(
       fmt: format override, one of ``FORMATS``.
       overwrite: replace an existing output (still atomically for files; a replaced
         directory is moved aside and restored if the final rename fails).
+      sparse_below: a weight under ``branch_1 … branch_{k-1}`` of a split layer whose
+        density (non-zero bit patterns / size) is below this is stored as a sparse
+        record (only when that is smaller than dense); ``None`` or ``0``: never.
+        ``SparseArray`` leaves are always stored sparse.
 
     Returns:
       The output path.
@@ -179,8 +229,9 @@ def save(
       FileExistsError: ``path`` exists and ``overwrite`` is false.
       FileNotFoundError: the output's parent directory is missing.
       PermissionError: the parent directory is not writable.
-      ValueError: unknown format, or keys that the format cannot store.
-      TypeError: a leaf is not an array or number.
+      ValueError: unknown format, keys that the format cannot store (or the reserved
+        ``__jaxsplit_sparse__``), ``sparse_below`` outside ``[0, 1]``.
+      TypeError: a leaf is not an array or number; ``sparse_below`` not a number.
 
     Example:
       >>> import tempfile, numpy as np
@@ -188,11 +239,46 @@ def save(
       >>> sorted(load(out))
       ['w']
     """
-    out = pathlib.Path(path)
-    fmt = detect_format(out, fmt)
-    arrays = to_numpy_tree(tree)
+    below = sparse_io.check_sparse_below(sparse_below)
+    fmt = detect_format(pathlib.Path(path), fmt)
+    arrays = sparse_io.encode_tree(to_numpy_tree(tree), below)
     if fmt in ("safetensors", "npz"):
         _flatten(arrays)  # key checks before anything touches the disk
+    with staged_output(path, fmt=fmt, overwrite=overwrite) as staged:
+        _WRITERS[fmt](arrays, staged)
+    return pathlib.Path(path)
+
+
+@contextlib.contextmanager
+def staged_output(
+    path: str | os.PathLike, *, fmt: str, overwrite: bool = False
+) -> Iterator[pathlib.Path]:
+    """Atomic output: yields a path in a fresh temporary sibling directory to write to.
+
+    When the ``with`` block ends normally the written file or directory is fsynced,
+    given the umask's file mode and renamed onto ``path``; if the block raises (or is
+    interrupted) the temporary directory is removed and a previous ``path`` is intact.
+
+    Args:
+      path: the final output path.
+      fmt: its format (``"orbax"`` outputs are directories, the others files).
+      overwrite: allow replacing an existing ``path``.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is false, or it is a file where
+        a directory is due (or the reverse).
+      FileNotFoundError: the parent directory is missing.
+      PermissionError: the parent directory is not writable.
+
+    Example:
+      >>> import tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> with staged_output(f"{d}/x.npz", fmt="npz") as tmp:
+      ...     _ = tmp.write_bytes(b"data")
+      >>> open(f"{d}/x.npz", "rb").read()
+      b'data'
+    """
+    out = pathlib.Path(path)
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise FileExistsError(f"output {str(out)!r} already exists (pass overwrite to replace)")
@@ -210,7 +296,7 @@ def save(
         raise PermissionError(f"output directory {str(parent)!r} is not writable") from None
     try:
         staged = tmp / out.name
-        _WRITERS[fmt](arrays, staged)
+        yield staged
         _sync(staged)
         if staged.is_file():  # some writers (safetensors) create 0600 files: use the umask's mode
             staged.chmod(_default_file_mode(tmp))
@@ -218,7 +304,6 @@ def save(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _sync_dir(parent)  # make the rename itself durable
-    return out
 
 
 # --- placing the finished output ---------------------------------------------------------

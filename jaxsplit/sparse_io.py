@@ -143,7 +143,7 @@ def check_sparse_below(sparse_below: Any) -> float:
       >>> check_sparse_below(2)
       Traceback (most recent call last):
       ...
-      ValueError: sparse_below must be None or a number in [0, 1] (density below which branch twins are stored sparse; 0 or None: never), got 2
+      ValueError: sparse_below must be None or a number in [0, 1] ... got 2
     """
     help_ = (
         "None or a number in [0, 1] (density below which branch twins are stored sparse; "

@@ -57,6 +57,8 @@ logger = logging.getLogger("jaxsplit")
 FORMATS = ("orbax", "msgpack", "safetensors", "npz")
 _SUFFIXES = {".msgpack": "msgpack", ".safetensors": "safetensors", ".npz": "npz"}
 _NPZ_DTYPES = "__jaxsplit_dtypes__"  # npz entry recording dtypes numpy cannot store (bfloat16)
+#: The npz entry (a JSON string ``{key: dtype name}``) naming extension dtypes (bfloat16).
+NPZ_DTYPES_KEY = _NPZ_DTYPES
 
 
 class CheckpointError(ValueError):

@@ -24,6 +24,7 @@ and ``split_checkpoint(plan=...)`` (pass 2: a per-layer ``SplitConfig``).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -210,7 +211,7 @@ class _SafetensorsStream:
 
     def add(self, keys: tuple, a: np.ndarray) -> None:
         key = "/".join(keys)
-        a = np.ascontiguousarray(a)
+        a = np.require(a, requirements="C")  # (ascontiguousarray makes 0-d arrays 1-d)
         name = io.SAFETENSORS_DTYPE_NAMES.get(a.dtype)
         if name is None:
             raise ValueError(f"tensor {key!r} has dtype {a.dtype}, which safetensors cannot store")
@@ -380,6 +381,10 @@ def _run(
                             sink.add(lkeys, a)
                         n_out += 1
                     del items, a
+                    if path in work:
+                        # split_params' tree rebuild leaves a reference cycle holding the
+                        # layer's arrays; collect it now rather than at the GC's leisure
+                        gc.collect()
                     if progress is not None:
                         progress(done, total, path or "/".join(keys))
                 if streamed_write:

@@ -249,6 +249,18 @@ def record_from_tree(node: Mapping, where: str = "") -> SparseArray:
 
     Raises:
       SparseRecordError: malformed record (the message names ``where``).
+
+    Example:
+      >>> import numpy as np
+      >>> rec = {SPARSE_KEY: {"indices": np.array([1], np.int32), "values": np.ones(1),
+      ...                     "shape": np.array([3])}}
+      >>> record_from_tree(rec).todense().tolist()
+      [0.0, 1.0, 0.0]
+      >>> record_from_tree({SPARSE_KEY: {"indices": np.array([5], np.int32),
+      ...                   "values": np.ones(1), "shape": np.array([3])}}, "a/kernel")
+      Traceback (most recent call last):
+      ...
+      jaxsplit.sparse_io.SparseRecordError: sparse record 'a/kernel': indices must be ascending, ..., 3)
     """
     rec = node[SPARSE_KEY]
     if not isinstance(rec, Mapping) or set(rec) != _RECORD_KEYS:

@@ -429,7 +429,9 @@ def split_checkpoint(
       dst: output path (must differ from ``src``).
       cfg: the ``SplitConfig``; its patterns are matched against every layer path of
         ``src`` before anything is written. Thresholds are per layer (``Auto``
-        included), so streaming gives the same result as splitting the whole tree.
+        included), so streaming gives the same result as splitting the whole tree. A
+        callable ``layers`` predicate is called with placeholder nodes (right shapes
+        and dtypes, zero values): select by path or shape, not by values.
       fmt: input format override; ``out_fmt``: output format (default: from ``dst``).
       overwrite: replace an existing ``dst`` (atomically).
       sparse_below: as for ``io.save``.

@@ -260,7 +260,7 @@ def record_from_tree(node: Mapping, where: str = "") -> SparseArray:
       ...                   "values": np.ones(1), "shape": np.array([3])}}, "a/kernel")
       Traceback (most recent call last):
       ...
-      jaxsplit.sparse_io.SparseRecordError: sparse record 'a/kernel': indices must be ascending, ..., 3)
+      jaxsplit.sparse_io.SparseRecordError: sparse record 'a/kernel': indices must be ...)
     """
     rec = node[SPARSE_KEY]
     if not isinstance(rec, Mapping) or set(rec) != _RECORD_KEYS:

@@ -27,7 +27,8 @@ def _twin(dtype, n=400, seed=0):
     w = np.zeros(n, dt)
     u = w.view(f"u{dt.itemsize}")
     rng = np.random.default_rng(seed)
-    w[rng.choice(np.arange(4, n), 9, replace=False)] = rng.standard_normal(9).astype(np.float32).astype(dt)
+    pos = rng.choice(np.arange(4, n), 9, replace=False)
+    w[pos] = rng.standard_normal(9).astype(np.float32).astype(dt)
     sign, top = 1 << (8 * dt.itemsize - 1), (1 << (8 * dt.itemsize)) - 1
     u[0] = sign  # -0.0
     u[1] = 1  # the smallest subnormal

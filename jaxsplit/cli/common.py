@@ -39,6 +39,15 @@ FLAGS = {
     "spec": "--bits",
     "text": "--threshold",
 }
+#: ``QuantSpec`` fields and their flags.
+QUANT_FLAGS = {
+    "bits": "--bits",
+    "granularity": "--per-channel",
+    "group_size": "--group-size",
+    "axis": "--axis",
+    "symmetric": "--asymmetric",
+    "narrow_range": "--full-range",
+}
 
 
 def add_input_arguments(p: argparse.ArgumentParser, *, name: str = "CKPT") -> None:
@@ -130,7 +139,7 @@ def parse_threshold(text: str, flag: str = "--threshold"):
     try:
         return parse(text)
     except (ConfigError, ConfigTypeError) as e:
-        raise UsageError(f"{flag}: {e}") from None
+        raise UsageError(f"{flag} {e}") from None
 
 
 def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -275,5 +284,5 @@ def quant_spec(args: argparse.Namespace, bits: int | None = None) -> QuantSpec:
             symmetric=not getattr(args, "asymmetric", False),
             narrow_range=not getattr(args, "full_range", False),
         )
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--bits/--per-channel/--group-size/--axis: {e}") from None
+    except (ConfigError, ConfigTypeError) as e:
+        raise UsageError(f"{QUANT_FLAGS.get(e.field, '--bits')}: {e}") from None

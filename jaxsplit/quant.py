@@ -105,7 +105,7 @@ class QuantSpec:
       >>> QuantSpec(bits=1)
       Traceback (most recent call last):
       ...
-      ValueError: QuantSpec.bits must be an int in [2, 16], got 1
+      jaxsplit.errors.ConfigError: QuantSpec.bits must be an int in [2, 16], got 1
     """
 
     bits: int = 8

@@ -306,8 +306,8 @@ def sweep_markdown(result: SweepResult) -> str:
       >>> import numpy as np, jaxsplit as js
       >>> w = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8) ** 3
       >>> res = js.sweep({"d": {"kernel": w}}, js.SplitConfig(layers=["d"]), thresholds=[0.5])
-      >>> sweep_markdown(res).splitlines()[0][:30]
-      '| layer | threshold | method | s'
+      >>> sweep_markdown(res).splitlines()[0][:35]
+      '| layer | threshold | method | spec'
     """
     rows = [[_fmt(getattr(r, name), f) for name, _, f in _SWEEP_COLUMNS] for r in result.rows]
     return markdown_table([title for _, title, _ in _SWEEP_COLUMNS], rows, left=4)

@@ -347,8 +347,8 @@ def main(argv: list[str]) -> int:
             "",
             *md,
             f"Wall time {took:.0f} s, CPU time {cpu:.0f} s for the whole run (JAX "
-            f"compilation cache {'warm' if warm else 'cold'}; the Auto rows dominate: ~20 s per split on 2 "
-            "shared cores, plus ~25 s of compilation per bit width when cold).",
+            f"compilation cache {'warm' if warm else 'cold'}; the Auto rows dominate: ~20 s "
+            "per split on 2 shared cores, plus ~25 s of compilation per bit width when cold).",
             "",
             "### Weight ranges (per-tensor quantization's problem)",
             "",

@@ -79,7 +79,7 @@ def random_batches(
 
     Example:
       >>> ids, mask = random_batches(minilm.MiniLM(), n=2, length=8)[0]
-      >>> ids.shape, mask.sum(axis=1).min() >= 4
+      >>> ids.shape, bool(mask.sum(axis=1).min() >= 4)
       ((2, 8), True)
     """
     rng = np.random.default_rng(seed)

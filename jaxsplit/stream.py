@@ -40,12 +40,18 @@ import numpy as np
 
 from jaxsplit import io, sparse_io
 from jaxsplit.config import SplitConfig
-from jaxsplit.select import select_layers
 from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
-from jaxsplit.split import SplitReport, merge_params, split_with_report
+from jaxsplit.split import (
+    SplitReport,
+    check_layer,
+    match_layers,
+    merge_params,
+    resolve_selection,
+    split_with_report,
+)
 from jaxsplit.tree import find_layers
 
-__all__ = ["StreamReport", "iter_layers", "merge_checkpoint", "split_checkpoint"]
+__all__ = ["plan_checkpoint", "StreamReport", "iter_layers", "merge_checkpoint", "split_checkpoint"]
 
 logger = logging.getLogger("jaxsplit")
 
@@ -481,19 +487,7 @@ def split_checkpoint(
     state: dict[str, Any] = {}
 
     def prepare(source: _Source) -> dict[str, Callable[[dict], dict]]:
-        if cfg.layers is None or (not callable(cfg.layers) and len(cfg.layers) == 0):
-            logger.warning("SplitConfig.layers is %r: nothing is split", cfg.layers)
-        selected, matches = select_layers(source.skel, cfg.layers)
-        available = tuple(source.layers)
-        unmatched = [k for k, v in matches.items() if not v]
-        if unmatched:
-            msg = (
-                f"SplitConfig.layers pattern(s) {unmatched} matched no layer; available layer "
-                f"paths: {list(available) or '(none: the tree holds no kernel/embedding)'}"
-            )
-            if cfg.strict:
-                raise ValueError(msg)
-            logger.warning(msg)
+        selected, matches, available = resolve_selection(source.skel, cfg)
         paths = [lay.path for lay in selected]
         if isinstance(plan, Mapping):
             for p, c in plan.items():
@@ -505,17 +499,7 @@ def split_checkpoint(
                     f"plan names path(s) {extra} that cfg.layers does not select; selected: {paths}"
                 )
         for lay in selected:
-            if lay.branches:
-                raise ValueError(
-                    f"layer {lay.path!r} is already split into {lay.branches} branches; "
-                    f"merge it first (splitting a split tree is not supported)"
-                )
-            dt = lay.array.dtype
-            if not jnp.issubdtype(dt, jnp.floating):
-                raise TypeError(
-                    f"layer {lay.path!r}: {lay.weight} has dtype {dt}; only floating "
-                    f"kernels (float16, bfloat16, float32, float64) can be split"
-                )
+            check_layer(lay)  # already split / not floating: raise before any write
         state.update(matches=matches, available=available, paths=paths, plans={})
 
         def split_one(path: str) -> Callable[[dict], dict]:
@@ -555,6 +539,40 @@ def split_checkpoint(
         out, out_fmt, report, (), n, _size_on_disk(pathlib.Path(src)), _size_on_disk(out),
         largest, sr, sw, secs,
     )  # fmt: skip
+
+
+def plan_checkpoint(src: str | os.PathLike, cfg: SplitConfig, *, fmt: str | None = None):
+    """The dry run of ``split_checkpoint``: the ``SplitReport`` that ``match_layers`` gives
+    for the whole checkpoint, reading one selected layer at a time and writing nothing.
+
+    Raises:
+      As ``split_checkpoint`` (unmatched patterns, split or non-float layers, non-finite
+      values) and ``io.load``.
+
+    Example:
+      >>> import tempfile, numpy as np, jaxsplit as js
+      >>> d = tempfile.mkdtemp()
+      >>> w = np.array([[0.5, 4.0]], np.float32)
+      >>> _ = io.save({"Dense_0": {"kernel": w}, "Dense_1": {"kernel": w / 8}}, f"{d}/in.npz")
+      >>> rep = plan_checkpoint(f"{d}/in.npz", js.SplitConfig(layers=["*"], threshold=1.0))
+      >>> [(q.path, q.action, q.n_split) for q in rep.layers]
+      [('Dense_0', 'split', 1), ('Dense_1', 'skip', 0)]
+    """
+    if not isinstance(cfg, SplitConfig):
+        raise TypeError(f"cfg must be a SplitConfig, got {type(cfg).__name__}")
+    with io.open_checkpoint(src, fmt=fmt) as reader:
+        source = _Source(reader)
+        selected, matches, available = resolve_selection(source.skel, cfg)
+        for lay in selected:
+            check_layer(lay)
+        chosen = {lay.path for lay in selected}
+        plans = []
+        for path, _, leaves in source.units:
+            if path not in chosen:
+                continue
+            one = dataclasses.replace(cfg, layers=_exact(path), strict=True)
+            plans.append(match_layers(source.read_subtree(leaves), one).layers[0])
+    return SplitReport(matches, tuple(plans), available)
 
 
 def _with_device_weight(sub: dict, keys: tuple) -> dict:

@@ -9,7 +9,7 @@ import os
 from jaxsplit import io
 from jaxsplit.cli.ui import UsageError
 from jaxsplit.config import SplitConfig
-from jaxsplit.errors import ConfigError, ConfigTypeError
+from jaxsplit.errors import ConfigError, ConfigTypeError, UnmatchedPatternError
 from jaxsplit.quant import QuantSpec
 from jaxsplit.select import select_layers
 from jaxsplit.thresholds import SYNTAX, parse
@@ -19,6 +19,8 @@ __all__ = [
     "add_input_arguments",
     "load_checkpoint",
     "require_layers",
+    "input_format",
+    "unmatched_usage",
     "parse_threshold",
     "add_split_options",
     "split_config",
@@ -88,15 +90,46 @@ def load_checkpoint(path: str, fmt: str | None, what: str = "CKPT") -> dict:
       ...
       jaxsplit.cli.ui.UsageError: CKPT '/nonexistent.npz' does not exist
     """
-    if not os.path.lexists(path):
-        raise UsageError(f"{what} {path!r} does not exist")
-    try:
-        fmt = io.detect_format(path, fmt)
-    except ValueError as e:
-        raise UsageError(f"{what}: {e} (--format)") from None
+    fmt = input_format(path, fmt, what)
     tree = io.load(path, fmt=fmt)
     logger.info("loaded %s (%s)", path, fmt)
     return tree
+
+
+def input_format(path: str, fmt: str | None, what: str = "CKPT") -> str:
+    """The format of an input checkpoint that must exist (``io.detect_format``).
+
+    Raises:
+      UsageError: the path does not exist or its format cannot be told (exit 2).
+
+    Example:
+      >>> input_format("/nonexistent.npz", None)
+      Traceback (most recent call last):
+      ...
+      jaxsplit.cli.ui.UsageError: CKPT '/nonexistent.npz' does not exist
+    """
+    if not os.path.lexists(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    try:
+        return io.detect_format(path, fmt)
+    except ValueError as e:
+        raise UsageError(f"{what}: {e} (--format)") from None
+
+
+def unmatched_usage(e: UnmatchedPatternError, path: str) -> Exception:
+    """The command-line error for an unmatched ``--layers`` pattern: ``UsageError`` (exit
+    2) listing the available paths, or, for a checkpoint without layers, a ``ValueError``
+    (exit 1) saying so.
+
+    Example:
+      >>> str(unmatched_usage(UnmatchedPatternError(["x"], ["d"]), "w.npz"))
+      "--layers pattern(s) ['x'] matched no layer; available: ['d']"
+    """
+    if not e.available:
+        return ValueError(f"checkpoint {path!r} holds no layers (no 'kernel' or 'embedding' array)")
+    return UsageError(
+        f"--layers pattern(s) {list(e.patterns)} matched no layer; available: {list(e.available)}"
+    )
 
 
 def require_layers(tree: dict, path: str) -> dict:

@@ -122,6 +122,7 @@ class SplitConfig:
       verbose: log one INFO line per selected layer on ``logging.getLogger("jaxsplit")``.
 
     Example:
+      >>> from jaxsplit.thresholds import Relative
       >>> cfg = SplitConfig(layers=["Dense_0", "block_*/Conv_0"], threshold=Relative(0.5))
       >>> cfg.layers, cfg.method
       (('Dense_0', 'block_*/Conv_0'), 'balance')

@@ -26,6 +26,7 @@ from jaxsplit import quant
 from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.measure import extra_nonzero, sqnr_db
 from jaxsplit.quant import QuantSpec
+from jaxsplit.select import select_layers
 from jaxsplit.split import merge_params
 from jaxsplit.tree import branch_weights, find_layers, map_branch_weights, rebuild
 
@@ -109,7 +110,7 @@ class OutputReport:
 
 
 def quantized_weights(
-    params: Mapping, spec: QuantSpec, *, quantize: Callable = quant.quantize
+    params: Mapping, spec: QuantSpec, *, quantize: Callable = quant.quantize, layers=None
 ) -> Mapping:
     """The tree with every layer's weight replaced by ``sum_i Q(W_i)`` (branches merged).
 
@@ -122,6 +123,9 @@ def quantized_weights(
       spec: the weight ``QuantSpec``.
       quantize: ``quant.quantize``, or ``quant.fake_quant`` for a tree to train through
         (straight-through gradients into every branch; see ``jaxsplit.qat``).
+      layers: which layers to quantize, as ``SplitConfig.layers`` (patterns or a
+        predicate); ``None``: every layer. Other layers keep their float weights (split
+        ones are merged).
 
     Returns:
       An unsplit tree of the same container types.
@@ -133,9 +137,9 @@ def quantized_weights(
       >>> quantized_weights(p, QuantSpec(bits=2))["d"]["kernel"].tolist()
       [0.0, 2.0]
     """
+    chosen = find_layers(params).values() if layers is None else select_layers(params, layers)[0]
     replacements = {
-        layer.keys: map_branch_weights(layer, lambda w: quantize(w, spec))
-        for layer in find_layers(params).values()
+        layer.keys: map_branch_weights(layer, lambda w: quantize(w, spec)) for layer in chosen
     }
     return merge_params(rebuild(params, replacements))
 

@@ -57,6 +57,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxsplit.errors import ConfigError, ConfigTypeError
+
 __all__ = [
     "QuantSpec",
     "QParams",
@@ -103,7 +105,7 @@ class QuantSpec:
       >>> QuantSpec(bits=1)
       Traceback (most recent call last):
       ...
-      ValueError: QuantSpec.bits must be an int in [2, 16], got 1
+      jaxsplit.errors.ConfigError: QuantSpec.bits must be an int in [2, 16], got 1
     """
 
     bits: int = 8
@@ -116,41 +118,63 @@ class QuantSpec:
     def __post_init__(self):
         b = self.bits
         if isinstance(b, bool) or not isinstance(b, int):
-            raise TypeError(
-                f"QuantSpec.bits must be an int in [2, 16], got {b!r} ({type(b).__name__})"
+            raise ConfigTypeError(
+                "QuantSpec",
+                "bits",
+                f"QuantSpec.bits must be an int in [2, 16], got {b!r} ({type(b).__name__})",
             )
         if not 2 <= b <= 16:
-            raise ValueError(f"QuantSpec.bits must be an int in [2, 16], got {b!r}")
+            raise ConfigError(
+                "QuantSpec", "bits", f"QuantSpec.bits must be an int in [2, 16], got {b!r}"
+            )
         for name in ("symmetric", "narrow_range"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"QuantSpec.{name} must be a bool, got {getattr(self, name)!r}")
+                raise ConfigTypeError(
+                    "QuantSpec",
+                    name,
+                    f"QuantSpec.{name} must be a bool, got {getattr(self, name)!r}",
+                )
         if not isinstance(self.granularity, str) or self.granularity not in GRANULARITIES:
-            raise ValueError(
+            raise ConfigError(
+                "QuantSpec",
+                "granularity",
                 f"QuantSpec.granularity must be one of {list(GRANULARITIES)}, "
-                f"got {self.granularity!r}"
+                f"got {self.granularity!r}",
             )
         if isinstance(self.axis, bool) or not isinstance(self.axis, int):
-            raise TypeError(f"QuantSpec.axis must be an int (e.g. -1), got {self.axis!r}")
+            raise ConfigTypeError(
+                "QuantSpec", "axis", f"QuantSpec.axis must be an int (e.g. -1), got {self.axis!r}"
+            )
         g = self.group_size
         if self.granularity != "per_group":
             if g is not None:
-                raise ValueError(
+                raise ConfigError(
+                    "QuantSpec",
+                    "group_size",
                     f"QuantSpec.group_size is only valid with granularity='per_group', got "
-                    f"group_size={g!r} with granularity={self.granularity!r} (leave it None)"
+                    f"group_size={g!r} with granularity={self.granularity!r} (leave it None)",
                 )
             return
         if g is None:
-            raise ValueError(
+            raise ConfigError(
+                "QuantSpec",
+                "group_size",
                 "QuantSpec.group_size is required with granularity='per_group' "
-                "(an int >= 1, e.g. 128), got None"
+                "(an int >= 1, e.g. 128), got None",
             )
         if isinstance(g, bool) or not isinstance(g, int):
-            raise TypeError(
+            raise ConfigTypeError(
+                "QuantSpec",
+                "group_size",
                 f"QuantSpec.group_size must be an int >= 1 (e.g. 128), got {g!r} "
-                f"({type(g).__name__})"
+                f"({type(g).__name__})",
             )
         if g < 1:
-            raise ValueError(f"QuantSpec.group_size must be an int >= 1 (e.g. 128), got {g!r}")
+            raise ConfigError(
+                "QuantSpec",
+                "group_size",
+                f"QuantSpec.group_size must be an int >= 1 (e.g. 128), got {g!r}",
+            )
 
     @property
     def qmax(self) -> int:

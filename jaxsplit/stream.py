@@ -476,7 +476,7 @@ def split_checkpoint(
       True
     """
     if not isinstance(cfg, SplitConfig):
-        raise TypeError(f"cfg must be a SplitConfig, got {type(cfg).__name__}")
+        raise TypeError(f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}")
     below = sparse_io.check_sparse_below(sparse_below)
     _check_progress(progress)
     if plan is not None and not (isinstance(plan, Mapping) or callable(plan)):
@@ -492,7 +492,9 @@ def split_checkpoint(
         if isinstance(plan, Mapping):
             for p, c in plan.items():
                 if not isinstance(c, SplitConfig):
-                    raise TypeError(f"plan[{p!r}] must be a SplitConfig, got {type(c).__name__}")
+                    raise TypeError(
+                        f"plan[{p!r}] must be a jaxsplit.SplitConfig, got {type(c).__name__}"
+                    )
             extra = sorted(set(plan) - set(paths))
             if extra:
                 raise ValueError(
@@ -511,7 +513,7 @@ def split_checkpoint(
                     layer_cfg = cfg
                 elif not isinstance(layer_cfg, SplitConfig):
                     raise TypeError(
-                        f"plan({path!r}, ...) must return a SplitConfig or None, got "
+                        f"plan({path!r}, ...) must return a jaxsplit.SplitConfig or None, got "
                         f"{type(layer_cfg).__name__}"
                     )
                 one = dataclasses.replace(layer_cfg, layers=_exact(path), strict=True)
@@ -559,7 +561,7 @@ def plan_checkpoint(src: str | os.PathLike, cfg: SplitConfig, *, fmt: str | None
       [('Dense_0', 'split', 1), ('Dense_1', 'skip', 0)]
     """
     if not isinstance(cfg, SplitConfig):
-        raise TypeError(f"cfg must be a SplitConfig, got {type(cfg).__name__}")
+        raise TypeError(f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}")
     with io.open_checkpoint(src, fmt=fmt) as reader:
         source = _Source(reader)
         selected, matches, available = resolve_selection(source.skel, cfg)

@@ -192,7 +192,7 @@ def test_debug_shows_traceback(ckpt, capsys):
 def test_readme_cli_examples_run(tmp_path, monkeypatch, capsys):
     text = (ROOT / "README.md").read_text()
     section = text.split("## Checkpoints and the command line", 1)[1].split("\n## ", 1)[0]
-    (python,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    python = re.findall(r"```python\n(.*?)```", section, re.S)[0]  # the checkpoint it uses
     (bash,) = re.findall(r"```bash\n(.*?)```", section, re.S)
     monkeypatch.chdir(tmp_path)
     exec(compile(python, "README.md", "exec"), {})

@@ -170,7 +170,8 @@ def test_quant_embed_lookup_and_attend():
     v = np_init(model, ids)
     v2 = js.split_params(v, js.SplitConfig(layers=["Embed_0"], threshold=js.Relative(0.3)))
     _close(
-        js.linen.apply(model, v2, ids, weight_fn=_q), model.apply(js.merge_params(_quantized(v2)), ids)
+        js.linen.apply(model, v2, ids, weight_fn=_q),
+        model.apply(js.merge_params(_quantized(v2)), ids),
     )
     _close(js.linen.apply(model, v, ids, weight_fn=_q), model.apply(_quantized(v), ids))
 
@@ -198,7 +199,9 @@ def test_split_module_in_a_model_with_quant():
     _close(js.linen.apply(net, v, X), Plain().apply(merged, X))
     _close(net.apply(v, X), Plain().apply(merged, X))
     # quant reaches Split's branches one by one, and the plain layer
-    _close(js.linen.apply(net, v, X, weight_fn=_q), Plain().apply(js.merge_params(_quantized(v)), X))
+    _close(
+        js.linen.apply(net, v, X, weight_fn=_q), Plain().apply(js.merge_params(_quantized(v)), X)
+    )
     # a checkpoint of the plain model loads into the Split model through split_params
     pv = np_init(Plain(), X, seed=4)
     pv2 = js.split_params(pv, js.SplitConfig(layers=["fc"], threshold=js.Relative(0.2)))

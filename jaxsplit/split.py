@@ -41,7 +41,6 @@ from jaxsplit.tree import (
     like,
     make_branches,
     rebuild,
-    unwrap,
     wrap_like,
     x64,
 )

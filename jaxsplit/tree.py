@@ -125,10 +125,10 @@ def check_weights(weights: Any, owner: str = "SplitConfig") -> Weights:
     Example:
       >>> check_weights(["kernel", "w"])
       ('kernel', 'w')
-      >>> check_weights([])
+      >>> check_weights([])  # doctest: +ELLIPSIS
       Traceback (most recent call last):
       ...
-      jaxsplit.errors.ConfigTypeError: SplitConfig.weights must be a non-empty sequence of leaf names (e.g. ('kernel', 'embedding', 'w')) or a callable (path, array) -> bool, got []
+      jaxsplit.errors.ConfigTypeError: SplitConfig.weights must be a non-empty sequence ..., got []
     """
     if callable(weights) and not isinstance(weights, str):
         return weights
@@ -193,9 +193,8 @@ def weight_leaves(node: Mapping, weights: Weights = WEIGHT_NAMES, path: str = ""
     out = []
     for k, v in raw(node).items():
         leaf_path = f"{path}/{k}" if path else str(k)
-        if leaf_branch_count(v):
-            out.append(k)
-        elif not isinstance(v, Mapping) and is_array(v) and _is_weight(weights, k, leaf_path, v):
+        plain = not isinstance(v, Mapping) and is_array(v)
+        if leaf_branch_count(v) or (plain and _is_weight(weights, k, leaf_path, v)):
             out.append(k)
     return out
 

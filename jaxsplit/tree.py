@@ -42,6 +42,7 @@ __all__ = [
     "check_weights",
     "weight_leaves",
     "leaf_branch_count",
+    "split_weight",
     "find_layers",
     "params_root",
     "unwrap",
@@ -213,9 +214,16 @@ def weight_name(node: Mapping, weights: Weights = WEIGHT_NAMES, path: str = "") 
     return None
 
 
-def _split_weight(node: Mapping, weights: Weights, path: str) -> str | None:
+def split_weight(node: Mapping, weights: Weights = WEIGHT_NAMES, path: str = "") -> str | None:
     """The weight of a node-level split: named by ``weights`` in ``branch_0``, else the one
-    array leaf every branch holds (branches >= 1 hold only the weight)."""
+    array leaf every branch holds (branches >= 1 hold only the weight).
+
+    Example:
+      >>> import numpy as np
+      >>> split_weight({"branch_0": {"w": np.ones(2), "b": np.ones(2)},
+      ...               "branch_1": {"w": np.ones(2)}})
+      'w'
+    """
     b0 = raw(node["branch_0"])
     named = weight_leaves(b0, weights, path)
     if named:
@@ -253,7 +261,7 @@ def branch_count(node: Mapping, weights: Weights = WEIGHT_NAMES, path: str = "")
             f"split layer has branches {sorted(keys)}; expected branch_0 … "
             f"branch_{{k-1}} with k >= 2"
         )
-    w = _split_weight(node, weights, path)
+    w = split_weight(node, weights, path)
     for k in keys:
         b = node[k]
         if not isinstance(b, Mapping) or w is None or w not in b or not is_array(b[w]):
@@ -342,7 +350,7 @@ def find_layers(tree: Mapping, weights: Weights = WEIGHT_NAMES) -> dict[str, Lay
             except ValueError as e:
                 raise ValueError(f"{path}: {e}") from None
             if n:
-                w = _split_weight(raw(child), weights, path)
+                w = split_weight(raw(child), weights, path)
                 found[path] = Layer(path, ck, child, w, n)
                 continue
             leaves = weight_leaves(child, weights, path)

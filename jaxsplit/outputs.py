@@ -27,7 +27,14 @@ from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.measure import extra_nonzero, sqnr_db
 from jaxsplit.quant import QuantSpec
 from jaxsplit.split import merge_params
-from jaxsplit.tree import branch_weights, find_layers, map_branch_weights, rebuild
+from jaxsplit.tree import (
+    WEIGHT_NAMES,
+    Weights,
+    branch_weights,
+    find_layers,
+    map_branch_weights,
+    rebuild,
+)
 
 __all__ = ["OutputError", "LayerOutput", "OutputReport", "quantized_weights", "evaluate_outputs"]
 
@@ -109,7 +116,11 @@ class OutputReport:
 
 
 def quantized_weights(
-    params: Mapping, spec: QuantSpec, *, quantize: Callable = quant.quantize
+    params: Mapping,
+    spec: QuantSpec,
+    *,
+    quantize: Callable = quant.quantize,
+    weights: Weights = WEIGHT_NAMES,
 ) -> Mapping:
     """The tree with every layer's weight replaced by ``sum_i Q(W_i)`` (branches merged).
 
@@ -122,6 +133,8 @@ def quantized_weights(
       spec: the weight ``QuantSpec``.
       quantize: ``quant.quantize``, or ``quant.fake_quant`` for a tree to train through
         (straight-through gradients into every branch; see ``jaxsplit.qat``).
+      weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
+        predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
 
     Returns:
       An unsplit tree of the same container types.
@@ -135,15 +148,15 @@ def quantized_weights(
     """
     replacements = {
         layer.keys: map_branch_weights(layer, lambda w: quantize(w, spec))
-        for layer in find_layers(params).values()
+        for layer in find_layers(params, weights).values()
     }
     return merge_params(rebuild(params, replacements))
 
 
-def _weight_counts(params2: Mapping) -> tuple[int, int]:
+def _weight_counts(params2: Mapping, weights) -> tuple[int, int]:
     """``(extra non-zeros, values)`` over every layer weight of a (split) tree."""
     extra, size = 0, 0
-    for layer in find_layers(params2).values():
+    for layer in find_layers(params2, weights).values():
         ws = branch_weights(layer)
         size += int(ws[0].size)
         if layer.branches:
@@ -280,6 +293,7 @@ def evaluate_outputs(
     act_bits: int | None = None,
     *,
     apply_kwargs: Mapping | None = None,
+    weights: Weights = WEIGHT_NAMES,
 ) -> OutputReport:
     """Float output vs fake-quantized outputs of the original and the split model.
 
@@ -297,6 +311,8 @@ def evaluate_outputs(
       spec: weight ``QuantSpec``.
       act_bits: activation bits (2–16) or ``None`` for float activations.
       apply_kwargs: keyword arguments for every call (e.g. ``{"train": False}``).
+      weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
+        predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
 
     Returns:
       An ``OutputReport``.
@@ -348,8 +364,8 @@ def evaluate_outputs(
         for path, (m, _) in zip(paths, float_calls, strict=True):
             amax[path] = jnp.maximum(amax.get(path, 0.0), m)
         act = {path: m / act_spec.qmax for path, m in amax.items()}
-    yb, calls_b = run(quantized_weights(params, spec), act, args)
-    ya, calls_a = run(quantized_weights(params2, spec), act, args)
+    yb, calls_b = run(quantized_weights(params, spec, weights=weights), act, args)
+    ya, calls_a = run(quantized_weights(params2, spec, weights=weights), act, args)
     layers = []
     for path, (_, f), (_, b), (_, a) in zip(paths, float_calls, calls_b, calls_a, strict=True):
         layers.append(LayerOutput(path, _layer_sqnr(f, b), _layer_sqnr(f, a)))
@@ -360,7 +376,7 @@ def evaluate_outputs(
         _output_error(y, yb),
         _output_error(y, ya),
         tuple(layers),
-        *_weight_counts(params2),
+        *_weight_counts(params2, weights),
     )
 
 

@@ -171,7 +171,7 @@ def split_model(model: nnx.Module, cfg: SplitConfig) -> nnx.Module:
     _check_model(model)
     state = nnx.state(model)
     state2 = split_params(state, cfg)
-    before = find_layers(state)
+    before = find_layers(state, cfg.weights)
     new = [lay for p, lay in find_layers(state2).items() if lay.branches and not before[p].branches]
     for layer in new:  # check every layer before copying anything
         module = _module_at(model, layer.keys)[2]
@@ -229,15 +229,15 @@ def merge_model(model2: nnx.Module) -> nnx.Module:
     return model
 
 
-def _transformed_state(model: nnx.Module, state, weight_fn: Callable) -> Any:
-    """``state`` with ``weight_fn`` applied to every layer weight, each branch on its own."""
+def _transformed_state(model: nnx.Module, state, weight_fn: Callable, weights) -> Any:
+    """``state`` with ``weight_fn`` applied to every layer weight, each branch on its own
+    (any module: the module then sees ``weight_fn(W)``)."""
     replacements = {}
-    for layer in find_layers(state).values():
-        module = _module_at(model, layer.keys)[2]
-        if layer.branches and not isinstance(module, Split):
-            raise unsupported_error(layer.path, module, SUPPORTED, "it holds split weights")
-        if not layer.branches:
-            _spec(module, layer.path, "weight_fn= was given and it owns a weight")
+    for layer in find_layers(state, weights).values():
+        if layer.branches:
+            module = _module_at(model, layer.keys)[2]
+            if not isinstance(module, Split):
+                raise unsupported_error(layer.path, module, SUPPORTED, "it holds split weights")
         replacements[layer.keys] = map_branch_weights(layer, weight_fn)
     return rebuild(state, replacements)
 
@@ -332,9 +332,8 @@ def apply(
     if params is not None:
         graphdef, pstate, rest = nnx.split(model, nnx.Param, ...)
         summed = _summed_state(params, weight_fn, weights)
-        pure = summed.to_pure_dict() if hasattr(summed, "to_pure_dict") else summed
-        pure = pure.get("params", pure) if not isinstance(model, Mapping) else pure
-        pstate.replace_by_pure_dict(_params_only(pure, pstate.to_pure_dict()))
+        pure = nnx.to_pure_dict(summed) if isinstance(summed, nnx.State) else summed
+        nnx.replace_by_pure_dict(pstate, _params_only(pure, nnx.to_pure_dict(pstate)))
         qmodel = nnx.merge(graphdef, pstate, rest)
         out = getattr(qmodel, method)(*args, **kwargs)
         rest = nnx.state(qmodel, nnx.Not(nnx.Param))
@@ -344,7 +343,7 @@ def apply(
     if weight_fn is None:
         return getattr(model, method)(*args, **kwargs)
     graphdef, state = nnx.split(model)
-    qmodel = nnx.merge(graphdef, _transformed_state(model, state, weight_fn))
+    qmodel = nnx.merge(graphdef, _transformed_state(model, state, weight_fn, weights))
     out = getattr(qmodel, method)(*args, **kwargs)
     nnx.update(model, nnx.state(qmodel, nnx.Not(nnx.Param)))
     return out

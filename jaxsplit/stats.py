@@ -80,7 +80,7 @@ def weight_stats(w) -> tuple[float | None, float | None, float | None, float | N
 
 
 def _kind(path: str, weight: str, ndim: int) -> str:
-    if weight == "embedding":
+    if weight.endswith("embedding"):
         return "embed"
     if ndim == 2:
         return "dense"

@@ -16,6 +16,7 @@ from jaxsplit.cli.common import (
     quant_spec,
     require_layers,
     split_config,
+    weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
 from jaxsplit.split import match_layers, split_with_report
@@ -58,7 +59,7 @@ def _split_run(args: argparse.Namespace, ui: UI) -> int:
     cfg = split_config(args, quant_spec(args))
     out_fmt = _check_output(args)
     tree = load_checkpoint(args.ckpt, args.format)
-    available = list(require_layers(tree, args.ckpt))
+    available = list(require_layers(tree, args.ckpt, cfg.weights))
     check_patterns(tree, cfg, available)
     if args.dry_run:
         report = match_layers(tree, cfg)
@@ -86,6 +87,7 @@ def _print_split(args, ui: UI, cfg, report, out_fmt) -> None:
                     "method": cfg.method,
                     "branches": cfg.branches,
                     "seed": cfg.seed,
+                    "weights": list(weights(args)),
                 },
                 **report.to_dict(),
             }

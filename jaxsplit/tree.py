@@ -318,7 +318,7 @@ def find_layers(tree: Mapping, weights: Weights = WEIGHT_NAMES) -> dict[str, Lay
         ``('kernel', 'embedding')``) or a predicate ``(leaf_path, array) -> bool``.
         A node holding one weight is a layer at its path; a node holding several is one
         *leaf layer* per weight at ``node/leaf``. Split layers are found whatever
-        ``weights`` says.
+        ``weights`` says. Weights held by the root itself are leaf layers at their names.
 
     Returns:
       ``{path: Layer}``. Layers are not searched for nested layers.
@@ -364,6 +364,8 @@ def find_layers(tree: Mapping, weights: Weights = WEIGHT_NAMES) -> dict[str, Lay
             else:
                 walk(child, ck)
 
+    for x in weight_leaves(root, weights):  # weights held by the root node itself
+        found[str(x)] = Layer(str(x), (x,), root, x, leaf_branch_count(raw(root)[x]), True)
     walk(raw(root), ())
     return found
 

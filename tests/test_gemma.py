@@ -184,3 +184,29 @@ def test_quant_error_and_stats_follow_weights(gemma):
 
     rows = layer_stats(v, GEMMA_WEIGHTS)
     assert [r.path for r in rows] == PATHS and rows[1].kind == "w-3d"
+
+
+def test_readme_real_model_code_examples(tmp_path, monkeypatch):
+    """The README's "Real model code" examples run and print what their comments say."""
+    import contextlib
+    import io as _io
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Real model code", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    out = _io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for i, code in enumerate(blocks):
+            exec(compile(code, f"README real model code {i}", "exec"), ns)  # noqa: S102
+    printed = out.getvalue().splitlines()
+    expected = [m for m in re.findall(r"print\(.*\)  # (.*)", section)]
+    assert printed == expected
+    assert not np.allclose(ns["yq"], ns["y2"], atol=1e-3)  # weight_fn did something
+    g = ns["grads"]
+    assert np.array_equal(g["gating_einsum"]["branch_0"][...], g["gating_einsum"]["branch_1"][...])
+    assert (tmp_path / "gemma.npz").exists()

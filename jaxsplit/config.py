@@ -82,6 +82,17 @@ AUTO_METHODS = ("balance", "clip", "grid", "residual")
 LayerPredicate = Callable[[str, Any], bool]
 
 
+class _Default:
+    """The default of ``SplitConfig.threshold``/``method``: resolved in ``__post_init__``
+    (``None`` stays an invalid value, so a forgotten argument is never silently accepted)."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_DEFAULT = _Default()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SplitConfig:
     """What to split, where, and how.
@@ -117,6 +128,7 @@ class SplitConfig:
         at ``node/leaf``, split in place (``jaxsplit.tree``).
 
     Example:
+      >>> from jaxsplit.thresholds import Relative
       >>> cfg = SplitConfig(layers=["Dense_0", "block_*/Conv_0"], threshold=Relative(0.5))
       >>> cfg.layers, cfg.method
       (('Dense_0', 'block_*/Conv_0'), 'balance')
@@ -127,8 +139,8 @@ class SplitConfig:
     """
 
     layers: Sequence[str] | LayerPredicate | None
-    threshold: ThresholdSpec | None = None
-    method: str | None = None
+    threshold: ThresholdSpec = _DEFAULT  # type: ignore[assignment]
+    method: str = _DEFAULT  # type: ignore[assignment]
     branches: int = 2
     spec: quant.QuantSpec | None = None
     seed: int = 0
@@ -141,7 +153,12 @@ class SplitConfig:
         object.__setattr__(self, "layers", _check_layers(self.layers))
         object.__setattr__(self, "weights", check_weights(self.weights, "SplitConfig"))
         m, th = self.method, self.threshold
-        if m is not None and (not isinstance(m, str) or m not in CONFIG_METHODS):
+        m = None if m is _DEFAULT else m
+        if (
+            m is None
+            and self.method is not _DEFAULT
+            or (m is not None and (not isinstance(m, str) or m not in CONFIG_METHODS))
+        ):
             raise ConfigError(
                 "SplitConfig",
                 "method",
@@ -155,7 +172,7 @@ class SplitConfig:
                 f"SplitConfig.spec must be a jaxsplit.QuantSpec or None, got {q!r} "
                 f"({type(q).__name__})",
             )
-        if th is None:
+        if th is _DEFAULT:
             if m == "auto" and q is None:
                 raise ConfigError(
                     "SplitConfig",

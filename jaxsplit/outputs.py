@@ -26,6 +26,7 @@ from jaxsplit import quant
 from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.measure import extra_nonzero, sqnr_db
 from jaxsplit.quant import QuantSpec
+from jaxsplit.select import select_layers
 from jaxsplit.split import merge_params
 from jaxsplit.tree import (
     WEIGHT_NAMES,
@@ -120,6 +121,7 @@ def quantized_weights(
     spec: QuantSpec,
     *,
     quantize: Callable = quant.quantize,
+    layers=None,
     weights: Weights = WEIGHT_NAMES,
 ) -> Mapping:
     """The tree with every layer's weight replaced by ``sum_i Q(W_i)`` (branches merged).
@@ -133,6 +135,9 @@ def quantized_weights(
       spec: the weight ``QuantSpec``.
       quantize: ``quant.quantize``, or ``quant.fake_quant`` for a tree to train through
         (straight-through gradients into every branch; see ``jaxsplit.qat``).
+      layers: which layers to quantize, as ``SplitConfig.layers`` (patterns or a
+        predicate); ``None``: every layer. Other layers keep their float weights (split
+        ones are merged).
       weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
         predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
 
@@ -146,9 +151,12 @@ def quantized_weights(
       >>> quantized_weights(p, QuantSpec(bits=2))["d"]["kernel"].tolist()
       [0.0, 2.0]
     """
+    if layers is None:
+        chosen = find_layers(params, weights).values()
+    else:
+        chosen = select_layers(params, layers, weights)[0]
     replacements = {
-        layer.keys: map_branch_weights(layer, lambda w: quantize(w, spec))
-        for layer in find_layers(params, weights).values()
+        layer.keys: map_branch_weights(layer, lambda w: quantize(w, spec)) for layer in chosen
     }
     return merge_params(rebuild(params, replacements))
 

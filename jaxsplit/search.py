@@ -245,11 +245,14 @@ def _search(w, key, budget, *, spec, candidates: int, method: str, branches: int
         "mse": jnp.where(do_split, mse[mi, ti], mse0),
         "mse_unsplit": mse0,
         "extra_nonzero": jnp.where(do_split, extra[mi, ti], 0),
+        "size": w.size,
     }
     return ws, info
 
 
-def choice(info: dict, methods: tuple[str, ...], candidates: int, *, size: int) -> AutoChoice:
+def choice(
+    info: dict, methods: tuple[str, ...], candidates: int, *, size: int | None = None
+) -> AutoChoice:
     """An ``AutoChoice`` from ``search``'s concrete ``info`` (a host sync).
 
     Example:
@@ -268,6 +271,6 @@ def choice(info: dict, methods: tuple[str, ...], candidates: int, *, size: int) 
         mse=float(info["mse"]),
         mse_unsplit=float(info["mse_unsplit"]),
         extra_nonzero=int(info["extra_nonzero"]),
-        extra_fraction=int(info["extra_nonzero"]) / max(size, 1),
+        extra_fraction=int(info["extra_nonzero"]) / max(int(info.get("size", size)), 1),
         candidates=len(methods) * candidates,
     )

@@ -387,9 +387,9 @@ def _rule(cfg: SplitConfig, w) -> tuple[str, float, int | None]:
     return t.kind, t.value, axis
 
 
-def _stats(w, kind, value, axis):
+def _stats(w, kind, value, axis, key=None, **method):
     with x64(w.dtype):
-        return programs.stats(w, value, kind=kind, axis=axis)
+        return programs.stats(w, value, key, kind=kind, axis=axis, **method)
 
 
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
@@ -434,7 +434,10 @@ def _donatable(w, seen: dict[int, int]) -> bool:
 
 
 def _dispatch_stats(todo: list[Layer], cfg: SplitConfig) -> list:
-    return [_stats(layer.array, *_rule(cfg, layer.array)) for layer in todo]
+    return [
+        _stats(layer.array, *_rule(cfg, layer.array), _key(cfg, layer), **_method_args(cfg))
+        for layer in todo
+    ]
 
 
 def _host_stats(todo: list[Layer], stats: list, cfg: SplitConfig) -> list[tuple]:

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from jaxsplit import Relative, SplitConfig, match_layers, quant, quant_error, split_params
-from jaxsplit.demo import DemoConfig, DemoResult, markdown, plot, run_demo, simulated_weights, variants
+from jaxsplit.demo import (
+    DemoConfig,
+    DemoResult,
+    markdown,
+    plot,
+    run_demo,
+    simulated_weights,
+    variants,
+)
 from jaxsplit.demo.model import DigitsCNN, load_digits_split
 from jaxsplit.quant import QuantSpec
 
@@ -50,7 +58,7 @@ def test_default_variants():
     spec = QuantSpec(bits=4)
     auto = vs[4].make(spec)
     assert auto.method == "auto" and auto.threshold == Auto(spec, candidates=16, max_extra=0.02)
-    assert vs[6].make(spec).quant == spec and vs[6].uses_spec and not vs[5].uses_spec
+    assert vs[6].make(spec).spec == spec and vs[6].uses_spec and not vs[5].uses_spec
     assert vs[0].make(spec) is None
 
 

@@ -9,7 +9,7 @@ import os
 from jaxsplit import io
 from jaxsplit.cli.ui import UsageError
 from jaxsplit.config import SplitConfig
-from jaxsplit.errors import ConfigError, ConfigTypeError
+from jaxsplit.errors import ConfigError, ConfigTypeError, UnmatchedPatternError
 from jaxsplit.quant import QuantSpec
 from jaxsplit.select import select_layers
 from jaxsplit.thresholds import SYNTAX, parse
@@ -20,6 +20,8 @@ __all__ = [
     "weights",
     "load_checkpoint",
     "require_layers",
+    "input_format",
+    "unmatched_usage",
     "parse_threshold",
     "add_split_options",
     "split_config",
@@ -39,6 +41,15 @@ FLAGS = {
     "branches": "--branches",
     "spec": "--bits",
     "text": "--threshold",
+}
+#: ``QuantSpec`` fields and their flags.
+QUANT_FLAGS = {
+    "bits": "--bits",
+    "granularity": "--per-channel",
+    "group_size": "--group-size",
+    "axis": "--axis",
+    "symmetric": "--asymmetric",
+    "narrow_range": "--full-range",
 }
 
 
@@ -106,15 +117,49 @@ def load_checkpoint(path: str, fmt: str | None, what: str = "CKPT") -> dict:
       ...
       jaxsplit.cli.ui.UsageError: CKPT '/nonexistent.npz' does not exist
     """
-    if not os.path.lexists(path):
-        raise UsageError(f"{what} {path!r} does not exist")
-    try:
-        fmt = io.detect_format(path, fmt)
-    except ValueError as e:
-        raise UsageError(f"{what}: {e} (--format)") from None
+    fmt = input_format(path, fmt, what)
     tree = io.load(path, fmt=fmt)
     logger.info("loaded %s (%s)", path, fmt)
     return tree
+
+
+def input_format(path: str, fmt: str | None, what: str = "CKPT") -> str:
+    """The format of an input checkpoint that must exist (``io.detect_format``).
+
+    Raises:
+      UsageError: the path does not exist or its format cannot be told (exit 2).
+
+    Example:
+      >>> input_format("/nonexistent.npz", None)
+      Traceback (most recent call last):
+      ...
+      jaxsplit.cli.ui.UsageError: CKPT '/nonexistent.npz' does not exist
+    """
+    if not os.path.lexists(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    try:
+        return io.detect_format(path, fmt)
+    except ValueError as e:
+        raise UsageError(f"{what}: {e} (--format)") from None
+
+
+def unmatched_usage(e: UnmatchedPatternError, path: str) -> Exception:
+    """The command-line error for an unmatched ``--layers`` pattern: ``UsageError`` (exit
+    2) listing the available paths, or, for a checkpoint without layers, a ``ValueError``
+    (exit 1) saying so.
+
+    Example:
+      >>> str(unmatched_usage(UnmatchedPatternError(["x"], ["d"]), "w.npz"))
+      "--layers pattern(s) ['x'] matched no layer; available: ['d']"
+    """
+    if not e.available:
+        return ValueError(
+            f"checkpoint {path!r} holds no layers (no 'kernel' or 'embedding' array; name "
+            f"its weights with --weights)"
+        )
+    return UsageError(
+        f"--layers pattern(s) {list(e.patterns)} matched no layer; available: {list(e.available)}"
+    )
 
 
 def require_layers(tree: dict, path: str, names: tuple[str, ...] = WEIGHT_NAMES) -> dict:
@@ -158,7 +203,7 @@ def parse_threshold(text: str, flag: str = "--threshold"):
     try:
         return parse(text)
     except (ConfigError, ConfigTypeError) as e:
-        raise UsageError(f"{flag}: {e}") from None
+        raise UsageError(f"{flag} {e}") from None
 
 
 def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -216,10 +261,11 @@ def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
         raise UsageError("--threshold is required with --layers")
     threshold = parse_threshold(args.threshold)
     try:
+        method = {} if args.method is None else {"method": args.method}
         return SplitConfig(
             layers=tuple(args.layers),
             threshold=threshold,
-            method=args.method,
+            **method,
             branches=getattr(args, "branches", 2),
             spec=spec,
             seed=args.seed,
@@ -255,9 +301,10 @@ def check_patterns(tree: dict, cfg, available: list[str]) -> None:
 def add_quant_options(
     p: argparse.ArgumentParser, *, many_bits: bool = False, bits_default: int | None = 8
 ) -> None:
-    """Adds ``--bits`` (one, or several with ``many_bits``), ``--per-channel``, ``--axis``,
-    ``--asymmetric`` and ``--full-range``: every ``QuantSpec`` option. ``bits_default=None``
-    makes ``--bits`` optional (``args.bits is None`` when not given).
+    """Adds ``--bits`` (one, or several with ``many_bits``), ``--per-channel``,
+    ``--group-size``, ``--axis``, ``--asymmetric`` and ``--full-range``: every ``QuantSpec``
+    option. ``bits_default=None`` makes ``--bits`` optional (``args.bits is None`` when not
+    given).
 
     Example:
       >>> p = argparse.ArgumentParser()
@@ -274,6 +321,10 @@ def add_quant_options(
             help="integer bit width" + (f" (default {bits_default})" if bits_default else ""),
         )  # fmt: skip
     p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    p.add_argument(
+        "--group-size", type=int, metavar="G",
+        help="one scale per G consecutive inputs of each output channel (per group)",
+    )  # fmt: skip
     p.add_argument("--axis", type=int, default=-1, help="channel axis (default -1, the last)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point)")
     p.add_argument("--full-range", action="store_true", help="use -2^(b-1) too (not narrow)")
@@ -291,13 +342,18 @@ def quant_spec(args: argparse.Namespace, bits: int | None = None) -> QuantSpec:
       >>> quant_spec(argparse.Namespace(bits=4, per_channel=True)).granularity
       'per_channel'
     """
+    group = getattr(args, "group_size", None)
+    if group is not None and args.per_channel:
+        raise UsageError("give --per-channel or --group-size, not both")
+    granularity = "per_channel" if args.per_channel else "per_tensor"
     try:
         return QuantSpec(
             bits=args.bits if bits is None else bits,
-            granularity="per_channel" if args.per_channel else "per_tensor",
+            granularity="per_group" if group is not None else granularity,
+            group_size=group,
             axis=getattr(args, "axis", -1),
             symmetric=not getattr(args, "asymmetric", False),
             narrow_range=not getattr(args, "full_range", False),
         )
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--bits/--per-channel/--axis: {e}") from None
+    except (ConfigError, ConfigTypeError) as e:
+        raise UsageError(f"{QUANT_FLAGS.get(e.field, '--bits')}: {e}") from None

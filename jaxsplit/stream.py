@@ -364,7 +364,7 @@ def _run(
         work = prepare(source)  # checks: raises before anything touches the disk
         streamed_write = out_fmt in ("safetensors", "npz")
         if not streamed_write:
-            logger.warning(
+            logger.info(
                 "%s: %s outputs cannot be written one tensor at a time; the output tree is "
                 "collected in memory and saved at the end",
                 dst,

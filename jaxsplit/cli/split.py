@@ -18,6 +18,7 @@ from jaxsplit.cli.common import (
     quant_spec,
     split_config,
     unmatched_usage,
+    weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
 from jaxsplit.errors import UnmatchedPatternError
@@ -101,6 +102,7 @@ def _print_split(args, ui: UI, cfg, report, out_fmt) -> None:
                     "method": cfg.method,
                     "branches": cfg.branches,
                     "seed": cfg.seed,
+                    "weights": list(weights(args)),
                 },
                 **report.to_dict(),
             }

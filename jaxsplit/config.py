@@ -18,7 +18,17 @@ from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.thresholds import Threshold, as_threshold
 from jaxsplit.validate import check_flag, check_int, check_real
 
-__all__ = ["SplitConfig", "Auto", "ThresholdSpec", "CONFIG_METHODS", "AUTO_METHODS"]
+__all__ = [
+    "SplitConfig",
+    "Auto",
+    "ThresholdSpec",
+    "CONFIG_METHODS",
+    "AUTO_METHODS",
+    "AUTO_SCOPES",
+]
+
+#: ``Auto.scope`` values: a budget per layer, or one shared by the whole tree.
+AUTO_SCOPES = ("layer", "tree")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +48,12 @@ class Auto:
       candidates: number of thresholds tried per method, 2 to 1024.
       max_extra: budget on extra non-zeros as a fraction of the layer's parameters
         (``0.02`` = 2%), or ``None`` for no budget.
+      scope: ``"layer"`` (default): every layer keeps within ``max_extra`` of its own
+        size; ``"tree"``: at most ``max_extra`` × (the selected layers' parameters)
+        extra non-zeros over the whole tree, spent where they remove the most error
+        (``search.allocate``; needs a ``max_extra``).
+      twin_spec: the ``QuantSpec`` of the sparse twin(s) (mixed precision, e.g. int8
+        twins beside an int4 ``branch_0``); ``None``: ``spec``.
 
     Example:
       >>> from jaxsplit.quant import QuantSpec
@@ -47,11 +63,19 @@ class Auto:
       Traceback (most recent call last):
       ...
       jaxsplit.errors.ConfigError: Auto.candidates must be an int in [2, 1024], got 1
+      >>> Auto(QuantSpec(bits=4), max_extra=0.05, scope="tree").scope
+      'tree'
+      >>> Auto(QuantSpec(bits=4), scope="global")
+      Traceback (most recent call last):
+      ...
+      jaxsplit.errors.ConfigError: Auto.scope must be one of ['layer', 'tree'], got 'global'
     """
 
     spec: quant.QuantSpec
     candidates: int = 64
     max_extra: float | None = None
+    scope: str = "layer"
+    twin_spec: quant.QuantSpec | None = None
 
     def __post_init__(self):
         if not isinstance(self.spec, quant.QuantSpec):
@@ -66,6 +90,27 @@ class Auto:
         )
         if self.max_extra is not None:
             object.__setattr__(self, "max_extra", check_real("Auto", "max_extra", self.max_extra))
+        if not isinstance(self.scope, str) or self.scope not in AUTO_SCOPES:
+            raise ConfigError(
+                "Auto",
+                "scope",
+                f"Auto.scope must be one of {list(AUTO_SCOPES)}, got {self.scope!r}",
+            )
+        if self.scope == "tree" and self.max_extra is None:
+            raise ConfigError(
+                "Auto",
+                "max_extra",
+                "Auto.scope='tree' shares a budget over the tree: give max_extra=F "
+                "(a fraction of the selected layers' parameters), got max_extra=None",
+            )
+        ts = self.twin_spec
+        if ts is not None and not isinstance(ts, quant.QuantSpec):
+            raise ConfigTypeError(
+                "Auto",
+                "twin_spec",
+                f"Auto.twin_spec must be a jaxsplit.QuantSpec or None, got {ts!r} "
+                f"({type(ts).__name__})",
+            )
 
 
 ThresholdSpec = float | Threshold | Auto
@@ -75,7 +120,7 @@ _THRESHOLD_HELP = (
 #: ``SplitConfig.method`` values: the kernels' methods, and ``"auto"`` (search the method).
 CONFIG_METHODS = (*kernels.METHODS, "auto")
 #: The methods ``method="auto"`` chooses from (``grid`` only for symmetric specs).
-AUTO_METHODS = ("balance", "clip", "grid", "residual")
+AUTO_METHODS = ("balance", "clip", "grid", "residual", "snap")
 
 
 LayerPredicate = Callable[[str, Any], bool]

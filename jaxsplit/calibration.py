@@ -14,7 +14,7 @@ grouped/transposed convolutions are not captured (their rows are not ``x W``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import flax.linen as nn
 import jax

@@ -63,7 +63,10 @@ def test_allocate_never_exceeds_budget_nor_loses_to_layer_scope(seed, budget):
     def total(ch):
         return sum(b if i < 0 else s[i] for i, s, b in zip(ch, scores, base, strict=True))
 
-    alt = [search.layer_choice(e, s, b, lb) for e, s, b, lb in zip(extras, scores, base, share)]
+    alt = [
+        search.layer_choice(e, s, b, lb)
+        for e, s, b, lb in zip(extras, scores, base, share, strict=True)
+    ]
     assert total(picks) <= total(alt) + 1e-9
     assert total(picks) <= sum(base) + 1e-9
 
@@ -88,7 +91,7 @@ def test_calibrated_choice_has_no_larger_output_error():
         plain = js.split_params(p, cfg)
         p_cal, rep = js.split_with_report(p, cfg, calibration={"d": cal})
 
-        def out_err(tree):
+        def out_err(tree, cal=cal):
             lay = js.find_layers(tree)["d"]
             ws = [b["kernel"] for k, b in sorted(lay.node.items())] if lay.branches else [w]
             return float(measure.measure(jnp.asarray(w), ws, INT4, calibration=cal).output_error)

@@ -190,3 +190,37 @@ def test_mixed_precision_twin_and_effective_bits():
     nnz = int(np.count_nonzero(np.asarray(p2["l0"]["branch_1"]["kernel"])))
     assert row.effective_bits == pytest.approx(measure.effective_bits(row.n_total, nnz, 4, 8))
     assert ch.effective_bits == pytest.approx(row.effective_bits)
+
+
+def _ckpt(tmp_path):
+    path = str(tmp_path / "w.npz")
+    js.io.save({"params": _tree(2)}, path)
+    return path
+
+
+def test_cli_split_auto_tree_budget_and_calibration(tmp_path, capsys):
+    import json
+
+    from cli_helpers import assert_cli_error, run_cli
+
+    ck = _ckpt(tmp_path)
+    cal = str(tmp_path / "c.npz")
+    np.savez(cal, **{"l0": np.ones(32, "f4"), "l1": np.ones((64, 64), "f4")})
+    out = str(tmp_path / "o.npz")
+    r = run_cli(capsys, "split", ck, out, "--layers", "*", "--threshold", "auto", "--bits", "4",
+                "--budget", "0.03", "--calibration", cal, "--json")  # fmt: skip
+    assert r[0] == 0, r
+    d = json.loads(r[1])
+    extra = sum(lay["auto"]["extra_nonzero"] for lay in d["layers"])
+    assert extra <= 0.03 * sum(lay["n_total"] for lay in d["layers"])
+    assert all(lay["auto"]["budget_share"] is not None for lay in d["layers"])
+    merged = js.merge_params(js.io.load(out))
+    assert np.array_equal(merged["params"]["l2"]["kernel"], _tree(2)["l2"]["kernel"])
+    bad = run_cli(capsys, "split", ck, out, "--layers", "*", "--threshold", "rel:0.5",
+                  "--budget", "0.03")  # fmt: skip
+    assert_cli_error(bad, 2, "--budget needs --threshold auto")
+    r = run_cli(capsys, "sweep", ck, "--thresholds", "auto", "rel:0.5", "--methods", "auto",
+                "clip", "--bits", "4", "--budget", "0.03", "--json")  # fmt: skip
+    assert r[0] == 0, r
+    rows = json.loads(r[1])["rows"]
+    assert {row["threshold"] for row in rows} == {"rel:0.5", "auto:tree"}

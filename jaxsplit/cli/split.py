@@ -12,6 +12,7 @@ from jaxsplit.cli.common import (
     add_quant_options,
     add_split_options,
     check_patterns,
+    load_calibration,
     load_checkpoint,
     quant_spec,
     require_layers,
@@ -60,11 +61,12 @@ def _split_run(args: argparse.Namespace, ui: UI) -> int:
     tree = load_checkpoint(args.ckpt, args.format)
     available = list(require_layers(tree, args.ckpt))
     check_patterns(tree, cfg, available)
+    calibration = load_calibration(args.calibration)
     if args.dry_run:
-        report = match_layers(tree, cfg)
+        report = match_layers(tree, cfg, calibration=calibration)
     else:
         with ui.progress(f"splitting {len(available)} layers"):
-            tree2, report = split_with_report(tree, cfg)
+            tree2, report = split_with_report(tree, cfg, calibration=calibration)
         with ui.progress(f"saving {args.out}"):
             io.save(tree2, args.out, fmt=out_fmt, overwrite=args.overwrite)
     _print_split(args, ui, cfg, report, out_fmt)
@@ -101,6 +103,12 @@ def _split_table(args, ui: UI, report) -> None:
         for p in report.layers
     ]
     cols = ["path", "action", "split", "of", "threshold", "dtype", "reason"]
+    if any(p.auto is not None for p in report.layers):
+        cols += ["method", "extra %", "budget share %", "bits/weight"]
+        for row, p in zip(rows, report.layers, strict=True):
+            a = p.auto
+            share = None if a.budget_share is None else 100 * a.budget_share
+            row += [a.method, 100 * a.extra_fraction, share, a.effective_bits]
     verb = "would split" if args.dry_run else "split"
     title = f"{verb} {len(report.split_paths)} of {len(report.layers)} matched layers"
     table(ui, title, cols, rows)

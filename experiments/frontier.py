@@ -223,7 +223,8 @@ def table(small: bool = False, candidates: int = 32) -> str:
             twin = None if row.twin_bits is None else js.QuantSpec(bits=row.twin_bits)
             cos = "-"
             if net is not None:
-                cos = f"{cosine(net.embed(reconstruct(p2, js.QuantSpec(bits=bits), twin)), net.reference):.4f}"
+                rec = reconstruct(p2, js.QuantSpec(bits=bits), twin)
+                cos = f"{cosine(net.embed(rec), net.reference):.4f}"
             scope = "-" if row.method is None or row.ppq else row.scope
             cal = "E[x²]" if row.calibrated else "-"
             lines.append(
@@ -265,9 +266,18 @@ def main(argv=None) -> int:
     text = table(small=args.small, candidates=args.candidates)
     print(text)
     if args.write:
-        cmd = "python -m experiments.frontier --write"
-        RESULTS.write_text(f"# int4 / int6 frontier\n\nRegenerate: `{cmd}`\n\n{text}\n")
+        RESULTS.write_text(results_markdown(text))
+        readme = README.read_text()
+        if START in readme:
+            head, rest = readme.split(START, 1)
+            README.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
     return 0
+
+
+def results_markdown(text: str) -> str:
+    """The content of ``experiments/results/frontier.md`` for a table ``text``."""
+    cmd = "PYTHONPATH=. python -m experiments.frontier --write"
+    return f"# int4 / int6 frontier\n\nRegenerate: `{cmd}` (also refreshes README.md)\n\n{text}\n"
 
 
 if __name__ == "__main__":

@@ -224,3 +224,37 @@ def test_cli_split_auto_tree_budget_and_calibration(tmp_path, capsys):
     assert r[0] == 0, r
     rows = json.loads(r[1])["rows"]
     assert {row["threshold"] for row in rows} == {"rel:0.5", "auto:tree"}
+
+
+def test_readme_frontier_example_runs():
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### The int4 frontier", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    ns: dict = {}
+    exec(compile(code, "README frontier example", "exec"), ns)  # noqa: S102
+    rep = ns["report"]
+    assert [p.path for p in rep.layers] == ["layers_0", "layers_2"]
+    assert sum(p.auto.extra_nonzero for p in rep.layers) <= 0.05 * (16 * 64 + 64 * 8)
+
+
+def test_frontier_table_small_and_readme_matches_results():
+    import pathlib
+
+    from experiments import frontier
+
+    text = frontier.table(small=True, candidates=8)
+    for bits, budget in frontier.TARGETS:
+        assert f"### int{bits}, budget {budget:.0%} extra non-zeros" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert len(rows) == 2 * (1 + len(frontier.configs(small=True)))
+    for line in rows[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] != "method":
+            assert float(cells[5]) <= 5.0 + 1e-9  # extra % within the largest budget
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split(frontier.START, 1)[1].split(frontier.END, 1)[0].strip()
+    results = frontier.RESULTS.read_text()
+    assert table and table in results

@@ -63,10 +63,12 @@ def configs(small: bool = False) -> list[Row]:
         Row("Auto snap", "snap"),
         Row("Auto auto", "auto"),
         Row("Auto auto", "auto", scope="tree"),
-        Row("Auto auto", "auto", scope="tree", calibrated=True),
-        Row("Auto auto, int8 twin", "auto", scope="tree", calibrated=True, twin_bits=8),
+        Row("Auto snap", "snap", scope="tree"),
+        Row("Auto snap", "snap", scope="tree", calibrated=True),
+        Row("Auto snap, int8 twin", "snap", scope="tree", twin_bits=8),
+        Row("Auto auto, int8 twin", "auto", scope="tree", twin_bits=8),
     ]
-    return rows[:1] + rows[3:4] + rows[5:7] if small else rows
+    return [rows[0], rows[3], rows[6], rows[7]] if small else rows
 
 
 # --- MiniLM (ONNX) ---------------------------------------------------------------------------

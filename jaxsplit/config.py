@@ -126,6 +126,17 @@ AUTO_METHODS = ("balance", "clip", "grid", "residual", "snap")
 LayerPredicate = Callable[[str, Any], bool]
 
 
+class _Default:
+    """The default of ``SplitConfig.threshold``/``method``: resolved in ``__post_init__``
+    (``None`` stays an invalid value, so a forgotten argument is never silently accepted)."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_DEFAULT = _Default()
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SplitConfig:
     """What to split, where, and how.
@@ -156,6 +167,7 @@ class SplitConfig:
       verbose: log one INFO line per selected layer on ``logging.getLogger("jaxsplit")``.
 
     Example:
+      >>> from jaxsplit.thresholds import Relative
       >>> cfg = SplitConfig(layers=["Dense_0", "block_*/Conv_0"], threshold=Relative(0.5))
       >>> cfg.layers, cfg.method
       (('Dense_0', 'block_*/Conv_0'), 'balance')
@@ -166,8 +178,8 @@ class SplitConfig:
     """
 
     layers: Sequence[str] | LayerPredicate | None
-    threshold: ThresholdSpec | None = None
-    method: str | None = None
+    threshold: ThresholdSpec = _DEFAULT  # type: ignore[assignment]
+    method: str = _DEFAULT  # type: ignore[assignment]
     branches: int = 2
     spec: quant.QuantSpec | None = None
     seed: int = 0
@@ -178,7 +190,12 @@ class SplitConfig:
     def __post_init__(self):
         object.__setattr__(self, "layers", _check_layers(self.layers))
         m, th = self.method, self.threshold
-        if m is not None and (not isinstance(m, str) or m not in CONFIG_METHODS):
+        m = None if m is _DEFAULT else m
+        if (
+            m is None
+            and self.method is not _DEFAULT
+            or (m is not None and (not isinstance(m, str) or m not in CONFIG_METHODS))
+        ):
             raise ConfigError(
                 "SplitConfig",
                 "method",
@@ -192,7 +209,7 @@ class SplitConfig:
                 f"SplitConfig.spec must be a jaxsplit.QuantSpec or None, got {q!r} "
                 f"({type(q).__name__})",
             )
-        if th is None:
+        if th is _DEFAULT:
             if m == "auto" and q is None:
                 raise ConfigError(
                     "SplitConfig",

@@ -268,7 +268,7 @@ def grid(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array, jax
     mask = split_mask(w, threshold)
     ft = jnp.promote_types(w.dtype, jnp.float32)
     half = jnp.where(mask, w.astype(ft) / 2, 0)
-    step = quant.scale(half, spec)
+    step = quant.per_element(quant.scale(half, spec), half.shape, spec)
     safe = jnp.where(step > 0, step, jnp.ones_like(step))
     on_grid = (jnp.round(half / safe) * step).astype(w.dtype)
     share = snap_to_ulp(jnp.sign(w) * jnp.minimum(jnp.abs(on_grid), jnp.abs(w)), w)
@@ -351,7 +351,7 @@ def snap(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array, jax
     wf = w.astype(ft)
     sign = jnp.sign(wf)
     excess = jnp.where(mask, wf - sign * t.astype(ft), 0)
-    step = quant.scale(excess, spec)
+    step = quant.per_element(quant.scale(excess, spec), excess.shape, spec)
     safe = jnp.where(step > 0, step, jnp.ones_like(step))
     k = jnp.minimum(jnp.ceil(jnp.abs(excess) / safe), spec.qmax)
     on = k * step
@@ -444,7 +444,7 @@ def split(
 ) -> tuple[jax.Array, ...]:
     """Dispatches to a method by name; returns the branches (``branch_sum == w`` bit for bit).
 
-    This is the one place ``transform`` calls, so new methods only touch this module
+    This is the one place ``split`` (via ``programs``) calls, so new methods only touch this module
     (and ``METHODS``).
 
     Args:

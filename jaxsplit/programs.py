@@ -55,12 +55,19 @@ def _chunk(n: int) -> int:
     return next(c for c in range(min(n, _CHUNK), 0, -1) if n % c == 0)
 
 
-def count_codes(w: jax.Array, threshold) -> jax.Array:
-    """``int32[2]``: values ``split_mask`` selects, and non-finite values, in one pass.
+def count_codes(w: jax.Array, threshold, branches=None) -> jax.Array:
+    """``int32[2]``: values the split divides, and non-finite values, in one pass.
+
+    A value counts as split when a branch other than ``branch_0`` is non-zero there,
+    i.e. what the kernels do, not merely what ``split_mask`` selects: a value whose half
+    XLA flushes to zero (``|w|`` below twice the smallest normal number, on CPU) stays
+    whole on ``branch_0`` and is not counted, nor is a ``clip`` excess that rounds to 0.
 
     Args:
       w: a floating-point kernel (any shape, sharded or not).
       threshold: a scalar, or an array broadcastable to ``w`` (cast to ``w.dtype``).
+      branches: the kernel's branches, to count from (fused into the same pass, nothing
+        is re-read); ``None`` counts what 2-way ``balance`` splits.
 
     Returns:
       ``[n_split, n_nonfinite]`` as an int32 array.
@@ -70,7 +77,9 @@ def count_codes(w: jax.Array, threshold) -> jax.Array:
       >>> count_codes(jnp.array([[0.1, 3.0, jnp.nan, -2.0]]), 1.0).tolist()
       [2, 1]
     """
-    m = kernels.split_mask(w, threshold)
+    if branches is None:
+        branches = balance_fused(w, threshold)
+    m = functools.reduce(jnp.logical_or, [b != 0 for b in branches[1:]])
     code = jnp.where(m, 1, jnp.where(jnp.isfinite(w), 0, _NONFINITE)).astype(jnp.int32)
     if code.ndim == 0:
         code = code.reshape(1)
@@ -101,12 +110,24 @@ def _branches(w, thr, key, method: str, branches: int = 2, spec=None, twin_spec=
     return kernels.split(method, w, thr, key, branches=branches, spec=spec, twin_spec=twin_spec)
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "axis"))
-def stats(w, value, *, kind: str, axis: int | None = None):
+@functools.partial(jax.jit, static_argnames=("kind", "axis", "method", "branches", "spec"))
+def stats(
+    w,
+    value,
+    key=None,
+    *,
+    kind: str,
+    axis: int | None = None,
+    method: str = "balance",
+    branches: int = 2,
+    spec=None,
+):
     """``(int32[2] counts, threshold)`` of one kernel: one compiled read pass.
 
     ``kind`` and ``axis`` (``None``: one threshold; else per index of that axis) are the
-    threshold's static rule (``thresholds.resolve_rule``), ``value`` its data.
+    threshold's static rule (``thresholds.resolve_rule``), ``value`` its data. The counts
+    are those ``fused`` returns for the same method (the branches are computed inside
+    the reduction, never written).
 
     Example:
       >>> import jax.numpy as jnp
@@ -115,7 +136,7 @@ def stats(w, value, *, kind: str, axis: int | None = None):
       ([1, 0], 1.0)
     """
     thr = resolve_rule(kind, value, w, axis)
-    return count_codes(w, thr), thr
+    return count_codes(w, thr, _branches(w, thr, key, method, branches, spec)), thr
 
 
 def _apply(w, thr, key, *, method: str, branches: int = 2, spec=None, twin_spec=None):
@@ -152,7 +173,8 @@ def fused(
       ([2.0], [2.0], [1, 0])
     """
     thr = resolve_rule(kind, value, w, axis)
-    return _branches(w, thr, key, method, branches, spec, twin_spec), count_codes(w, thr), thr
+    ws = _branches(w, thr, key, method, branches, spec, twin_spec)
+    return ws, count_codes(w, thr, ws), thr
 
 
 def _auto(w, key, budget, calibration=None, *, auto_cfg, method: str, branches: int = 2):
@@ -160,7 +182,7 @@ def _auto(w, key, budget, calibration=None, *, auto_cfg, method: str, branches: 
         w, key, auto=auto_cfg, method=method, branches=branches, budget=budget,
         calibration=calibration,
     )  # fmt: skip
-    counts = count_codes(w, info["threshold"])
+    counts = count_codes(w, info["threshold"], ws)
     counts = counts.at[0].set(jnp.where(info["split"], counts[0], 0))
     return ws, counts, info["threshold"], info
 

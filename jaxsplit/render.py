@@ -118,6 +118,8 @@ def _spec_line(report) -> str:
     s = report.spec
     kind = "symmetric" if s.symmetric else "asymmetric"
     gran = s.granularity + (f" (axis {s.axis})" if s.granularity == "per_channel" else "")
+    if s.granularity == "per_group":
+        gran += f" (groups of {s.group_size}, axis {s.axis})"
     rng = "narrow" if s.narrow_range else "full"
     return f"int{s.bits} {kind} {gran}, {rng} range; MSE per element, branches quantized separately"
 
@@ -304,8 +306,8 @@ def sweep_markdown(result: SweepResult) -> str:
       >>> import numpy as np, jaxsplit as js
       >>> w = np.linspace(-1, 1, 64, dtype=np.float32).reshape(8, 8) ** 3
       >>> res = js.sweep({"d": {"kernel": w}}, js.SplitConfig(layers=["d"]), thresholds=[0.5])
-      >>> sweep_markdown(res).splitlines()[0][:30]
-      '| layer | threshold | method | s'
+      >>> sweep_markdown(res).splitlines()[0][:35]
+      '| layer | threshold | method | spec'
     """
     rows = [[_fmt(getattr(r, name), f) for name, _, f in _SWEEP_COLUMNS] for r in result.rows]
     return markdown_table([title for _, title, _ in _SWEEP_COLUMNS], rows, left=4)

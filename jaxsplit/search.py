@@ -510,7 +510,7 @@ def choice(
         mse=float(info["mse"]),
         mse_unsplit=float(info["mse_unsplit"]),
         extra_nonzero=int(info["extra_nonzero"]),
-        extra_fraction=int(info["extra_nonzero"]) / max(size, 1),
+        extra_fraction=int(info["extra_nonzero"]) / max(int(size), 1),
         candidates=len(methods) * candidates,
         output_error=float(info.get("output_error", nan)),
         output_error_unsplit=float(info.get("output_error_unsplit", nan)),

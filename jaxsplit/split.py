@@ -494,9 +494,9 @@ def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration:
         thr = c["thresholds"][ti]
         fn = programs.apply_donated if donate and _donatable(w, seen) else programs.apply
         with x64(w.dtype):
-            n = programs.counts(w, thr)
             ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
                     spec=a.spec, twin_spec=a.twin_spec)  # fmt: skip
+            n = programs.counts(ws[0], thr, ws)  # non-finite values stay on branch_0
         outs.append((ws, n, thr))
     fetched = jax.device_get([(n, t) for _, n, t in outs])
     for layer, h, pick, (ws, _, _), (n, t), size in zip(
@@ -538,9 +538,9 @@ def _rule(cfg: SplitConfig, w) -> tuple[str, float, int | None]:
     return t.kind, t.value, axis
 
 
-def _stats(w, kind, value, axis):
+def _stats(w, kind, value, axis, key=None, **method):
     with x64(w.dtype):
-        return programs.stats(w, value, kind=kind, axis=axis)
+        return programs.stats(w, value, key, kind=kind, axis=axis, **method)
 
 
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
@@ -585,7 +585,10 @@ def _donatable(w, seen: dict[int, int]) -> bool:
 
 
 def _dispatch_stats(todo: list[Layer], cfg: SplitConfig) -> list:
-    return [_stats(layer.array, *_rule(cfg, layer.array)) for layer in todo]
+    return [
+        _stats(layer.array, *_rule(cfg, layer.array), _key(cfg, layer), **_method_args(cfg))
+        for layer in todo
+    ]
 
 
 def _host_stats(todo: list[Layer], stats: list, cfg: SplitConfig) -> list[tuple]:

@@ -276,10 +276,11 @@ def sweep(
             "thresholds",
             "sweep needs thresholds=[...] when cfg.threshold is Auto (Auto is a search)",
         )
-    thresholds = (cfg.threshold,) if thresholds is None else tuple(thresholds)
-    methods = (cfg.method,) if methods is None else tuple(methods)
-    specs = ((cfg.spec or QuantSpec(bits=8)),) if specs is None else tuple(specs)
+    thresholds = (cfg.threshold,) if thresholds is None else thresholds
+    methods = (cfg.method,) if methods is None else methods
+    specs = ((cfg.spec or QuantSpec(bits=8)),) if specs is None else specs
     _check_grid(cfg, thresholds, methods, specs)
+    thresholds, methods, specs = tuple(thresholds), tuple(methods), tuple(specs)
     objs = [as_threshold(t) for t in thresholds]
     selected, _, _ = resolve_selection(params, cfg)
     values = jnp.asarray([t.value for t in objs], jnp.float32)

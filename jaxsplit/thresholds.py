@@ -245,32 +245,29 @@ def parse(text: str) -> Threshold:
 
     Raises:
       ConfigError: unknown prefix, not a number, ``/ch`` on an absolute threshold, or a
-        value the threshold rejects (the message shows the text and the syntax).
+        value the threshold rejects (the message starts with the quoted text and shows
+        the syntax).
 
     Example:
       >>> parse("sigma:3"), parse("0.5"), parse("rel:0.5/ch")
       (Sigma(k=3.0), Absolute(value=0.5), Relative(fraction=0.5, per_channel=True))
     """
     if not isinstance(text, str):
-        raise ConfigTypeError("threshold", "text", f"threshold text must be a str, got {text!r}")
+        raise ConfigTypeError("threshold", "text", f"{text!r}: threshold text must be a str")
     body, per = (text[:-3], True) if text.endswith("/ch") else (text, False)
     prefix, sep, number = body.rpartition(":")
     cls = _BY_PREFIX.get(f"{prefix}:" if sep else "")
     if cls is None:
-        raise ConfigError(
-            "threshold", "text", f"threshold {text!r}: unknown kind {prefix!r}; use {SYNTAX}"
-        )
+        raise ConfigError("threshold", "text", f"{text!r}: unknown kind {prefix!r}; use {SYNTAX}")
     try:
         value = float(number)
     except ValueError:
-        raise ConfigError(
-            "threshold", "text", f"threshold {text!r} is not a number; use {SYNTAX}"
-        ) from None
+        raise ConfigError("threshold", "text", f"{text!r} is not a number; use {SYNTAX}") from None
     if per and cls is Absolute:
-        raise ConfigError(
-            "threshold", "text", f"threshold {text!r}: an absolute threshold has no /ch form"
-        )
+        raise ConfigError("threshold", "text", f"{text!r}: an absolute threshold has no /ch form")
     try:
-        return cls(value) if cls is Absolute else cls(value, per_channel=per)
+        if cls is Absolute:  # a plain number is what SplitConfig.threshold takes
+            return as_threshold(value)
+        return cls(value, per_channel=per)
     except (ConfigError, ConfigTypeError) as e:
-        raise ConfigError("threshold", "text", f"threshold {text!r}: {e}") from None
+        raise ConfigError("threshold", "text", f"{text!r}: {e}") from None

@@ -323,16 +323,23 @@ def rebuild(tree: Mapping, replacements: dict[tuple, Mapping]) -> Mapping:
     _, prefix = params_root(tree)
     full = {(*prefix, *keys): node for keys, node in replacements.items()}
     prefixes = {keys[:i] for keys in full for i in range(len(keys))}
+    return _rebuilt(tree, (), full, prefixes)
 
-    def go(node: Mapping, keys: tuple):
-        if keys in full:
-            return full[keys]
-        if keys not in prefixes:
-            return node
-        items = raw(node).items()
-        return like(node, {k: go(v, (*keys, k)) if isinstance(v, Mapping) else v for k, v in items})
 
-    return go(tree, ())
+def _rebuilt(node: Mapping, keys: tuple, full: dict, prefixes: set) -> Mapping:
+    # a module-level recursion: a nested closure calling itself is a reference cycle that
+    # keeps every replaced array alive until the garbage collector runs
+    if keys in full:
+        return full[keys]
+    if keys not in prefixes:
+        return node
+    return like(
+        node,
+        {
+            k: _rebuilt(v, (*keys, k), full, prefixes) if isinstance(v, Mapping) else v
+            for k, v in raw(node).items()
+        },
+    )
 
 
 def x64(dtype) -> contextlib.AbstractContextManager:

@@ -50,7 +50,7 @@ def test_default_variants():
     spec = QuantSpec(bits=4)
     auto = vs[4].make(spec)
     assert auto.method == "auto" and auto.threshold == Auto(spec, candidates=16, max_extra=0.02)
-    assert vs[6].make(spec).quant == spec and vs[6].uses_spec and not vs[5].uses_spec
+    assert vs[6].make(spec).spec == spec and vs[6].uses_spec and not vs[5].uses_spec
     assert vs[0].make(spec) is None
 
 

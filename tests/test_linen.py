@@ -127,7 +127,7 @@ def test_unsupported_split_layer_names_path_and_type():
 
 
 def test_bad_arguments():
-    with pytest.raises(TypeError, match="quant must be None or a callable"):
+    with pytest.raises(TypeError, match="weight_fn must be None or a callable"):
         js.linen.apply(MLP(), {}, X, weight_fn=8)
     with pytest.raises(TypeError, match="model must be a flax.linen.Module"):
         js.linen.apply(lambda x: x, {}, X)

@@ -152,7 +152,7 @@ def test_split_module_from_params_bad_input():
         Split.from_params({"kernel": jnp.ones(2)}, threshold=-1.0)
 
 
-@pytest.mark.parametrize("branches", [2, 3])
+@pytest.mark.parametrize("branches", [2, 4])
 def test_split_module_init_equals_unsplit_layer(branches):
     layer, x = nn.Conv(4, (3, 3), feature_group_count=2), _x((1, 5, 5, 2))
     split = Split(layer, branches=branches)
@@ -168,10 +168,11 @@ def test_split_module_init_equals_unsplit_layer(branches):
     _close(split.apply(v, x), layer.apply({"params": merged}, x))
 
 
-@pytest.mark.parametrize("branches", [1, 0, 2.0, True])
+@pytest.mark.parametrize("branches", [1, 0, 3, 2.0, True])
 def test_split_module_bad_branches(branches):
+    """Wrapper branch counts are split_params' (kernels.BRANCHES)."""
     err = TypeError if not isinstance(branches, int) or isinstance(branches, bool) else ValueError
-    with pytest.raises(err, match=r"Split.branches must be an int >= 2, got"):
+    with pytest.raises(err, match=r"Split.branches must be one of \[2, 4, 8\] \(as split_params\)"):
         Split(nn.Dense(2), branches=branches).init(KEY, jnp.ones((1, 2)))
 
 

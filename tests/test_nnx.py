@@ -135,19 +135,19 @@ def test_grad_every_branch_kernel():
         _close(g2["layers"][i]["branch_0"]["bias"].get_value(), g["layers"][i]["bias"].get_value())
 
 
-def test_split_module_fresh_equals_layer_and_three_branches():
+def test_split_module_fresh_equals_layer_and_four_branches():
     layer = nnx_np_init(lambda r: nnx.Conv(2, 3, (3,), rngs=r))
     x = randn(1, 5, 2)
     want = layer(x)
-    split = Split(layer, branches=3)
-    assert sorted(nnx.state(split)) == ["branch_0", "branch_1", "branch_2"]
-    assert sorted(nnx.state(split)["branch_2"]) == ["kernel"]
-    assert not np.any(split.branch_2.kernel.get_value())
+    split = Split(layer, branches=4)
+    assert sorted(nnx.state(split)) == ["branch_0", "branch_1", "branch_2", "branch_3"]
+    assert sorted(nnx.state(split)["branch_3"]) == ["kernel"]
+    assert not np.any(split.branch_3.kernel.get_value())
     _close(split(x), want)
 
 
 def test_split_module_errors():
-    with pytest.raises(ValueError, match="Split.branches must be an int >= 2, got 1"):
+    with pytest.raises(ValueError, match=r"Split.branches must be one of \[2, 4, 8\].*got 1"):
         Split(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), branches=1)
     with pytest.raises(TypeError, match=r"\(LayerNorm\): Split wraps it.*Linear"):
         Split(nnx.LayerNorm(2, rngs=nnx.Rngs(0)))
@@ -187,7 +187,7 @@ def test_bad_arguments():
         split_model({"a": 1}, CFG)
     with pytest.raises(TypeError, match="model2 must be a flax.nnx.Module"):
         merge_model(None)
-    with pytest.raises(TypeError, match="quant must be None or a callable"):
+    with pytest.raises(TypeError, match="weight_fn must be None or a callable"):
         apply(WithSquared(nnx.Rngs(0)), jnp.ones((1, 3)), weight_fn="int8")
     with pytest.raises(TypeError, match="SplitConfig"):
         split_model(WithSquared(nnx.Rngs(0)), {"layers": ["fc"]})

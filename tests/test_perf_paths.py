@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxsplit import SplitConfig, dispatch, kernels, merge_params, split_params
+from jaxsplit import SplitConfig, kernels, merge_params, split_params
+from jaxsplit import programs as dispatch
 from jaxsplit.thresholds import Percentile, Relative, Sigma, as_threshold
 from jaxsplit.split import match_layers, split_with_report
 
@@ -198,3 +199,42 @@ def test_fused_balance_keeps_values_whose_half_flushes_to_zero():
     w = jnp.full((6,), np.finfo(np.float32).smallest_normal, jnp.float32)
     (w1, w2), _, _ = dispatch.fused(w, 0.0, None, kind="absolute", method="balance")
     assert np.array_equal(np.asarray(w1) + np.asarray(w2), np.asarray(w))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16, np.float16])
+def test_count_codes_agree_with_the_balance_kernel_near_the_smallest_normal(dtype):
+    """A value whose half flushes to zero stays whole on branch_0 and is not counted."""
+    tiny = float(jnp.finfo(dtype).tiny)
+    grid = np.array([0.5, 0.99, 1.0, 1.01, 1.5, 1.99, 2.0, 2.01, 3.0, 8.0]) * tiny
+    w = jnp.asarray(np.concatenate([grid, -grid]).astype(dtype))
+    for thr in (0.0, tiny):
+        _, w2 = jax.jit(dispatch.balance_fused)(w, thr)
+        counts = jax.jit(dispatch.count_codes)(w, thr).tolist()
+        assert counts == [int(np.count_nonzero(np.asarray(w2))), 0]
+        stats_n, _ = dispatch.stats(w, thr, kind="absolute")
+        fused_n = dispatch.fused(w, thr, None, kind="absolute", method="balance")[1]
+        assert stats_n.tolist() == fused_n.tolist() == counts
+
+
+@pytest.mark.parametrize("method", ["balance", "clip"])
+def test_dry_run_counts_equal_the_split(method):
+    rng = np.random.default_rng(3)
+    w = jnp.asarray(rng.standard_t(3, (40, 24)).astype(np.float32))
+    cfg = SplitConfig(layers=["d"], threshold=1.0, method=method)
+    dry = js_match(cfg, w)
+    _, rep = js_split(cfg, w)
+    assert dry == rep.layers[0].n_split
+    p2 = split_params({"d": {"kernel": w}}, cfg)
+    assert dry == int(np.count_nonzero(np.asarray(p2["d"]["branch_1"]["kernel"])))
+
+
+def js_match(cfg, w):
+    from jaxsplit import match_layers
+
+    return match_layers({"d": {"kernel": w}}, cfg).layers[0].n_split
+
+
+def js_split(cfg, w):
+    from jaxsplit import split_with_report
+
+    return split_with_report({"d": {"kernel": w}}, cfg)

@@ -6,7 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from quant_reference import ref_quantize
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from quant_reference import ref_quantize, ref_quantize_exact
 
 from jaxsplit import kernels, quant
 from jaxsplit.quant import QuantSpec
@@ -251,3 +254,191 @@ def test_correlated_prediction_holds_when_many_values_split():
     assert 0.3 < p < 0.34
     assert float(split.measured) == pytest.approx(float(split.predicted_correlated), rel=0.05)
     assert float(split.measured) / float(split.predicted) > 1.3
+
+
+# --- exactness: bit-identical to the float32 (float64) reference ------------------------------
+
+
+_jit_quantize = jax.jit(quant.quantize, static_argnames="spec")
+
+
+def _bits(a) -> np.ndarray:
+    """The raw bit patterns (so ``-0.0 != 0.0`` and NaN payloads count)."""
+    a = np.asarray(a)
+    return a.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def assert_bit_identical(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    bad = np.flatnonzero(_bits(got) != _bits(want))
+    assert bad.size == 0, (
+        f"{bad.size} elements differ, e.g. {got.flat[bad[0]]!r} != {want.flat[bad[0]]!r}"
+    )
+
+
+@st.composite
+def specs(draw, granularities=quant.GRANULARITIES, max_group=9):
+    gran = draw(st.sampled_from(granularities))
+    return QuantSpec(
+        bits=draw(st.integers(2, 16)),
+        symmetric=draw(st.booleans()),
+        narrow_range=draw(st.booleans()),
+        granularity=gran,
+        axis=draw(st.sampled_from([-1, 0])),
+        group_size=draw(st.integers(1, max_group)) if gran == "per_group" else None,
+    )
+
+
+# magnitudes whose scale is a normal float32 (XLA on CPU flushes subnormals) and whose range
+# fits float32; subnormal elements are allowed (they quantize to 0 either way)
+_values = st.floats(-(2.0**40), 2.0**40, width=32, allow_nan=False, allow_subnormal=True)
+_arrays = hnp.arrays(
+    np.float32, hnp.array_shapes(min_dims=1, max_dims=3, max_side=7), elements=_values
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=_arrays, spec=specs(), exp=st.integers(-60, 60))
+def test_quantize_bit_identical_to_float32_reference_property(x, spec, exp):
+    x = (x * np.float32(2.0**exp)).astype(np.float32)
+    x = np.where(np.isfinite(x), x, np.float32(0))
+    if np.max(np.abs(x)) < 1e-30:
+        x = x.copy()
+        x.flat[0] = np.float32(1.0)
+    assert_bit_identical(_jit_quantize(x, spec), ref_quantize_exact(x, spec))
+    assert_bit_identical(quant.fake_quant(x, spec), ref_quantize_exact(x, spec))
+
+
+@pytest.mark.parametrize(
+    "spec", SPECS + [QuantSpec(bits=4, granularity="per_group", group_size=7)], ids=repr
+)
+def test_quantize_bit_identical_on_heavy_tailed_layers(spec):
+    """Student-t(2) weights at LLM scale: the max sits on an arbitrary float, the scale is
+    awkward and thousands of values land near rounding boundaries."""
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        w = (rng.standard_t(2, (384, 256)) * 0.02).astype(np.float32)
+        assert_bit_identical(_jit_quantize(w, spec), ref_quantize_exact(w, spec))
+
+
+def _boundary_values(spec: QuantSpec, amax: np.float32) -> np.ndarray:
+    """``max|x|`` plus, for every level ``k``, the float32 nearest ``(k + 0.5) * s`` and its
+    two neighbours: the values that a reciprocal multiply rounds to the wrong level."""
+    s = amax / np.float32(spec.qmax)
+    k = np.arange(spec.qmin, spec.qmax, dtype=np.float32)
+    mid = ((k + np.float32(0.5)) * s).astype(np.float32)
+    vals = np.concatenate(
+        [mid, np.nextafter(mid, np.float32(np.inf)), np.nextafter(mid, np.float32(-np.inf))]
+    )
+    vals = vals[np.abs(vals) < amax]
+    return np.concatenate([[amax], vals]).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8, 12])
+def test_quantize_bit_identical_at_half_step_boundaries(bits):
+    spec = QuantSpec(bits=bits)
+    rng = np.random.default_rng(bits)
+    amaxes = rng.uniform(0.01, 10.0, 40).astype(np.float32)
+    amaxes = np.concatenate([amaxes, np.float32([0.1, 1 / 3, 0.7, np.pi, 1e-20, 3e30])])
+    n_reciprocal_differs = 0
+    for amax in amaxes:
+        x = _boundary_values(spec, amax)
+        assert_bit_identical(_jit_quantize(x, spec), ref_quantize_exact(x, spec))
+        s = amax / np.float32(spec.qmax)
+        n_reciprocal_differs += int(np.sum(np.rint(x / s) != np.rint(x * (np.float32(1) / s))))
+    assert n_reciprocal_differs > 0  # the cases do hit x * (1/s) rounding to another level
+
+
+def test_scale_is_correctly_rounded_quotient_not_reciprocal_product():
+    """``max|x| / qmax`` must not become ``max|x| * (1/qmax)`` (XLA folds constant divisors)."""
+    rng = np.random.default_rng(3)
+    amaxes = rng.uniform(0.5, 2.0, 5000).astype(np.float32)
+    spec = QuantSpec(bits=8)
+    want = amaxes / np.float32(127)
+    assert np.any(want != amaxes * (np.float32(1) / np.float32(127)))  # the trap exists
+    got = jax.jit(jax.vmap(lambda a: quant.scale(a, spec)))(amaxes)
+    assert_bit_identical(got, want)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(),
+        QuantSpec(granularity="per_channel"),
+        QuantSpec(granularity="per_group", group_size=32),
+        QuantSpec(symmetric=False),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_compiled_hlo_keeps_a_true_divide(spec, vmapped):
+    """XLA rewrites ``x / broadcast(s)`` as ``x * broadcast(1/s)``: the element-shaped
+    division must survive compilation (plain and under ``vmap``)."""
+    f = functools.partial(quant.quantize, spec=spec)
+    x = jnp.ones((3, 64, 96) if vmapped else (64, 96), jnp.float32)
+    hlo = jax.jit(jax.vmap(f) if vmapped else f).lower(x).compile().as_text()
+    n = 64 * 96 * (3 if vmapped else 1)
+    divides = [
+        line
+        for line in hlo.splitlines()
+        if " divide(" in line
+        and (shape := line.split("=", 1)[1].split("{")[0].strip())
+        and shape.startswith("f32[")
+        and np.prod(eval(shape[3:])) == n  # noqa: S307
+    ]
+    assert divides, "no element-shaped f32 divide left in the compiled HLO"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4),
+        QuantSpec(bits=8, granularity="per_channel"),
+        QuantSpec(bits=3, symmetric=False),
+    ],
+    ids=repr,
+)
+def test_low_precision_inputs_match_float32_reference_rounded_once(dtype, spec):
+    """Reference for bfloat16/float16: the float32 reference on the (exactly) widened input,
+    rounded to the input dtype once at the end (round to nearest even)."""
+    x = jnp.asarray(np.random.default_rng(8).standard_t(3, (64, 32)), dtype)
+    got = quant.quantize(x, spec)
+    want = ref_quantize_exact(np.asarray(x), spec)
+    assert want.dtype == np.asarray(x).dtype
+    assert_bit_identical(got, want)
+    assert_bit_identical(quant.fake_quant(x, spec), want)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=8),
+        QuantSpec(bits=16, granularity="per_channel"),
+        QuantSpec(bits=5, symmetric=False),
+    ],
+    ids=repr,
+)
+def test_float64_bit_identical_to_float64_reference(spec):
+    with jax.enable_x64(True):
+        x = np.random.default_rng(9).standard_t(2, (96, 40))
+        got = quant.quantize(jnp.asarray(x, jnp.float64), spec)
+        assert got.dtype == jnp.float64
+        assert_bit_identical(got, ref_quantize_exact(x, spec))
+
+
+def test_symmetric_keeps_negative_zero():
+    q = np.asarray(quant.quantize(jnp.array([-0.1, 1.0, 0.1], jnp.float32), QuantSpec(bits=2)))
+    assert np.signbit(q[0]) and not np.signbit(q[2]) and q[0] == 0.0
+
+
+def test_quantspec_to_dict_has_group_size():
+    assert QuantSpec().to_dict() == {
+        "bits": 8,
+        "symmetric": True,
+        "granularity": "per_tensor",
+        "axis": -1,
+        "narrow_range": True,
+        "group_size": None,
+    }

@@ -48,6 +48,15 @@ FLAGS = {
     "scope": "--budget",
     "twin_spec": "--twin-bits",
 }
+#: ``QuantSpec`` fields and their flags.
+QUANT_FLAGS = {
+    "bits": "--bits",
+    "granularity": "--per-channel",
+    "group_size": "--group-size",
+    "axis": "--axis",
+    "symmetric": "--asymmetric",
+    "narrow_range": "--full-range",
+}
 
 
 def add_input_arguments(p: argparse.ArgumentParser, *, name: str = "CKPT") -> None:
@@ -139,7 +148,7 @@ def parse_threshold(text: str, flag: str = "--threshold"):
     try:
         return parse(text)
     except (ConfigError, ConfigTypeError) as e:
-        raise UsageError(f"{flag}: {e}") from None
+        raise UsageError(f"{flag} {e}") from None
 
 
 def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -240,10 +249,11 @@ def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
                 raise UsageError(f"{flag} needs --threshold auto, got --threshold {args.threshold}")
         threshold = parse_threshold(args.threshold)
     try:
+        method = {} if args.method is None else {"method": args.method}
         return SplitConfig(
             layers=tuple(args.layers),
             threshold=threshold,
-            method=args.method,
+            **method,
             branches=getattr(args, "branches", 2),
             spec=None if isinstance(threshold, Auto) else spec,
             seed=args.seed,
@@ -276,8 +286,9 @@ def check_patterns(tree: dict, cfg, available: list[str]) -> None:
 
 
 def add_quant_options(p: argparse.ArgumentParser, *, many_bits: bool = False) -> None:
-    """Adds ``--bits`` (one, or several with ``many_bits``), ``--per-channel``, ``--axis``,
-    ``--asymmetric`` and ``--full-range``: every ``QuantSpec`` option.
+    """Adds ``--bits`` (one, or several with ``many_bits``), ``--per-channel``,
+    ``--group-size``, ``--axis``, ``--asymmetric`` and ``--full-range``: every ``QuantSpec``
+    option.
 
     Example:
       >>> p = argparse.ArgumentParser()
@@ -291,6 +302,10 @@ def add_quant_options(p: argparse.ArgumentParser, *, many_bits: bool = False) ->
     else:
         p.add_argument("--bits", type=int, default=8, help="integer bit width (default 8)")
     p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    p.add_argument(
+        "--group-size", type=int, metavar="G",
+        help="one scale per G consecutive inputs of each output channel (per group)",
+    )  # fmt: skip
     p.add_argument("--axis", type=int, default=-1, help="channel axis (default -1, the last)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric (zero point)")
     p.add_argument("--full-range", action="store_true", help="use -2^(b-1) too (not narrow)")
@@ -308,16 +323,21 @@ def quant_spec(args: argparse.Namespace, bits: int | None = None) -> QuantSpec:
       >>> quant_spec(argparse.Namespace(bits=4, per_channel=True)).granularity
       'per_channel'
     """
+    group = getattr(args, "group_size", None)
+    if group is not None and args.per_channel:
+        raise UsageError("give --per-channel or --group-size, not both")
+    granularity = "per_channel" if args.per_channel else "per_tensor"
     try:
         return QuantSpec(
             bits=args.bits if bits is None else bits,
-            granularity="per_channel" if args.per_channel else "per_tensor",
+            granularity="per_group" if group is not None else granularity,
+            group_size=group,
             axis=getattr(args, "axis", -1),
             symmetric=not getattr(args, "asymmetric", False),
             narrow_range=not getattr(args, "full_range", False),
         )
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"--bits/--per-channel/--axis: {e}") from None
+    except (ConfigError, ConfigTypeError) as e:
+        raise UsageError(f"{QUANT_FLAGS.get(e.field, '--bits')}: {e}") from None
 
 
 def twin_spec(args: argparse.Namespace, spec: QuantSpec) -> QuantSpec | None:

@@ -1,0 +1,619 @@
+"""Streamed split and merge of checkpoints bigger than memory, one layer at a time.
+
+``split_checkpoint`` reads the input's header, matches ``SplitConfig.layers`` against the
+full list of layer paths (an unmatched pattern, an already-split or non-float selected
+layer raises before anything is written), then per layer reads that layer's leaves,
+splits the one-layer subtree with ``jaxsplit.split_with_report`` (same config, same
+paths, so the same result as splitting the whole tree) and appends the branches to the
+output. Peak memory is about twice the largest tensor plus the runtime.
+
+Reading is streamed for safetensors, npz and orbax (one partial restore per layer);
+msgpack is read whole (logged warning). Writing is streamed for safetensors (the header
+space is reserved from the input's header, an upper bound, and written last, padded
+with spaces as the format allows) and npz (one zip member per tensor); orbax and msgpack
+outputs are collected in memory and saved at the end (logged warning).
+
+The output is atomic like ``io.save``: written in a temporary sibling directory, fsynced
+and renamed; an error or interrupt (e.g. raised from ``progress``) leaves a previous
+output intact and no temporary files.
+
+A later tree-wide search plugs in with ``iter_layers`` (pass 1: per-layer statistics)
+and ``split_checkpoint(plan=...)`` (pass 2: a per-layer ``SplitConfig``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import os
+import pathlib
+import re
+import time
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsplit import io, sparse_io
+from jaxsplit.config import SplitConfig
+from jaxsplit.select import select_layers
+from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
+from jaxsplit.split import SplitReport, merge_params, split_with_report
+from jaxsplit.tree import find_layers
+
+__all__ = ["StreamReport", "iter_layers", "merge_checkpoint", "split_checkpoint"]
+
+logger = logging.getLogger("jaxsplit")
+
+#: ``plan``: per-layer configs by path, or ``(path, {leaf: array}) -> SplitConfig | None``.
+Plan = Mapping[str, "SplitConfig"] | Callable[[str, Mapping[str, np.ndarray]], Any]
+Progress = Callable[[int, int, str], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamReport:
+    """What a streamed split or merge did.
+
+    Attributes:
+      path: the output.
+      fmt: the output format.
+      report: the ``SplitReport`` (as ``split_with_report`` would give for the whole
+        tree); ``None`` for a merge.
+      merged: layer paths merged (merge only; empty for a split).
+      n_tensors: logical tensors written.
+      in_bytes, out_bytes: input and output size on disk.
+      largest_tensor_bytes: the input's largest tensor (the peak-memory unit).
+      streamed_read, streamed_write: whether input / output were streamed (msgpack
+        input, orbax and msgpack output are not).
+      seconds: wall time.
+    """
+
+    path: pathlib.Path
+    fmt: str
+    report: SplitReport | None
+    merged: tuple[str, ...]
+    n_tensors: int
+    in_bytes: int
+    out_bytes: int
+    largest_tensor_bytes: int
+    streamed_read: bool
+    streamed_write: bool
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["path"] = str(self.path)
+        d["report"] = None if self.report is None else self.report.to_dict()
+        d["merged"] = list(self.merged)
+        return d
+
+
+# --- the input: skeleton, layers, units -------------------------------------------------
+
+
+def _placeholder(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """A zero-stride array of the right shape and dtype (no memory)."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+class _Source:
+    """An open input: its skeleton tree (placeholder leaves), layers and units."""
+
+    def __init__(self, reader: io.CheckpointReader):
+        self.reader = reader
+        self.skel: dict = {}
+        for keys, t in reader.tensors.items():
+            node = self.skel
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            node[keys[-1]] = _placeholder(t.shape, np.dtype(_dtype(t.dtype)))
+        self.layers = find_layers(self.skel)
+        ids = {}
+        self._walk_ids(self.skel, (), ids)
+        self.layer_keys = {path: ids[id(lay.node)] for path, lay in self.layers.items()}
+        by_keys = {v: k for k, v in self.layer_keys.items()}
+        self.units: list[tuple[str | None, tuple, list[tuple]]] = []  # (layer, keys, leaves)
+        self._units(self.skel, (), by_keys)
+
+    def _walk_ids(self, node: Mapping, keys: tuple, ids: dict) -> None:
+        ids[id(node)] = keys
+        for k, v in node.items():
+            if isinstance(v, Mapping):
+                self._walk_ids(v, (*keys, k), ids)
+
+    def _units(self, node: Mapping, keys: tuple, by_keys: dict) -> None:
+        for k, v in node.items():
+            ck = (*keys, k)
+            if ck in by_keys:
+                self.units.append((by_keys[ck], ck, [ck + rest for rest, _ in _leaves(v)]))
+            elif isinstance(v, Mapping):
+                self._units(v, ck, by_keys)
+            else:
+                self.units.append((None, ck, [ck]))
+
+    def read_subtree(self, leaves: list[tuple]) -> dict:
+        arrays = self.reader.read_many(leaves)
+        sub: dict = {}
+        for keys in leaves:
+            _set(sub, keys, arrays.pop(keys))
+        return sub
+
+
+def _dtype(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def _leaves(tree: Mapping, keys: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from _leaves(v, (*keys, k))
+        else:
+            yield (*keys, k), v
+
+
+def _set(tree: dict, keys: tuple, value: Any) -> None:
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def _get(tree: Mapping, keys: tuple) -> Any:
+    for k in keys:
+        tree = tree[k]
+    return tree
+
+
+def iter_layers(
+    src: str | os.PathLike, *, fmt: str | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yields ``(layer path, layer node)`` one layer at a time, numpy leaves, tree order.
+
+    Pass 1 of a tree-wide search: gather per-layer statistics without holding the
+    checkpoint, then pass a ``plan`` to ``split_checkpoint``. Sparse twins come dense.
+
+    Raises:
+      FileNotFoundError, PermissionError, ValueError, CheckpointError: as ``io.load``.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> out = io.save({"params": {"d": {"kernel": np.ones((2, 2)), "bias": np.zeros(2)}}},
+      ...               f"{tempfile.mkdtemp()}/w.safetensors")
+      >>> [(p, sorted(node)) for p, node in iter_layers(out)]
+      [('d', ['bias', 'kernel'])]
+    """
+    with io.open_checkpoint(src, fmt=fmt) as reader:
+        source = _Source(reader)
+        for path, keys, leaves in source.units:
+            if path is not None:
+                yield path, _get(source.read_subtree(leaves), keys)
+
+
+# --- outputs -------------------------------------------------------------------------------
+
+
+class _SafetensorsStream:
+    """Appends tensors to a safetensors file whose header is written last into reserved
+    space (padded with spaces, which the format allows)."""
+
+    def __init__(self, path: pathlib.Path, budget: int):
+        self.budget = budget + (-(8 + budget)) % 8  # data starts 8-byte aligned
+        self.f = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self.f.write(b"\0" * (8 + self.budget))
+        self.entries: dict[str, dict] = {}
+        self.end = 0
+
+    def add(self, keys: tuple, a: np.ndarray) -> None:
+        key = "/".join(keys)
+        a = np.require(a, requirements="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        name = io.SAFETENSORS_DTYPE_NAMES.get(a.dtype)
+        if name is None:
+            raise ValueError(f"tensor {key!r} has dtype {a.dtype}, which safetensors cannot store")
+        self.f.write(memoryview(a.reshape(-1).view(np.uint8)))
+        n = a.nbytes
+        self.entries[key] = {
+            "dtype": name,
+            "shape": list(a.shape),
+            "data_offsets": [self.end, self.end + n],
+        }
+        self.end += n
+
+    def finish(self) -> None:
+        head = json.dumps(self.entries, separators=(",", ":")).encode()
+        if len(head) > self.budget:  # the bound is computed from the input: cannot happen
+            raise RuntimeError(f"safetensors header of {len(head)} bytes exceeds {self.budget}")
+        self.f.seek(0)
+        self.f.write(self.budget.to_bytes(8, "little") + head + b" " * (self.budget - len(head)))
+        self.close()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _NpzStream:
+    """Appends tensors to an ``.npz`` (one zip member each, as ``np.savez`` writes)."""
+
+    def __init__(self, path: pathlib.Path):
+        self.zf = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
+        self.custom: dict[str, str] = {}
+
+    def add(self, keys: tuple, a: np.ndarray) -> None:
+        key = "/".join(keys)
+        if a.dtype.kind == "V":
+            self.custom[key] = a.dtype.name
+        self._member(key, a)
+
+    def _member(self, key: str, a: np.ndarray) -> None:
+        with self.zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+
+    def finish(self) -> None:
+        if self.custom:
+            self._member(io.NPZ_DTYPES_KEY, np.array(json.dumps(self.custom)))
+        self.close()
+
+    def close(self) -> None:
+        self.zf.close()
+
+
+class _TreeSink:
+    """orbax / msgpack outputs: the tree is collected and saved whole at the end."""
+
+    def __init__(self, path: pathlib.Path, fmt: str, sparse_below: float):
+        self.path, self.fmt, self.sparse_below, self.tree = path, fmt, sparse_below, {}
+
+    def add(self, keys: tuple, a: Any) -> None:
+        _set(self.tree, keys, a)
+
+
+def _header_bound(source: _Source, branches: dict[str, int]) -> int:
+    """An upper bound on the output's safetensors header (keys, shapes, offsets)."""
+
+    def entry(key: str, ndim_digits: int) -> int:
+        return len(json.dumps(key)) + 90 + ndim_digits
+
+    total = 64
+    for path, _keys, leaves in source.units:
+        k = branches.get(path, 1) if path is not None else 1
+        for leaf in leaves:
+            t = source.reader.tensors[leaf]
+            key = "/".join(leaf) + "/branch_00/" + sparse_io.SPARSE_KEY + "/indices"
+            digits = sum(len(str(d)) + 1 for d in t.shape) + 21
+            total += k * 4 * entry(key, digits)
+    return total
+
+
+def _check_flat_keys(source: _Source, out_fmt: str) -> None:
+    if out_fmt not in ("safetensors", "npz"):
+        return
+    for keys in source.reader.tensors:
+        for k in keys:
+            if "/" in k or not k:
+                raise ValueError(
+                    f"key {'/'.join(keys)!r} cannot be stored in a flat {out_fmt} checkpoint "
+                    f"(keys are joined with '/', so they must be non-empty and hold no '/'); "
+                    f"use orbax or msgpack"
+                )
+
+
+# --- the engine -----------------------------------------------------------------------------
+
+
+def _size_on_disk(p: pathlib.Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _check_progress(progress: Any) -> None:
+    if progress is not None and not callable(progress):
+        raise TypeError(
+            f"progress must be None or a callable (done, total, path), got {progress!r}"
+        )
+
+
+def _run(
+    src,
+    dst,
+    *,
+    fmt,
+    out_fmt,
+    overwrite: bool,
+    sparse_below: float,
+    progress: Progress | None,
+    prepare: Callable[[_Source], dict[str, Callable[[dict], dict]]],
+    branches: Callable[[_Source], dict[str, int]],
+) -> tuple[pathlib.Path, str, int, int, bool, bool, float]:
+    t0 = time.perf_counter()
+    out = pathlib.Path(dst)
+    out_fmt = io.detect_format(out, out_fmt)
+    with io.open_checkpoint(src, fmt=fmt) as reader:
+        if out.exists() and out.resolve() == reader.path.resolve():
+            raise ValueError(f"output {str(dst)!r} is the input; write to another path")
+        source = _Source(reader)
+        _check_flat_keys(source, out_fmt)
+        work = prepare(source)  # checks: raises before anything touches the disk
+        streamed_write = out_fmt in ("safetensors", "npz")
+        if not streamed_write:
+            logger.warning(
+                "%s: %s outputs cannot be written one tensor at a time; the output tree is "
+                "collected in memory and saved at the end",
+                dst,
+                out_fmt,
+            )
+        largest = max((t.nbytes for t in reader.tensors.values()), default=0)
+        total, n_out = len(source.units), 0
+        with io.staged_output(out, fmt=out_fmt, overwrite=overwrite) as staged:
+            if out_fmt == "safetensors":
+                sink: Any = _SafetensorsStream(staged, _header_bound(source, branches(source)))
+            elif out_fmt == "npz":
+                sink = _NpzStream(staged)
+            else:
+                sink = _TreeSink(staged, out_fmt, sparse_below)
+            out_skel = _structure(source.skel)  # the output's keys, for the twin rule
+            try:
+                for done, (path, keys, leaves) in enumerate(source.units, 1):
+                    sub = source.read_subtree(leaves)
+                    if path in work:
+                        sub = work[path](sub)
+                    node = _get(sub, keys)
+                    if isinstance(node, Mapping):
+                        _set(out_skel, keys, _structure(node))
+                    del sub
+                    items = (
+                        list(_leaves(node, keys)) if isinstance(node, Mapping) else [(keys, node)]
+                    )
+                    del node
+                    for lkeys, a in items:
+                        a = np.asarray(a)
+                        if sparse_below and sparse_io.is_twin(out_skel, lkeys):
+                            a = sparse_io.encode_leaf(a, sparse_below)
+                        if isinstance(a, SparseArray) and streamed_write:
+                            for name, part in a.to_tree()[sparse_io.SPARSE_KEY].items():
+                                sink.add((*lkeys, sparse_io.SPARSE_KEY, name), part)
+                        else:
+                            sink.add(lkeys, a)
+                        n_out += 1
+                    del items, a
+                    if path in work:
+                        # split_params' tree rebuild leaves a reference cycle holding the
+                        # layer's arrays; collect it now rather than at the GC's leisure
+                        gc.collect()
+                    if progress is not None:
+                        progress(done, total, path or "/".join(keys))
+                if streamed_write:
+                    sink.finish()
+                else:
+                    io.save(sink.tree, staged, fmt=out_fmt, sparse_below=sparse_below)
+            except BaseException:
+                if streamed_write:
+                    sink.close()
+                raise
+    seconds = time.perf_counter() - t0
+    return (out, out_fmt, n_out, largest, reader.streamed, streamed_write, seconds)
+
+
+def _structure(tree: Mapping) -> dict:
+    return {k: _structure(v) if isinstance(v, Mapping) else None for k, v in tree.items()}
+
+
+def _exact(path: str) -> tuple[str]:
+    return ("re:" + re.escape(path),)
+
+
+def split_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    cfg: SplitConfig,
+    *,
+    fmt: str | None = None,
+    out_fmt: str | None = None,
+    overwrite: bool = False,
+    sparse_below: float | None = DEFAULT_SPARSE_BELOW,
+    plan: Plan | None = None,
+    progress: Progress | None = None,
+) -> StreamReport:
+    """Splits a checkpoint file to file, one layer in memory at a time.
+
+    The output equals ``io.save(split_params(io.load(src), cfg), dst,
+    sparse_below=sparse_below)`` tensor for tensor, bit for bit.
+
+    Args:
+      src: input checkpoint (any of ``io.FORMATS``).
+      dst: output path (must differ from ``src``).
+      cfg: the ``SplitConfig``; its patterns are matched against every layer path of
+        ``src`` before anything is written. Thresholds are per layer (``Auto``
+        included), so streaming gives the same result as splitting the whole tree. A
+        callable ``layers`` predicate is called with placeholder nodes (right shapes
+        and dtypes, zero values): select by path or shape, not by values.
+      fmt: input format override; ``out_fmt``: output format (default: from ``dst``).
+      overwrite: replace an existing ``dst`` (atomically).
+      sparse_below: as for ``io.save``.
+      plan: per-layer configs (pass 2 of a tree-wide search): a mapping
+        ``{path: SplitConfig}`` (paths must be selected by ``cfg``) or a callable
+        ``(path, {leaf: array}) -> SplitConfig | None``; the per-layer config's
+        ``layers`` is ignored, ``None``/missing paths use ``cfg``.
+      progress: called as ``progress(done, total, path)`` after each layer / tensor is
+        written; an exception raised from it aborts the run (nothing is written).
+
+    Returns:
+      A ``StreamReport`` (``.report`` is the ``SplitReport``).
+
+    Raises:
+      ValueError: unmatched pattern (``cfg.strict``), selected layer already split,
+        non-finite values (unless ``allow_nonfinite``), keys a flat format cannot store,
+        ``dst`` is ``src``, ``plan`` names paths ``cfg`` does not select, bad
+        ``sparse_below``.
+      TypeError: ``cfg``/``plan``/``progress`` of the wrong type, non-float kernel.
+      FileExistsError, FileNotFoundError, PermissionError, CheckpointError: as
+        ``io.load`` / ``io.save``.
+
+    Example:
+      >>> import tempfile, numpy as np, jaxsplit as js
+      >>> d = tempfile.mkdtemp()
+      >>> w = np.array([[0.5, 4.0], [-6.0, 0.1]], np.float32)
+      >>> _ = io.save({"params": {"Dense_0": {"kernel": w, "bias": np.zeros(2)}}}, f"{d}/in.npz")
+      >>> cfg = js.SplitConfig(layers=["Dense_*"], threshold=1.0, method="clip")
+      >>> rep = split_checkpoint(f"{d}/in.npz", f"{d}/out.safetensors", cfg)
+      >>> rep.report.split_paths, rep.n_tensors
+      (('Dense_0',), 3)
+      >>> out = io.load(f"{d}/out.safetensors")["params"]["Dense_0"]
+      >>> np.array_equal(out["branch_0"]["kernel"] + out["branch_1"]["kernel"], w)
+      True
+    """
+    if not isinstance(cfg, SplitConfig):
+        raise TypeError(f"cfg must be a SplitConfig, got {type(cfg).__name__}")
+    below = sparse_io.check_sparse_below(sparse_below)
+    _check_progress(progress)
+    if plan is not None and not (isinstance(plan, Mapping) or callable(plan)):
+        raise TypeError(
+            f"plan must be None, a mapping {{path: SplitConfig}} or a callable "
+            f"(path, layer) -> SplitConfig | None, got {type(plan).__name__}"
+        )
+    state: dict[str, Any] = {}
+
+    def prepare(source: _Source) -> dict[str, Callable[[dict], dict]]:
+        if cfg.layers is None or (not callable(cfg.layers) and len(cfg.layers) == 0):
+            logger.warning("SplitConfig.layers is %r: nothing is split", cfg.layers)
+        selected, matches = select_layers(source.skel, cfg.layers)
+        available = tuple(source.layers)
+        unmatched = [k for k, v in matches.items() if not v]
+        if unmatched:
+            msg = (
+                f"SplitConfig.layers pattern(s) {unmatched} matched no layer; available layer "
+                f"paths: {list(available) or '(none: the tree holds no kernel/embedding)'}"
+            )
+            if cfg.strict:
+                raise ValueError(msg)
+            logger.warning(msg)
+        paths = [lay.path for lay in selected]
+        if isinstance(plan, Mapping):
+            for p, c in plan.items():
+                if not isinstance(c, SplitConfig):
+                    raise TypeError(f"plan[{p!r}] must be a SplitConfig, got {type(c).__name__}")
+            extra = sorted(set(plan) - set(paths))
+            if extra:
+                raise ValueError(
+                    f"plan names path(s) {extra} that cfg.layers does not select; selected: {paths}"
+                )
+        for lay in selected:
+            if lay.branches:
+                raise ValueError(
+                    f"layer {lay.path!r} is already split into {lay.branches} branches; "
+                    f"merge it first (splitting a split tree is not supported)"
+                )
+            dt = lay.array.dtype
+            if not jnp.issubdtype(dt, jnp.floating):
+                raise TypeError(
+                    f"layer {lay.path!r}: {lay.weight} has dtype {dt}; only floating "
+                    f"kernels (float16, bfloat16, float32, float64) can be split"
+                )
+        state.update(matches=matches, available=available, paths=paths, plans={})
+
+        def split_one(path: str) -> Callable[[dict], dict]:
+            def run(sub: dict) -> dict:
+                keys = source.layer_keys[path]
+                node = _get(sub, keys)
+                layer_cfg = plan(path, node) if callable(plan) else (plan or {}).get(path)
+                if layer_cfg is None:
+                    layer_cfg = cfg
+                elif not isinstance(layer_cfg, SplitConfig):
+                    raise TypeError(
+                        f"plan({path!r}, ...) must return a SplitConfig or None, got "
+                        f"{type(layer_cfg).__name__}"
+                    )
+                one = dataclasses.replace(layer_cfg, layers=_exact(path), strict=True)
+                w = source.layers[path].weight
+                sub = _with_device_weight(sub, (*keys, w))
+                out, rep = split_with_report(sub, one, donate=True)
+                state["plans"][path] = rep.layers[0]
+                return out
+
+            return run
+
+        return {p: split_one(p) for p in paths}
+
+    def branches(source: _Source) -> dict[str, int]:
+        return {p: 8 for p in state["paths"]}  # an upper bound for any plan
+
+    out, out_fmt, n, largest, sr, sw, secs = _run(
+        src, dst, fmt=fmt, out_fmt=out_fmt, overwrite=overwrite, sparse_below=below,
+        progress=progress, prepare=prepare, branches=branches,
+    )  # fmt: skip
+    report = SplitReport(
+        state["matches"], tuple(state["plans"][p] for p in state["paths"]), state["available"]
+    )
+    return StreamReport(
+        out, out_fmt, report, (), n, _size_on_disk(pathlib.Path(src)), _size_on_disk(out),
+        largest, sr, sw, secs,
+    )  # fmt: skip
+
+
+def _with_device_weight(sub: dict, keys: tuple) -> dict:
+    """``sub`` with the weight at ``keys`` copied into a jax-owned buffer, so the split
+    can donate it (``branch_0`` reuses it); the numpy array is dropped from the
+    (private) subtree. (A numpy input costs ~2 more tensors at the split's peak.)"""
+    node = _get(sub, keys[:-1])
+    node[keys[-1]] = jnp.array(node[keys[-1]], copy=True)
+    return sub
+
+
+def merge_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    fmt: str | None = None,
+    out_fmt: str | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> StreamReport:
+    """Merges every split layer of a checkpoint, file to file, one layer at a time.
+
+    The output equals ``io.save(merge_params(io.load(src)), dst)`` bit for bit.
+
+    Args:
+      src: a (split) checkpoint; sparse twins are read dense.
+      dst: output path (must differ from ``src``).
+      fmt, out_fmt, overwrite, progress: as for ``split_checkpoint``.
+
+    Returns:
+      A ``StreamReport`` (``.merged`` lists the merged layer paths).
+
+    Raises:
+      As ``split_checkpoint`` (file and format errors).
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> d = tempfile.mkdtemp()
+      >>> t = {"l": {"branch_0": {"kernel": np.ones(4, np.float32)},
+      ...            "branch_1": {"kernel": np.array([0, 0, 2, 0], np.float32)}}}
+      >>> _ = io.save(t, f"{d}/split.safetensors")
+      >>> merge_checkpoint(f"{d}/split.safetensors", f"{d}/merged.npz").merged
+      ('l',)
+      >>> io.load(f"{d}/merged.npz")["l"]["kernel"].tolist()
+      [1.0, 1.0, 3.0, 1.0]
+    """
+    _check_progress(progress)
+    merged: list[str] = []
+
+    def prepare(source: _Source) -> dict[str, Callable[[dict], dict]]:
+        paths = [p for p, lay in source.layers.items() if lay.branches]
+        merged.extend(paths)
+        return {p: merge_params for p in paths}
+
+    out, out_fmt, n, largest, sr, sw, secs = _run(
+        src, dst, fmt=fmt, out_fmt=out_fmt, overwrite=overwrite, sparse_below=0.0,
+        progress=progress, prepare=prepare, branches=lambda s: {},
+    )  # fmt: skip
+    return StreamReport(
+        out, out_fmt, None, tuple(merged), n, _size_on_disk(pathlib.Path(src)),
+        _size_on_disk(out), largest, sr, sw, secs,
+    )  # fmt: skip

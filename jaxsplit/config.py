@@ -25,10 +25,13 @@ __all__ = [
     "CONFIG_METHODS",
     "AUTO_METHODS",
     "AUTO_SCOPES",
+    "AUTO_COSTS",
 ]
 
 #: ``Auto.scope`` values: a budget per layer, or one shared by the whole tree.
 AUTO_SCOPES = ("layer", "tree")
+#: ``Auto.cost`` values: what the budget counts.
+AUTO_COSTS = ("extra", "twin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,11 @@ class Auto:
         (``search.allocate``; needs a ``max_extra``).
       twin_spec: the ``QuantSpec`` of the sparse twin(s) (mixed precision, e.g. int8
         twins beside an int4 ``branch_0``); ``None``: ``spec``.
+      cost: what ``max_extra`` counts: ``"extra"`` (the extra non-zeros, summed over the
+        branches minus the layer's own) or ``"twin"`` (the twins' non-zeros: the sparse
+        storage ``measure.effective_bits`` charges; a split that empties ``branch_0``
+        into a dense twin, e.g. ``residual`` or a mixed-precision twin at threshold 0,
+        costs what it stores). Default: ``"twin"`` with a ``twin_spec``, else ``"extra"``.
 
     Example:
       >>> from jaxsplit.quant import QuantSpec
@@ -76,6 +84,7 @@ class Auto:
     max_extra: float | None = None
     scope: str = "layer"
     twin_spec: quant.QuantSpec | None = None
+    cost: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.spec, quant.QuantSpec):
@@ -110,6 +119,12 @@ class Auto:
                 "twin_spec",
                 f"Auto.twin_spec must be a jaxsplit.QuantSpec or None, got {ts!r} "
                 f"({type(ts).__name__})",
+            )
+        if self.cost is None:
+            object.__setattr__(self, "cost", "extra" if ts is None else "twin")
+        if self.cost not in AUTO_COSTS:
+            raise ConfigError(
+                "Auto", "cost", f"Auto.cost must be one of {list(AUTO_COSTS)}, got {self.cost!r}"
             )
 
 

@@ -68,6 +68,8 @@ class Measurement(NamedTuple):
       extra_fraction: ``extra_nonzero / W.size`` (float32).
       output_error: ``trace(Eᵀ C E)`` under ``calibration=C`` (``nan`` without).
       effective_bits: storage bits per weight including the twins' indices.
+      twin_nonzero: non-zeros of every branch but ``branch_0`` (int32): the sparse
+        storage ``effective_bits`` charges (``Auto(cost="twin")``'s budget).
     """
 
     mse: jax.Array
@@ -77,6 +79,7 @@ class Measurement(NamedTuple):
     extra_fraction: jax.Array
     output_error: jax.Array
     effective_bits: jax.Array
+    twin_nonzero: jax.Array
 
 
 def measure(
@@ -141,8 +144,8 @@ def measure(
         if recon is None:
             recon = _recon(branches, spec, ft)
         out = _output_error(w.astype(ft) - recon, calibration)
-    nnz_twins = sum(jnp.count_nonzero(b).astype(jnp.float32) for b in branches[1:])
-    bits = spec.bits + (nnz_twins * (twin_bits + INDEX_BITS) / size if branches[1:] else 0.0)
+    nnz_twins = sum((jnp.count_nonzero(b).astype(jnp.int32) for b in branches[1:]), jnp.int32(0))
+    bits = spec.bits + nnz_twins.astype(jnp.float32) * (twin_bits + INDEX_BITS) / size
     return Measurement(
         mse,
         naive,
@@ -151,6 +154,7 @@ def measure(
         extra.astype(jnp.float32) / size,
         out,
         jnp.asarray(bits, jnp.float32),
+        nnz_twins,
     )
 
 

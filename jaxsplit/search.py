@@ -59,11 +59,12 @@ class AutoChoice:
       extra_fraction: the same as a fraction of the layer's size.
       candidates: number of (method, threshold) pairs measured.
       output_error, output_error_unsplit: expected output error ``trace(Eᵀ C E)``
-        of the choice and of not splitting under the layer's calibration (``nan``
+        of the choice and of not splitting under the layer's calibration (``None``
         without one, ``jaxsplit.measure``).
       effective_bits: storage bits per weight of the choice, twins' indices included.
-      budget_share: under ``Auto(scope="tree")``, this layer's extra non-zeros as a
-        fraction of the tree's budget (``None`` under ``scope="layer"``).
+      budget_share: under ``Auto(scope="tree")``, this layer's spending (what
+        ``Auto.cost`` counts) as a fraction of the tree's budget (``None`` under
+        ``scope="layer"``).
     """
 
     method: str | None
@@ -73,8 +74,8 @@ class AutoChoice:
     extra_nonzero: int
     extra_fraction: float
     candidates: int
-    output_error: float = float("nan")
-    output_error_unsplit: float = float("nan")
+    output_error: float | None = None
+    output_error_unsplit: float | None = None
     effective_bits: float = float("nan")
     budget_share: float | None = None
 
@@ -258,6 +259,7 @@ def search(
         method=method,
         branches=branches,
         twin_spec=auto.twin_spec,
+        cost=auto.cost,
     )
 
 
@@ -315,9 +317,11 @@ def curve(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("spec", "candidates", "method", "branches", "twin_spec")
+    jax.jit, static_argnames=("spec", "candidates", "method", "branches", "twin_spec", "cost")
 )
-def _search(w, key, budget, calibration, *, spec, candidates, method, branches, twin_spec):
+def _search(
+    w, key, budget, calibration, *, spec, candidates, method, branches, twin_spec, cost="extra"
+):
     """``search`` with the budget as data, so budgets share one compilation."""
     methods = search_methods(method, spec)
     c = _curve(
@@ -325,7 +329,8 @@ def _search(w, key, budget, calibration, *, spec, candidates, method, branches, 
         branches=branches, twin_spec=twin_spec,
     )  # fmt: skip
     m, base, thr = c["m"], c["base"], c["thresholds"]
-    score = jnp.where(m.extra_nonzero <= budget * w.size, c["score"], jnp.inf)
+    spent = m.twin_nonzero if cost == "twin" else m.extra_nonzero
+    score = jnp.where(spent <= budget * w.size, c["score"], jnp.inf)
     best = jnp.argmin(score.reshape(-1))
     mi, ti = best // candidates, best % candidates
     do_split = score.reshape(-1)[best] < c["score0"]
@@ -512,8 +517,14 @@ def choice(
         extra_nonzero=int(info["extra_nonzero"]),
         extra_fraction=int(info["extra_nonzero"]) / max(int(size), 1),
         candidates=len(methods) * candidates,
-        output_error=float(info.get("output_error", nan)),
-        output_error_unsplit=float(info.get("output_error_unsplit", nan)),
+        output_error=_finite_or_none(info.get("output_error", nan)),
+        output_error_unsplit=_finite_or_none(info.get("output_error_unsplit", nan)),
         effective_bits=float(info.get("effective_bits", nan)),
         budget_share=budget_share,
     )
+
+
+def _finite_or_none(x) -> float | None:
+    """``float(x)``, or ``None`` for NaN (no calibration: reports compare equal)."""
+    v = float(x)
+    return None if v != v else v

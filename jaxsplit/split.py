@@ -477,7 +477,7 @@ def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration:
     sizes = [int(layer.array.size) for layer in todo]
     budget = a.max_extra * sum(sizes)
     picks = search.allocate(
-        [h["m"].extra_nonzero for h in host],
+        [_spent(h["m"], a.cost) for h in host],
         [h["score"] for h in host],
         [float(h["score0"]) for h in host],
         budget,
@@ -513,14 +513,20 @@ def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration:
             continue
         mi, ti = divmod(pick, a.candidates)
         extra = int(m.extra_nonzero[mi, ti])
+        spent = int(_spent(m, a.cost)[mi, ti])
         info = {"split": True, "method": mi, "threshold": t, "mse": m.mse[mi, ti],
                 "mse_unsplit": base.mse, "extra_nonzero": extra,
                 "output_error": m.output_error[mi, ti],
                 "output_error_unsplit": base.output_error,
                 "effective_bits": m.effective_bits[mi, ti]}  # fmt: skip
-        share = extra / budget if budget > 0 else 0.0
+        share = spent / budget if budget > 0 else 0.0
         ch = search.choice(info, methods, a.candidates, size=size, budget_share=share)
         yield layer, ws, int(n[0]), _host_threshold(np.asarray(t)), ch
+
+
+def _spent(m, cost: str):
+    """What the budget counts of a measured curve (``Auto.cost``)."""
+    return m.twin_nonzero if cost == "twin" else m.extra_nonzero
 
 
 def _usage(todo: list[Layer]) -> dict[int, int]:

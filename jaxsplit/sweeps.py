@@ -368,7 +368,7 @@ def auto_sweep(
       ...                  autos=[Auto(QuantSpec(bits=4), candidates=8)])
       >>> r = res.rows[0]
       >>> r.threshold, r.method, r.reduction > 0.5
-      ('auto', 'clip', True)
+      ('auto', 'residual', True)
     """
     rows: list[SweepRow] = []
     for a in autos:

@@ -105,7 +105,7 @@ def test_report_dry_run_and_log(caplog):
     assert [q.to_dict() for q in dry.layers] == [q.to_dict() for q in rep.layers]
     a = rep.layers[0]
     d = a.to_dict()["auto"]
-    assert d["method"] in auto.AUTO_METHODS and d["candidates"] == 4 * 8
+    assert d["method"] in auto.AUTO_METHODS and d["candidates"] == len(auto.AUTO_METHODS) * 8
     assert d["mse"] < d["mse_unsplit"] and 0 < d["extra_fraction"] <= 0.1
     assert "auto: " in caplog.text and "mse" in caplog.text
     m = js.merge_params(p2)

@@ -190,6 +190,10 @@ def test_mixed_precision_twin_and_effective_bits():
     nnz = int(np.count_nonzero(np.asarray(p2["l0"]["branch_1"]["kernel"])))
     assert row.effective_bits == pytest.approx(measure.effective_bits(row.n_total, nnz, 4, 8))
     assert ch.effective_bits == pytest.approx(row.effective_bits)
+    # with a twin spec the budget counts the twins' non-zeros (what is stored), so an empty
+    # branch_0 beside a dense int8 twin cannot pass for "no extra non-zeros"
+    assert cfg.threshold.cost == "twin" and nnz <= 0.02 * row.n_total
+    assert row.effective_bits <= 4 + 0.02 * (8 + measure.INDEX_BITS) + 1e-6
 
 
 def _ckpt(tmp_path):

@@ -43,7 +43,7 @@ import numpy as np
 
 import jaxsplit as js
 from experiments import minilm, report
-from jaxsplit.select import find_layers
+from jaxsplit.tree import find_layers
 
 __all__ = [
     "random_batches",
@@ -93,48 +93,21 @@ def random_batches(
     return [(ids[i : i + batch], mask[i : i + batch]) for i in range(0, n, batch)]
 
 
-def _set(tree: Mapping, keys: Sequence, value) -> dict:
-    if not keys:
-        return value
-    return {**tree, keys[0]: _set(tree[keys[0]], keys[1:], value)}
-
-
-def _branches(variables2: Mapping, paths: Iterable[str]) -> dict[str, list]:
-    layers = find_layers(variables2)
-    out = {}
-    for p in paths:
-        layer = layers[p]
-        if layer.branches:
-            out[p] = [layer.node[f"branch_{i}"][layer.weight] for i in range(layer.branches)]
-        else:
-            out[p] = [layer.node[layer.weight]]
-    return out
-
-
-def simulated_tree(variables2: Mapping, spec: js.QuantSpec, paths: Iterable[str]) -> dict:
-    """The unsplit-structure tree with each selected weight ``sum_i fake_quant(W_i, spec)``.
-
-    Args:
-      variables2: variables from ``jaxsplit.split_params`` (or unsplit variables).
-      spec: the ``QuantSpec``; every branch gets its own scale.
-      paths: layer paths to quantize (split or not); other weights stay float.
+def simulated_tree(variables2: Mapping, spec: js.QuantSpec, paths: Iterable[str]) -> Mapping:
+    """The unsplit-structure tree with each selected weight ``sum_i fake_quant(W_i, spec)``
+    (``js.quantized_weights`` restricted to ``paths``; other weights stay float).
 
     Example:
       >>> v = {"params": {"d": {"kernel": np.array([[0.1, 1.0]], np.float32)}}}
       >>> simulated_tree(v, js.QuantSpec(bits=2), ["d"])["params"]["d"]["kernel"].tolist()
       [[0.0, 1.0]]
     """
-    merged = js.merge_params(variables2)
-    layers = find_layers(merged)
-    tree = dict(merged)
-    for p, ws in _branches(variables2, paths).items():
-        sim = sum(js.fake_quant(jnp.asarray(w), spec) for w in ws)
-        tree = _set(tree, ("params", *layers[p].keys, layers[p].weight), sim)
-    return tree
+    return js.quantized_weights(variables2, spec, quantize=js.fake_quant, layers=list(paths))
 
 
 def extra_nonzero_fraction(variables2: Mapping, paths: Iterable[str]) -> float:
-    """``(sum over branches of nnz - nnz(W)) / size``, summed over the selected weights.
+    """Extra non-zeros (``js.measure.extra_nonzero``) over the selected weights, as a
+    fraction of their size.
 
     Example:
       >>> p = {"d": {"kernel": np.array([0.5, 3.0], np.float32)}}
@@ -142,12 +115,12 @@ def extra_nonzero_fraction(variables2: Mapping, paths: Iterable[str]) -> float:
       >>> extra_nonzero_fraction(p2, ["d"])
       0.5
     """
+    layers = find_layers(variables2)
     extra = size = 0
-    for ws in _branches(variables2, paths).values():
-        nnz = [int(np.count_nonzero(np.asarray(w))) for w in ws]
-        total = np.sum([np.asarray(w) for w in ws], axis=0)
-        extra += sum(nnz) - int(np.count_nonzero(total))
-        size += int(np.asarray(ws[0]).size)
+    for p in paths:
+        ws = [jnp.asarray(w) for w in js.tree.branch_weights(layers[p])]
+        extra += int(js.measure.extra_nonzero(sum(ws), ws))
+        size += int(ws[0].size)
     return extra / size
 
 

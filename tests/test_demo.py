@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from jaxsplit import Relative, SplitConfig, match_layers, quant, quant_error, split_params
-from jaxsplit.demo import DemoConfig, DemoResult, markdown, plot, run_demo, simulated_weights, variants
+from jaxsplit.demo import (
+    DemoConfig,
+    DemoResult,
+    markdown,
+    plot,
+    run_demo,
+    simulated_weights,
+    variants,
+)
 from jaxsplit.demo.model import DigitsCNN, load_digits_split
 from jaxsplit.quant import QuantSpec
 

@@ -129,7 +129,7 @@ def test_simulated_tree_equals_running_the_twin_branches(loaded, tiny):
     @jax.jit
     def run_branches(v2, ids, mask):
         quant = lambda w: js.fake_quant(w, spec)  # noqa: E731
-        return js.linen.apply(model, v2, ids, mask, quant=quant)[1]
+        return js.linen.apply(model, v2, ids, mask, weight_fn=quant)[1]
 
     run = run_branches(v2, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_allclose(np.asarray(sim), np.asarray(run), atol=1e-4, rtol=0)

@@ -13,6 +13,7 @@ from jaxsplit.cli.common import (
     quant_spec,
     require_layers,
     twin_spec,
+    weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
 from jaxsplit.config import Auto, SplitConfig
@@ -63,7 +64,9 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
     if args.budget is not None and args.layer_budget is not None:
         raise UsageError("give --budget (tree-wide) or --layer-budget, not both")
     try:
-        cfg = SplitConfig(layers=tuple(args.layers), seed=args.seed, spec=specs[0])
+        cfg = SplitConfig(
+            layers=tuple(args.layers), seed=args.seed, spec=specs[0], weights=weights(args)
+        )
         autos = [
             Auto(
                 s,
@@ -77,7 +80,7 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
     except (ConfigError, ConfigTypeError) as e:
         raise UsageError(f"--{e.field}: {e}") from None
     tree = load_checkpoint(args.ckpt, args.format)
-    n = len(require_layers(tree, args.ckpt))
+    n = len(require_layers(tree, args.ckpt, cfg.weights))
     rows = ()
     fixed = [m for m in args.methods if m != "auto"]
     if thresholds and fixed:

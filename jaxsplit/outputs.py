@@ -130,6 +130,7 @@ def quantized_weights(
     quantize: Callable = quant.quantize,
     layers=None,
     weights: Weights = WEIGHT_NAMES,
+    twin_spec: QuantSpec | None = None,
 ) -> Mapping:
     """The tree with every layer's weight replaced by ``sum_i Q(W_i)`` (branches merged).
 
@@ -147,6 +148,8 @@ def quantized_weights(
         ones are merged).
       weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
         predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
+      twin_spec: the ``QuantSpec`` of the twins (``branch_1 …``) for mixed-precision
+        splits (``Auto(twin_spec=...)``); ``None``: every branch under ``spec``.
 
     Returns:
       An unsplit tree of the same container types.
@@ -162,9 +165,11 @@ def quantized_weights(
         chosen = find_layers(params, weights).values()
     else:
         chosen = select_layers(params, layers, weights)[0]
-    replacements = {
-        layer.keys: map_branch_weights(layer, lambda w: quantize(w, spec)) for layer in chosen
-    }
+
+    def q(w, i):
+        return quantize(w, spec if i == 0 or twin_spec is None else twin_spec)
+
+    replacements = {layer.keys: map_branch_weights(layer, q, with_index=True) for layer in chosen}
     return merge_params(rebuild(params, replacements))
 
 

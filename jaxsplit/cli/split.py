@@ -23,6 +23,7 @@ from jaxsplit.cli.common import (
     weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
+from jaxsplit.config import Auto
 from jaxsplit.errors import UnmatchedPatternError
 from jaxsplit.split import match_layers, split_with_report
 
@@ -69,7 +70,10 @@ def _split_run(args: argparse.Namespace, ui: UI) -> int:
     cfg = split_config(args, quant_spec(args))
     out_fmt = _check_output(args)
     calibration = load_calibration(args.calibration)
-    if calibration is not None:  # output-aware search: in memory (the stream has no calibration)
+    tree_scope = isinstance(cfg.threshold, Auto) and cfg.threshold.scope == "tree"
+    if calibration is not None or tree_scope:
+        # an output-aware search, or a budget shared by the whole tree: in memory (the
+        # stream sees one layer at a time)
         tree = load_checkpoint(args.ckpt, args.format)
         if args.dry_run:
             report = match_layers(tree, cfg, calibration=calibration)
@@ -77,7 +81,10 @@ def _split_run(args: argparse.Namespace, ui: UI) -> int:
             with ui.progress(f"splitting {args.ckpt}"):
                 tree2, report = split_with_report(tree, cfg, calibration=calibration)
             with ui.progress(f"saving {args.out}"):
-                io.save(tree2, args.out, fmt=out_fmt, overwrite=args.overwrite)
+                io.save(
+                    tree2, args.out, fmt=out_fmt, overwrite=args.overwrite,
+                    sparse_below=args.sparse_below,
+                )  # fmt: skip
         _print_split(args, ui, cfg, report, out_fmt)
         return 0
     fmt = input_format(args.ckpt, args.format)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxsplit import quant
 from jaxsplit.errors import ConfigTypeError, UnsplittableError
-from jaxsplit.measure import measure, reduction, sqnr_db
+from jaxsplit.measure import TwinCost, measure, reduction, sqnr_db, twin_cost
 from jaxsplit.quant import QuantSpec
 from jaxsplit.tree import Layer, branch_weights, find_layers, x64
 
@@ -52,6 +52,11 @@ class LayerError:
       pred_before: Widrow for ``Q(W)``; ``pred_after``: naive Widrow sum over branches;
         ``pred_after_corr``: Widrow with identical branches rounding identically.
       signal: ``mean(W²)``.
+      twin_nonzero: non-zeros per twin (``branch_1 …``; empty for an unsplit layer).
+      itemsize: bytes per value of the kernel.
+
+    The run-time cost of the twins, dense and sparse (``jaxsplit.measure.twin_cost``), is
+    ``cost``; its fields are also properties (``extra_macs_dense`` …).
     """
 
     path: str
@@ -71,6 +76,33 @@ class LayerError:
     pred_after: float
     pred_after_corr: float
     signal: float
+    twin_nonzero: tuple[int, ...] = ()
+    itemsize: int = 4
+
+    @property
+    def cost(self) -> TwinCost:
+        """Extra multiply-adds (per application) and weight bytes, dense and sparse twins."""
+        return twin_cost(self.n_total, self.itemsize, self.twin_nonzero)
+
+    @property
+    def extra_macs_dense(self) -> int:
+        """Multiply-adds per application the twins add run as dense layers."""
+        return self.cost.extra_macs_dense
+
+    @property
+    def extra_macs_sparse(self) -> int:
+        """Multiply-adds per application the twins add run as sparse products."""
+        return self.cost.extra_macs_sparse
+
+    @property
+    def extra_bytes_dense(self) -> int:
+        """Weight bytes of the twins stored dense."""
+        return self.cost.extra_bytes_dense
+
+    @property
+    def extra_bytes_sparse(self) -> int:
+        """Weight bytes of the twins stored sparse (values + ``measure.index_bytes``)."""
+        return self.cost.extra_bytes_sparse
 
     @property
     def split_fraction(self) -> float:
@@ -131,6 +163,10 @@ _DERIVED = (
     "sqnr_after",
     "extra_fraction",
     "reduction",
+    "extra_macs_dense",
+    "extra_macs_sparse",
+    "extra_bytes_dense",
+    "extra_bytes_sparse",
 )
 
 
@@ -154,6 +190,11 @@ class Report:
 
     def total(self) -> dict[str, float]:
         """Totals over layers: counts summed, MSE figures weighted by each layer's size.
+
+        Cost: ``macs`` is the multiply-adds of one application of every kernel (their
+        sizes summed), ``weight_bytes`` their bytes; ``extra_macs_dense`` /
+        ``extra_macs_sparse`` / ``extra_bytes_dense`` / ``extra_bytes_sparse`` what the
+        twins add (``jaxsplit.measure.twin_cost``), beside ``extra_nonzero``.
 
         Example:
           >>> import numpy as np
@@ -184,6 +225,12 @@ class Report:
             "sqnr_before": sqnr_db(signal, before),
             "sqnr_after": sqnr_db(signal, after),
             "reduction": reduction(before, after),
+            "macs": n,
+            "weight_bytes": sum(r.n_total * r.itemsize for r in self.layers),
+            **{
+                name: sum(getattr(r, name) for r in self.layers)
+                for name in TwinCost._fields
+            },
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,6 +265,7 @@ def _layer_stats(w, branches, spec: QuantSpec) -> dict[str, jax.Array]:
         "pred_after_corr": after.mse_widrow_correlated,
         "signal": jnp.mean(jnp.square(wf)),
         "sum_error": jnp.max(jnp.abs(sum(bf) - wf)),
+        "twin_nonzero": jnp.stack([jnp.count_nonzero(b) for b in bf[1:]] or [jnp.int32(0)]),
     }
 
 
@@ -325,6 +373,8 @@ def _row(layer: Layer, w, s: dict) -> LayerError:
         maxabs_branches=tuple(float(x) for x in s["maxabs_branches"]),
         scale=float(s["scale"]),
         scale_branches=tuple(float(x) for x in s["scale_branches"]),
+        twin_nonzero=tuple(int(x) for x in s["twin_nonzero"]) if k > 1 else (),
+        itemsize=int(w.dtype.itemsize),
         **{
             name: float(s[name])
             for name in (

@@ -17,13 +17,14 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsplit import sparse_run
 from jaxsplit._wrap import call_branches, check_branches, unsupported_error
 from jaxsplit.config import SplitConfig
-from jaxsplit.errors import ConfigTypeError
+from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.split import merge_params, split_params
 from jaxsplit.tree import branch_name, find_layers, map_branch_weights, rebuild
 
-__all__ = ["SUPPORTED", "Split", "split_model", "merge_model", "apply"]
+__all__ = ["SUPPORTED", "Split", "split_model", "merge_model", "sparsify_model", "apply"]
 
 #: Layer types whose output is linear in the weight, with the bias optional:
 #: ``{type: (weight attribute, methods that run branch-wise)}``.
@@ -207,6 +208,49 @@ def merge_model(model2: nnx.Module) -> nnx.Module:
     return model
 
 
+def sparsify_model(model: nnx.Module, sparse_below: float) -> nnx.Module:
+    """A copy of ``model`` whose ``Split`` twins of density ``< sparse_below`` run sparse.
+
+    Each such ``branch_i`` (``i >= 1``) of an ``nnx.Linear``/``nnx.Conv`` becomes a
+    ``jaxsplit.sparse_run.SparseBranch`` holding the twin as a ``BCOO``; other twins
+    stay dense. The copy computes the same outputs up to float rounding, also under
+    ``nnx.jit`` (make it outside). ``model`` is unchanged.
+
+    Raises:
+      ConfigError: ``sparse_below`` is out of ``[0, 1]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxsplit as js
+      >>> m = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+      >>> m2 = split_model(m, js.SplitConfig(layers=["layers/0"], threshold=js.Relative(0.5)))
+      >>> ms = sparsify_model(m2, 1.0)
+      >>> type(ms.layers[0].branch_1).__name__
+      'SparseBranch'
+      >>> bool(jnp.allclose(ms(jnp.ones((1, 4))), m(jnp.ones((1, 4))), atol=1e-6))
+      True
+    """
+    below = sparse_run.check_sparse_below("sparsify_model", sparse_below)
+    _check_model(model)
+    copy = nnx.clone(model)
+    for _, module in list(nnx.iter_modules(copy)):
+        if not isinstance(module, Split) or not below:
+            continue
+        weight = SUPPORTED[type(module.branch_0)][0]
+        for i in range(1, module.num_branches):
+            twin = getattr(module, branch_name(i))
+            if not hasattr(twin, weight):
+                continue
+            w = getattr(twin, weight).get_value()
+            if SparseBranch.supports(twin, w.ndim - 2) and sparse_run.density(w) < below:
+                setattr(module, branch_name(i), SparseBranch(twin, sparse_run.to_sparse(w)))
+    return copy
+
+
+SparseBranch = sparse_run.SparseBranch
+
+
 def _transformed_state(model: nnx.Module, state, weight_fn: Callable) -> Any:
     """``state`` with ``weight_fn`` applied to every layer weight, each branch on its own."""
     replacements = {}
@@ -225,6 +269,7 @@ def apply(
     *args,
     method: str = "__call__",
     weight_fn: Callable[[Any], Any] | None = None,
+    sparse_below: float | None = None,
     **kwargs,
 ):
     """Calls ``model`` (split or not) with every layer weight passed through ``weight_fn``.
@@ -240,6 +285,8 @@ def apply(
       *args: arguments of the method.
       method: the method to call.
       weight_fn: a per-weight transform ``w -> w'``, or ``None``.
+      sparse_below: run ``Split`` twins with fewer non-zeros per value than this as
+        sparse products (``sparsify_model``; not together with ``weight_fn``).
       **kwargs: keyword arguments of the method.
 
     Returns:
@@ -262,6 +309,18 @@ def apply(
         raise ConfigTypeError(
             "apply", "weight_fn", f"weight_fn must be None or a callable w -> w', got {weight_fn!r}"
         )
+    if sparse_run.check_sparse_below("apply", sparse_below):
+        if weight_fn is not None:
+            raise ConfigError(
+                "apply",
+                "weight_fn",
+                "weight_fn= cannot transform sparse twins (sparse_below=): quantize the "
+                "branches first, then sparsify",
+            )
+        smodel = sparsify_model(model, sparse_below)
+        out = getattr(smodel, method)(*args, **kwargs)
+        nnx.update(model, nnx.state(smodel, nnx.All(nnx.Variable, nnx.Not(nnx.Param))))
+        return out
     if weight_fn is None:
         return getattr(model, method)(*args, **kwargs)
     graphdef, state = nnx.split(model)

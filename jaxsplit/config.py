@@ -146,8 +146,10 @@ class SplitConfig:
         object.__setattr__(self, "layers", _check_layers(self.layers))
         m, th = self.method, self.threshold
         m = None if m is _DEFAULT else m
-        if m is None and self.method is not _DEFAULT or (
-            m is not None and (not isinstance(m, str) or m not in CONFIG_METHODS)
+        if (
+            m is None
+            and self.method is not _DEFAULT
+            or (m is not None and (not isinstance(m, str) or m not in CONFIG_METHODS))
         ):
             raise ConfigError(
                 "SplitConfig",

@@ -227,10 +227,7 @@ class Report:
             "reduction": reduction(before, after),
             "macs": n,
             "weight_bytes": sum(r.n_total * r.itemsize for r in self.layers),
-            **{
-                name: sum(getattr(r, name) for r in self.layers)
-                for name in TwinCost._fields
-            },
+            **{name: sum(getattr(r, name) for r in self.layers) for name in TwinCost._fields},
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -160,8 +160,8 @@ def twin_cost(size: int, itemsize: int, twin_nonzeros) -> TwinCost:
       A ``TwinCost``.
 
     Example:
-      >>> twin_cost(1000, 4, [20])
-      TwinCost(extra_macs_dense=1000, extra_macs_sparse=20, extra_bytes_dense=4000, extra_bytes_sparse=160)
+      >>> tuple(twin_cost(1000, 4, [20]))  # dense MACs, sparse MACs, dense bytes, sparse bytes
+      (1000, 20, 4000, 160)
     """
     nnz = [int(n) for n in twin_nonzeros]
     return TwinCost(

@@ -418,7 +418,9 @@ def evaluate_outputs(
         _output_error(y, ya),
         tuple(layers),
         *_weight_counts(params2),
-        **_costs(params2, [(p, jnp.shape(f)) for p, (_, f) in zip(paths, float_calls, strict=True)]),
+        **_costs(
+            params2, [(p, jnp.shape(f)) for p, (_, f) in zip(paths, float_calls, strict=True)]
+        ),
     )
 
 

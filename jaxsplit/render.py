@@ -141,8 +141,11 @@ def cost_line(totals: dict) -> str:
     Example:
       >>> t = dict(extra_nonzero=20, macs=1000, weight_bytes=4000, extra_macs_dense=1000,
       ...          extra_macs_sparse=20, extra_bytes_dense=4000, extra_bytes_sparse=160)
-      >>> print(cost_line(t))
-      cost: +20 non-zeros; twins run dense +1e+03 MACs (+100%), +4 kB (+100%); sparse +20 MACs (+2%), +160 B (+4%)
+      >>> for part in cost_line(t).split("; "):
+      ...     print(part)
+      cost: +20 non-zeros
+      twins run dense +1e+03 MACs (+100%), +4 kB (+100%)
+      sparse +20 MACs (+2%), +160 B (+4%)
     """
 
     def pct(x, of):

@@ -40,6 +40,7 @@ __all__ = [
     "choice",
 ]
 
+
 @dataclasses.dataclass(frozen=True)
 class AutoChoice:
     """What ``Auto`` chose for one layer, and what it costs.

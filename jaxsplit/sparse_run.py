@@ -269,9 +269,7 @@ def _conv(module, x, w):
     lead = xb.shape[: xb.ndim - n - 1]
     xb = xb.reshape(-1, *xb.shape[-n - 1 :])
     strides, pad, idil, kdil = settings
-    y = conv_product(
-        xb, w, strides=strides, padding=pad, input_dilation=idil, kernel_dilation=kdil
-    )
+    y = conv_product(xb, w, strides=strides, padding=pad, input_dilation=idil, kernel_dilation=kdil)
     y = y.reshape(*lead, *y.shape[1:])
     return y[0] if unbatched else y
 

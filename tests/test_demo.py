@@ -223,8 +223,8 @@ def test_result_round_trips_through_json(result):
 
 
 def test_readme_demo_table_is_what_the_code_prints():
-    """The README's table is ``markdown()`` of the committed full run (experiments/results/demo.json);
-    regenerate both with ``jaxsplit demo --json > experiments/results/demo.json``."""
+    """The README's table is ``markdown()`` of the committed full run
+    (``experiments/results/demo.json``, from ``jaxsplit demo --json``)."""
     import json
     import pathlib
 

@@ -30,7 +30,7 @@ def run(seeds: Sequence[int], **config) -> list:
 
     out = []
     for s in seeds:
-        out.append(run_demo(DemoConfig(seed=s, **config)))
+        out.append(run_demo(DemoConfig(seed=s, **{"minilm": False, **config})))
         logger.info("digits_cnn: seed %d done", s)
     return out
 

@@ -88,7 +88,7 @@ def plot(rows: list[dict], fp32: dict, path: str) -> None:
                     fmt=style, color=color[v], capsize=3, label=v, ms=3)  # fmt: skip
         a2.errorbar(b, [r["_sqnr"] for r in rs], [r["_sqnr_sd"] for r in rs],
                     fmt=style, color=color[v], capsize=3, label=v, ms=3)  # fmt: skip
-    a1.axhline(100 * fp32["mean"], color="grey", lw=0.8, label="fp32")
+    a1.axhline(100 * fp32["mean"], color="black", lw=0.8, ls=":", label="fp32")
     a1.set(xlabel="weight bits (per tensor)", ylabel="test accuracy %", title="digits CNN")
     a2.set(xlabel="weight bits (per tensor)", ylabel="weight SQNR dB", title="all kernels")
     for a in (a1, a2):

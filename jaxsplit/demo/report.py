@@ -134,7 +134,7 @@ def plot(result: DemoResult, path: str) -> str:
         kw = dict(color=color[v], label=v, ms=4)
         ax1.plot(bits, [100 * acc[v, b] for b in bits], style, **kw)
         ax2.plot(bits, [sqnr[v, b] for b in bits], style, **kw)
-    ax1.axhline(100 * result.fp32_accuracy, color="grey", lw=0.8, label="fp32")
+    ax1.axhline(100 * result.fp32_accuracy, color="black", lw=0.8, ls=":", label="fp32")
     ax1.set(xlabel="weight bits (per tensor)", ylabel="test accuracy (%)", title="digits CNN")
     ax2.set(xlabel="weight bits (per tensor)", ylabel="weight SQNR (dB)", title="all kernels")
     for ax in axes:

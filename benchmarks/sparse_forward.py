@@ -77,9 +77,9 @@ def run(quick: bool = False, reps: int = 15, percentiles=(99.0, 90.0)) -> list[d
             err = float(jnp.max(jnp.abs(split_fn(vs, x) - split_fn(v2, x))))
             t = timed(
                 {
-                    "original": lambda: original(v, x),
-                    "dense twins": lambda: split_fn(v2, x),
-                    "sparse twins": lambda: split_fn(vs, x),
+                    "original": lambda f=original, v=v, x=x: f(v, x),
+                    "dense twins": lambda f=split_fn, v=v2, x=x: f(v, x),
+                    "sparse twins": lambda f=split_fn, v=vs, x=x: f(v, x),
                 },
                 reps,
             )

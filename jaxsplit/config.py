@@ -16,6 +16,7 @@ from typing import Any
 from jaxsplit import kernels, quant
 from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.thresholds import Threshold, as_threshold
+from jaxsplit.tree import WEIGHT_NAMES, Weights, check_weights
 from jaxsplit.validate import check_flag, check_int, check_real
 
 __all__ = ["SplitConfig", "Auto", "ThresholdSpec", "CONFIG_METHODS", "AUTO_METHODS"]
@@ -120,6 +121,11 @@ class SplitConfig:
       allow_nonfinite: permit NaN/inf in selected kernels (they stay on ``branch_0``);
         otherwise such a kernel raises ``errors.NonFiniteError`` naming the layer.
       verbose: log one INFO line per selected layer on ``logging.getLogger("jaxsplit")``.
+      weights: which array leaves are weights: leaf names (default
+        ``('kernel', 'embedding')``; e.g. ``("kernel", "w", "gating_einsum", "linear")``
+        for Gemma) or a predicate ``(leaf_path, array) -> bool``. A node holding one
+        weight is a layer at its path; a node holding several is one layer per weight
+        at ``node/leaf``, split in place (``jaxsplit.tree``).
 
     Example:
       >>> from jaxsplit.thresholds import Relative
@@ -141,9 +147,11 @@ class SplitConfig:
     strict: bool = True
     allow_nonfinite: bool = False
     verbose: bool = False
+    weights: Weights = WEIGHT_NAMES
 
     def __post_init__(self):
         object.__setattr__(self, "layers", _check_layers(self.layers))
+        object.__setattr__(self, "weights", check_weights(self.weights, "SplitConfig"))
         m, th = self.method, self.threshold
         m = None if m is _DEFAULT else m
         if (

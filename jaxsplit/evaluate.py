@@ -24,7 +24,7 @@ from jaxsplit import quant
 from jaxsplit.errors import ConfigTypeError, UnsplittableError
 from jaxsplit.measure import TwinCost, measure, reduction, sqnr_db, twin_cost
 from jaxsplit.quant import QuantSpec
-from jaxsplit.tree import Layer, branch_weights, find_layers, x64
+from jaxsplit.tree import WEIGHT_NAMES, Layer, Weights, branch_weights, find_layers, x64
 
 __all__ = ["LayerError", "Report", "quant_error"]
 
@@ -271,9 +271,9 @@ def _rms(s: jax.Array) -> jax.Array:
     return s if s.ndim == 0 else jnp.sqrt(jnp.mean(jnp.square(s)))
 
 
-def _pair_layers(params: Mapping, params2: Mapping) -> list[tuple[Layer, Layer]]:
+def _pair_layers(params: Mapping, params2: Mapping, weights) -> list[tuple[Layer, Layer]]:
     """Layers of both trees paired by path, with every mismatch reported at once."""
-    a, b = find_layers(params), find_layers(params2)
+    a, b = find_layers(params, weights), find_layers(params2, weights)
     split_in_a = [p for p, lay in a.items() if lay.branches]
     if split_in_a:
         raise ValueError(
@@ -302,7 +302,9 @@ def _pair_layers(params: Mapping, params2: Mapping) -> list[tuple[Layer, Layer]]
     return pairs
 
 
-def quant_error(params: Mapping, params2: Mapping, spec: QuantSpec) -> Report:
+def quant_error(
+    params: Mapping, params2: Mapping, spec: QuantSpec, *, weights: Weights = WEIGHT_NAMES
+) -> Report:
     """Measured and predicted quantization error of every layer, before and after a split.
 
     Args:
@@ -311,6 +313,8 @@ def quant_error(params: Mapping, params2: Mapping, spec: QuantSpec) -> Report:
       params2: the same tree after ``split_params`` (split layers hold ``branch_i``
         children); a layer left alone is compared with itself.
       spec: the ``QuantSpec`` applied to ``W`` and to each branch separately.
+      weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
+        predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
 
     Returns:
       A ``Report`` with one ``LayerError`` per layer of ``params``, in tree order.
@@ -337,7 +341,7 @@ def quant_error(params: Mapping, params2: Mapping, spec: QuantSpec) -> Report:
             "spec",
             f"spec must be a jaxsplit.QuantSpec, got {spec!r} ({type(spec).__name__})",
         )
-    pairs = _pair_layers(params, params2)
+    pairs = _pair_layers(params, params2, weights)
     pending = []
     for la, lb in pairs:
         w = la.array

@@ -456,7 +456,7 @@ class CheckpointReader:
         return a.view(dt) if a.dtype != dt else a
 
     def _open_msgpack(self) -> None:
-        logger.warning(
+        logger.info(
             "%s: msgpack checkpoints cannot be read one tensor at a time; loading it whole",
             self.path,
         )

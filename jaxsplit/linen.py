@@ -30,11 +30,17 @@ from jaxsplit.config import SplitConfig
 from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.split import split_params
 from jaxsplit.tree import (
+    WEIGHT_NAMES,
+    Weights,
     branch_count,
     branch_name,
+    check_weights,
     find_layers,
+    leaf_branch_count,
     make_branches,
+    split_weight,
     unwrap,
+    weight_leaves,
     weight_name,
 )
 
@@ -122,33 +128,73 @@ def _check_nodes(path: str, nodes: list[Mapping], weight: str) -> None:
         raise ValueError(f"layer {path!r}: branch {weight} shapes differ: {shapes}")
 
 
-class _Interceptor:
-    """One per ``apply`` call; ``inside`` lets the branch clones' own calls through."""
+def _merged_own(own: Mapping, weights, weight_fn: WeightFn | None, path: str):
+    """``own`` with each of the module's *own* weights (not its submodules') replaced by
+    ``sum_i weight_fn(W_i)`` (``sum_i W_i`` without ``weight_fn``); ``None`` if there is
+    nothing to replace. A node-level split becomes its ``branch_0`` with the summed weight."""
+    fn = (lambda w: w) if weight_fn is None else weight_fn
 
-    def __init__(self, weight_fn: WeightFn | None):
+    def total(ws):
+        return sum_branches(lambda i: fn(nn.meta.unbox(ws[i])), len(ws))
+
+    try:
+        k = branch_count(own, weights, path)
+    except ValueError as e:
+        raise ValueError(f"layer {path!r}: {e}") from None
+    if k:
+        w = split_weight(own, weights, path)
+        nodes = [own[branch_name(i)] for i in range(k)]
+        _check_nodes(path, nodes, w)
+        b0 = dict(nodes[0])
+        b0[w] = total([n[w] for n in nodes])
+        return b0
+    names = weight_leaves(own, weights, path)
+    split = [n for n in names if leaf_branch_count(own[n])]
+    if not split and weight_fn is None:
+        return None
+    if not names:
+        return None
+    out = dict(own)
+    for n in names:
+        leaf = own[n]
+        nb = leaf_branch_count(leaf)
+        out[n] = total([leaf[branch_name(i)] for i in range(nb)] if nb else [leaf])
+    return out
+
+
+class _Interceptor:
+    """One per ``apply`` call; ``inside`` lets the branch clones' own calls through, and
+    ``root_merged`` the root of a weight-sum re-run (its weights are already summed)."""
+
+    def __init__(self, weight_fn: WeightFn | None, weights):
         self.weight_fn = weight_fn
+        self.weights = weights
         self.inside = False
+        self.root_merged = False
 
     def __call__(self, next_fun, args, kwargs, context):
         module = context.module
         if self.inside or isinstance(module, Split) or module.scope is None:
+            return next_fun(*args, **kwargs)
+        if self.root_merged and not module.path:
             return next_fun(*args, **kwargs)
         own = module.variables.get("params")
         if not isinstance(own, Mapping) or not own:
             return next_fun(*args, **kwargs)
         path = _path(module)
         try:
-            k = branch_count(own)
+            k = branch_count(own, self.weights, path)
         except ValueError as e:
             raise ValueError(f"layer {path!r}: {e}") from None
         name = context.method_name
+        spec = SUPPORTED.get(type(module))
+        if spec is None or any(leaf_branch_count(v) for v in own.values()):
+            return self._weight_sum(module, own, path, next_fun, name, args, kwargs)
         if k:
-            spec = _spec(module, path, "its params hold split branches")
             if name == "setup":  # the branches set themselves up
                 return None
             nodes = [own[branch_name(i)] for i in range(k)]
-        elif self.weight_fn is not None and weight_name(own) is not None:
-            spec = _spec(module, path, "weight_fn= was given and it owns a weight")
+        elif self.weight_fn is not None and weight_name(own, self.weights) is not None:
             if name not in spec.methods:
                 return next_fun(*args, **kwargs)
             nodes = [own]
@@ -168,6 +214,38 @@ class _Interceptor:
             )
         finally:
             self.inside = False
+
+    def _weight_sum(self, module, own, path, next_fun, name, args, kwargs):
+        """Any other module: re-run its method on its variables with its own weights
+        replaced by ``sum_i weight_fn(W_i)`` (equal to summing the branch outputs
+        wherever the output is linear in the weight; exact to the unsplit model always)."""
+        merged = _merged_own(sparse_run.densify(own), self.weights, self.weight_fn, path)
+        if merged is None:
+            return next_fun(*args, **kwargs)
+        if name == "setup":  # the re-run sets itself up on the summed weights
+            return None
+        variables = {**module.variables, "params": merged}
+        scope = module.scope
+        rngs = {r: module.make_rng(r) for r in getattr(scope, "rngs", {})}
+        mutable = [c for c in variables if c != "params" and module.is_mutable_collection(c)]
+        clone = module.clone(parent=None, name=None)
+        prev, self.root_merged = self.root_merged, True
+        try:
+            out = clone.apply(
+                variables, *args, method=name, rngs=rngs or None, mutable=mutable or False, **kwargs
+            )
+        except (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError) as e:
+            raise ValueError(
+                f"layer {path!r}: summed weights do not fit the module {type(module).__name__}: {e}"
+            ) from None
+        finally:
+            self.root_merged = prev
+        if mutable:
+            out, updates = out
+            for col, tree in updates.items():
+                for key, value in tree.items():
+                    module.put_variable(col, key, value)
+        return out
 
     def _run(self, module, path, spec, node, i, name, args, kwargs):
         params = dict(node)
@@ -198,6 +276,7 @@ def apply(
     method: str | Callable | None = None,
     mutable: Any = False,
     weight_fn: WeightFn | None = None,
+    weights: Weights = WEIGHT_NAMES,
     sparse_below: float | None = None,
     **kwargs,
 ):
@@ -247,11 +326,12 @@ def apply(
         raise ConfigTypeError(
             "apply", "weight_fn", f"weight_fn must be None or a callable w -> w', got {weight_fn!r}"
         )
+    weights = check_weights(weights, "apply")
     if sparse_run.check_sparse_below("apply", sparse_below):
         if weight_fn is not None:
             raise _SPARSE_AND_WEIGHT_FN
         variables = sparse_run.sparsify(variables, sparse_below)
-    with nn.intercept_methods(_Interceptor(weight_fn)):
+    with nn.intercept_methods(_Interceptor(weight_fn, weights)):
         return model.apply(variables, *args, method=method, mutable=mutable, **kwargs)
 
 

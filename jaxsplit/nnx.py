@@ -14,15 +14,28 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxsplit import sparse_run
-from jaxsplit._wrap import call_branches, check_branches, unsupported_error
+from jaxsplit._wrap import call_branches, check_branches, sum_branches, unsupported_error
 from jaxsplit.config import SplitConfig
 from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.split import merge_params, split_params
-from jaxsplit.tree import branch_name, find_layers, map_branch_weights, rebuild
+from jaxsplit.tree import (
+    WEIGHT_NAMES,
+    Weights,
+    branch_name,
+    branch_weights,
+    check_weights,
+    find_layers,
+    like,
+    map_branch_weights,
+    raw,
+    rebuild,
+    wrap_like,
+)
 
 __all__ = ["SUPPORTED", "Split", "split_model", "merge_model", "sparsify_model", "apply"]
 
@@ -159,10 +172,19 @@ def split_model(model: nnx.Module, cfg: SplitConfig) -> nnx.Module:
     _check_model(model)
     state = nnx.state(model)
     state2 = split_params(state, cfg)
-    before = find_layers(state)
+    before = find_layers(state, cfg.weights)
     new = [lay for p, lay in find_layers(state2).items() if lay.branches and not before[p].branches]
     for layer in new:  # check every layer before copying anything
-        _spec(_module_at(model, layer.keys)[2], layer.path, "it was selected for splitting")
+        module = _module_at(model, layer.keys)[2]
+        if layer.leaf or type(module) not in SUPPORTED:
+            raise unsupported_error(
+                layer.path,
+                module,
+                SUPPORTED,
+                "it was selected for splitting (module surgery needs a layer linear in "
+                "its one weight; run any module on a split state with "
+                "js.nnx.apply(model, x, params=js.split_params(nnx.state(model), cfg)))",
+            )
     model2 = nnx.clone(model)
     for layer in new:
         parent, key, module = _module_at(model2, layer.keys)
@@ -251,17 +273,50 @@ def sparsify_model(model: nnx.Module, sparse_below: float) -> nnx.Module:
 SparseBranch = sparse_run.SparseBranch
 
 
-def _transformed_state(model: nnx.Module, state, weight_fn: Callable) -> Any:
-    """``state`` with ``weight_fn`` applied to every layer weight, each branch on its own."""
+def _transformed_state(model: nnx.Module, state, weight_fn: Callable, weights) -> Any:
+    """``state`` with ``weight_fn`` applied to every layer weight, each branch on its own
+    (any module: the module then sees ``weight_fn(W)``)."""
     replacements = {}
-    for layer in find_layers(state).values():
-        module = _module_at(model, layer.keys)[2]
-        if layer.branches and not isinstance(module, Split):
-            raise unsupported_error(layer.path, module, SUPPORTED, "it holds split weights")
-        if not layer.branches:
-            _spec(module, layer.path, "weight_fn= was given and it owns a weight")
+    for layer in find_layers(state, weights).values():
+        if layer.branches:
+            module = _module_at(model, layer.keys)[2]
+            if not isinstance(module, Split):
+                raise unsupported_error(layer.path, module, SUPPORTED, "it holds split weights")
         replacements[layer.keys] = map_branch_weights(layer, weight_fn)
     return rebuild(state, replacements)
+
+
+def _summed_state(state2, weight_fn, weights) -> Any:
+    """``state2`` with every weight (per ``weights``, and every split one) replaced by
+    ``sum_i weight_fn(W_i)`` and its branches merged: the unsplit model's state. A plain
+    sum (not ``merge_params``' bit-preserving one), so every branch gets the gradient."""
+    fn = (lambda w: w) if weight_fn is None else weight_fn
+    replacements = {}
+    for layer in find_layers(state2, weights).values():
+        if not layer.branches and weight_fn is None:
+            continue
+        ws = branch_weights(layer)
+        total = sum_branches(lambda i, ws=ws: fn(ws[i]), len(ws))
+        if layer.leaf or not layer.branches:
+            leaf = layer.branch_leaf(0) if layer.branches else raw(layer.node)[layer.weight]
+            new = wrap_like(leaf, total)
+            if not layer.leaf:
+                new = like(layer.node, {**raw(layer.node), layer.weight: new})
+        else:
+            b0 = raw(layer.node[branch_name(0)])
+            new = like(b0, {**b0, layer.weight: wrap_like(b0[layer.weight], total)})
+        replacements[layer.keys] = new
+    return rebuild(state2, replacements)
+
+
+def _params_only(pure: Mapping, like_tree: Mapping) -> dict:
+    """The entries of ``pure`` at the paths of ``like_tree`` (the model's Params)."""
+    out = {}
+    for k, v in like_tree.items():
+        if k not in pure:
+            raise ValueError(f"params holds no {k!r}, which the model's Params have")
+        out[k] = _params_only(pure[k], v) if isinstance(v, Mapping) else pure[k]
+    return out
 
 
 def apply(
@@ -269,6 +324,8 @@ def apply(
     *args,
     method: str = "__call__",
     weight_fn: Callable[[Any], Any] | None = None,
+    params: Any = None,
+    weights: Weights = WEIGHT_NAMES,
     sparse_below: float | None = None,
     **kwargs,
 ):
@@ -285,6 +342,15 @@ def apply(
       *args: arguments of the method.
       method: the method to call.
       weight_fn: a per-weight transform ``w -> w'``, or ``None``.
+      params: a split state of ``model`` (``js.split_params(nnx.state(model), cfg)``,
+        any weights, any module), or ``None``. Given, the call runs ``model``'s own code
+        with each weight replaced, for this call only, by ``sum_i weight_fn(W_i)`` (the
+        Param values are swapped, so modules that are not linear as a whole, such as a
+        gated MLP holding both of its weights, work): exact to the unsplit model without
+        ``weight_fn``, differentiable with respect to ``params`` (each branch gets the
+        merged weight's gradient), fine inside ``jax.jit``.
+      weights: with ``params`` or ``weight_fn``, which leaves are weights (as
+        ``SplitConfig.weights``).
       sparse_below: run ``Split`` twins with fewer non-zeros per value than this as
         sparse products (``sparsify_model``; not together with ``weight_fn``).
       **kwargs: keyword arguments of the method.
@@ -309,22 +375,34 @@ def apply(
         raise ConfigTypeError(
             "apply", "weight_fn", f"weight_fn must be None or a callable w -> w', got {weight_fn!r}"
         )
+    weights = check_weights(weights, "apply")
     if sparse_run.check_sparse_below("apply", sparse_below):
-        if weight_fn is not None:
+        if weight_fn is not None or params is not None:
             raise ConfigError(
                 "apply",
                 "weight_fn",
-                "weight_fn= cannot transform sparse twins (sparse_below=): quantize the "
-                "branches first, then sparsify",
+                "weight_fn= / params= cannot transform sparse twins (sparse_below=): "
+                "quantize the branches first, then sparsify",
             )
         smodel = sparsify_model(model, sparse_below)
         out = getattr(smodel, method)(*args, **kwargs)
         nnx.update(model, nnx.state(smodel, nnx.All(nnx.Variable, nnx.Not(nnx.Param))))
         return out
+    if params is not None:
+        graphdef, pstate, rest = nnx.split(model, nnx.Param, ...)
+        summed = _summed_state(params, weight_fn, weights)
+        pure = nnx.to_pure_dict(summed) if isinstance(summed, nnx.State) else summed
+        nnx.replace_by_pure_dict(pstate, _params_only(pure, nnx.to_pure_dict(pstate)))
+        qmodel = nnx.merge(graphdef, pstate, rest)
+        out = getattr(qmodel, method)(*args, **kwargs)
+        rest = nnx.state(qmodel, nnx.Not(nnx.Param))
+        if jax.tree.leaves(rest):
+            nnx.update(model, rest)
+        return out
     if weight_fn is None:
         return getattr(model, method)(*args, **kwargs)
     graphdef, state = nnx.split(model)
-    qmodel = nnx.merge(graphdef, _transformed_state(model, state, weight_fn))
+    qmodel = nnx.merge(graphdef, _transformed_state(model, state, weight_fn, weights))
     out = getattr(qmodel, method)(*args, **kwargs)
     nnx.update(model, nnx.state(qmodel, nnx.Not(nnx.Param)))
     return out

@@ -28,7 +28,14 @@ from jaxsplit.measure import TwinCost, extra_nonzero, sqnr_db, twin_cost
 from jaxsplit.quant import QuantSpec
 from jaxsplit.select import select_layers
 from jaxsplit.split import merge_params
-from jaxsplit.tree import branch_weights, find_layers, map_branch_weights, rebuild
+from jaxsplit.tree import (
+    WEIGHT_NAMES,
+    Weights,
+    branch_weights,
+    find_layers,
+    map_branch_weights,
+    rebuild,
+)
 
 __all__ = ["OutputError", "LayerOutput", "OutputReport", "quantized_weights", "evaluate_outputs"]
 
@@ -128,7 +135,12 @@ class OutputReport:
 
 
 def quantized_weights(
-    params: Mapping, spec: QuantSpec, *, quantize: Callable = quant.quantize, layers=None
+    params: Mapping,
+    spec: QuantSpec,
+    *,
+    quantize: Callable = quant.quantize,
+    layers=None,
+    weights: Weights = WEIGHT_NAMES,
 ) -> Mapping:
     """The tree with every layer's weight replaced by ``sum_i Q(W_i)`` (branches merged).
 
@@ -144,6 +156,8 @@ def quantized_weights(
       layers: which layers to quantize, as ``SplitConfig.layers`` (patterns or a
         predicate); ``None``: every layer. Other layers keep their float weights (split
         ones are merged).
+      weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
+        predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
 
     Returns:
       An unsplit tree of the same container types.
@@ -155,17 +169,20 @@ def quantized_weights(
       >>> quantized_weights(p, QuantSpec(bits=2))["d"]["kernel"].tolist()
       [0.0, 2.0]
     """
-    chosen = find_layers(params).values() if layers is None else select_layers(params, layers)[0]
+    if layers is None:
+        chosen = find_layers(params, weights).values()
+    else:
+        chosen = select_layers(params, layers, weights)[0]
     replacements = {
         layer.keys: map_branch_weights(layer, lambda w: quantize(w, spec)) for layer in chosen
     }
     return merge_params(rebuild(params, replacements))
 
 
-def _weight_counts(params2: Mapping) -> tuple[int, int]:
+def _weight_counts(params2: Mapping, weights) -> tuple[int, int]:
     """``(extra non-zeros, values)`` over every layer weight of a (split) tree."""
     extra, size = 0, 0
-    for layer in find_layers(params2).values():
+    for layer in find_layers(params2, weights).values():
         ws = branch_weights(layer)
         size += int(ws[0].size)
         if layer.branches:
@@ -173,9 +190,9 @@ def _weight_counts(params2: Mapping) -> tuple[int, int]:
     return extra, size
 
 
-def _costs(params2: Mapping, calls: list[tuple[str, tuple]]) -> dict[str, int]:
+def _costs(params2: Mapping, calls: list[tuple[str, tuple]], weights) -> dict[str, int]:
     """MACs and bytes of the layer calls ``[(path, output shape)]`` and of the twins."""
-    layers = find_layers(params2)
+    layers = find_layers(params2, weights)
     out = dict.fromkeys(("macs", "weight_bytes", *TwinCost._fields), 0)
     for layer in layers.values():
         ws = branch_weights(layer)
@@ -337,6 +354,7 @@ def evaluate_outputs(
     act_bits: int | None = None,
     *,
     apply_kwargs: Mapping | None = None,
+    weights: Weights = WEIGHT_NAMES,
 ) -> OutputReport:
     """Float output vs fake-quantized outputs of the original and the split model.
 
@@ -354,6 +372,8 @@ def evaluate_outputs(
       spec: weight ``QuantSpec``.
       act_bits: activation bits (2–16) or ``None`` for float activations.
       apply_kwargs: keyword arguments for every call (e.g. ``{"train": False}``).
+      weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
+        predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
 
     Returns:
       An ``OutputReport``.
@@ -405,8 +425,8 @@ def evaluate_outputs(
         for path, (m, _) in zip(paths, float_calls, strict=True):
             amax[path] = jnp.maximum(amax.get(path, 0.0), m)
         act = {path: m / act_spec.qmax for path, m in amax.items()}
-    yb, calls_b = run(quantized_weights(params, spec), act, args)
-    ya, calls_a = run(quantized_weights(params2, spec), act, args)
+    yb, calls_b = run(quantized_weights(params, spec, weights=weights), act, args)
+    ya, calls_a = run(quantized_weights(params2, spec, weights=weights), act, args)
     layers = []
     for path, (_, f), (_, b), (_, a) in zip(paths, float_calls, calls_b, calls_a, strict=True):
         layers.append(LayerOutput(path, _layer_sqnr(f, b), _layer_sqnr(f, a)))
@@ -417,9 +437,11 @@ def evaluate_outputs(
         _output_error(y, yb),
         _output_error(y, ya),
         tuple(layers),
-        *_weight_counts(params2),
+        *_weight_counts(params2, weights),
         **_costs(
-            params2, [(p, jnp.shape(f)) for p, (_, f) in zip(paths, float_calls, strict=True)]
+            params2,
+            [(p, jnp.shape(f)) for p, (_, f) in zip(paths, float_calls, strict=True)],
+            weights,
         ),
     )
 

@@ -25,7 +25,7 @@ import optax
 from jaxsplit import quant
 from jaxsplit.outputs import quantized_weights
 from jaxsplit.quant import QuantSpec
-from jaxsplit.tree import find_layers, unwrap
+from jaxsplit.tree import branch_weights, find_layers
 
 __all__ = ["QATResult", "quantized_loss", "finetune"]
 
@@ -76,8 +76,8 @@ def _sparsity_masks(params2: Mapping):
     """A tree like ``params2``: ``w != 0`` for twin kernels (branches >= 1), else ``True``."""
     twins = set()
     for layer in find_layers(params2).values():
-        for i in range(1, layer.branches):
-            twins.add(id(unwrap(layer.node[f"branch_{i}"][layer.weight])))
+        for w in branch_weights(layer)[1:]:
+            twins.add(id(w))
     return jax.tree.map(lambda x: (x != 0) if id(x) in twins else True, params2)
 
 

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxsplit.tree import Layer, find_layers
+from jaxsplit.tree import WEIGHT_NAMES, Layer, Weights, find_layers
 
 __all__ = ["compile_patterns", "select_layers"]
 
@@ -70,12 +70,22 @@ def compile_patterns(layers) -> list[tuple[str, Callable[[str, Any], bool]]]:
     return [(p, _one_predicate(p)) for p in layers]
 
 
-def select_layers(tree: Mapping, layers) -> tuple[list[Layer], dict[str, tuple[str, ...]]]:
+def select_layers(
+    tree: Mapping, layers, weights: Weights = WEIGHT_NAMES
+) -> tuple[list[Layer], dict[str, tuple[str, ...]]]:
     """The layers a pattern set selects, and per pattern the paths it matched.
 
-    Raises nothing for unmatched patterns; the caller decides (``strict``).
+    ``weights`` says which leaves are weights (``jaxsplit.tree.find_layers``). Raises
+    nothing for unmatched patterns; the caller decides (``strict``).
+
+    Example:
+      >>> import numpy as np
+      >>> t = {"attn": {"q": {"w": np.ones(2)}}, "mlp": {"a": np.ones(2), "b": np.ones(2)}}
+      >>> sel, m = select_layers(t, ["**"], weights=("w", "a", "b"))
+      >>> [lay.path for lay in sel]
+      ['attn/q', 'mlp/a', 'mlp/b']
     """
-    found = find_layers(tree)
+    found = find_layers(tree, weights)
     preds = compile_patterns(layers)
     matches: dict[str, list[str]] = {name: [] for name, _ in preds}
     selected: list[Layer] = []

@@ -13,6 +13,8 @@ run it as:
   reshaped to ``(C_in·kh·kw, C_out)`` as a sparse matmul (``conv_product``). An
   im2col-free sparse convolution is not attempted: the patches cost ``kh·kw`` times the
   input's memory, which the benchmark (``benchmarks/sparse_forward.py``) measures;
+* modules the linen interceptor runs on summed weights (any module holding split
+  weights that is not a supported layer): their twins are densified first;
 * every other layer type (``DenseGeneral``, ``Einsum``, ``Embed``, ``ConvTranspose``,
   ``ConvLocal``, grouped or circular/causal convolutions): the twin runs dense (its
   ``todense()``), with a log line saying so. The result is the same either way.
@@ -49,6 +51,7 @@ __all__ = [
     "density",
     "to_sparse",
     "sparsify",
+    "densify",
     "dense_product",
     "conv_product",
     "linen_product",
@@ -172,6 +175,18 @@ def sparsify(tree: Mapping, sparse_below: float) -> Mapping:
         if items:
             replacements[layer.keys] = like(layer.node, {**dict(layer.node), **items})
     return rebuild(tree, replacements) if replacements else tree
+
+
+def densify(tree: Any) -> Any:
+    """``tree`` with every ``BCOO`` leaf back as a dense array (the inverse of ``sparsify``).
+
+    Example:
+      >>> densify({"w": to_sparse(jnp.array([0.0, 2.0]))})["w"].tolist()
+      [0.0, 2.0]
+    """
+    return jax.tree.map(
+        lambda x: unwrap(x).todense() if is_sparse(x) else x, tree, is_leaf=is_sparse
+    )
 
 
 def dense_product(x: jax.Array, w: sparse.BCOO) -> jax.Array:

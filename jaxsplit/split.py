@@ -34,13 +34,13 @@ from jaxsplit.thresholds import channel_axis
 from jaxsplit.tree import (
     Layer,
     branch_name,
+    branch_weights,
     find_layers,
     is_traced,
     keep_sharding,
     like,
     make_branches,
     rebuild,
-    unwrap,
     wrap_like,
     x64,
 )
@@ -172,8 +172,8 @@ def resolve_selection(params: Mapping, cfg: SplitConfig):
         )
     if cfg.layers is None or (not callable(cfg.layers) and len(cfg.layers) == 0):
         logger.warning("SplitConfig.layers is %r: nothing is split", cfg.layers)
-    selected, matches = select_layers(params, cfg.layers)
-    available = tuple(find_layers(params))
+    selected, matches = select_layers(params, cfg.layers, cfg.weights)
+    available = tuple(find_layers(params, cfg.weights))
     unmatched = [k for k, v in matches.items() if not v]
     if unmatched:
         err = UnmatchedPatternError(unmatched, available)
@@ -471,7 +471,9 @@ def _host_threshold(thr):
 def merge_params(params2: Mapping) -> Mapping:
     """Sums every split layer's branches back into one layer (inverse of ``split_params``).
 
-    ``merge_params(split_params(p, cfg))`` equals ``p`` bit for bit. Unsplit layers are
+    ``merge_params(split_params(p, cfg))`` equals ``p`` bit for bit, whatever
+    ``cfg.weights`` was (split layers are self-describing; a leaf split in place,
+    ``{'branch_0': W1, 'branch_1': W2}``, becomes the leaf again). Unsplit layers are
     returned as the same objects.
 
     Raises:
@@ -490,17 +492,16 @@ def merge_params(params2: Mapping) -> Mapping:
     for layer in find_layers(params2).values():
         if not layer.branches:
             continue
-        node, wname = layer.node, layer.weight
-        ws = []
-        for i in range(layer.branches):
-            b = node[branch_name(i)]
-            extra = [str(k) for k in b if k != wname]
-            if i and extra:
-                raise ValueError(
-                    f"layer {layer.path!r}: branch_{i} holds {extra} besides "
-                    f"{wname!r}; only branch_0 may carry bias/other leaves"
-                )
-            ws.append(unwrap(b[wname]))
+        wname = layer.weight
+        if not layer.leaf:
+            for i in range(1, layer.branches):
+                extra = [str(k) for k in layer.node[branch_name(i)] if k != wname]
+                if extra:
+                    raise ValueError(
+                        f"layer {layer.path!r}: branch_{i} holds {extra} besides "
+                        f"{wname!r}; only branch_0 may carry bias/other leaves"
+                    )
+        ws = branch_weights(layer)
         if any(w.shape != ws[0].shape or w.dtype != ws[0].dtype for w in ws):
             raise ValueError(
                 f"layer {layer.path!r}: branch kernels disagree: "
@@ -508,7 +509,10 @@ def merge_params(params2: Mapping) -> Mapping:
             )
         with x64(ws[0].dtype):
             total = keep_sharding(_sum(*ws), ws[0])
-        b0 = node[branch_name(0)]
+        if layer.leaf:  # the leaf split in place becomes the leaf again
+            replacements[layer.keys] = wrap_like(layer.branch_leaf(0), total)
+            continue
+        b0 = layer.node[branch_name(0)]
         replacements[layer.keys] = like(
             b0, {k: (wrap_like(v, total) if k == wname else v) for k, v in b0.items()}
         )

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from jaxsplit.tree import find_layers, unwrap
+from jaxsplit.tree import WEIGHT_NAMES, Weights, branch_weights, find_layers
 
 __all__ = ["LayerStats", "weight_stats", "layer_stats", "rank_by_outliers"]
 
@@ -80,20 +80,22 @@ def weight_stats(w) -> tuple[float | None, float | None, float | None, float | N
 
 
 def _kind(path: str, weight: str, ndim: int) -> str:
-    if weight == "embedding":
+    if weight.endswith("embedding"):
         return "embed"
     if ndim == 2:
         return "dense"
     if ndim >= 3 and "conv" in path.rsplit("/", 1)[-1].lower():
         return "conv"
-    return f"kernel-{ndim}d"
+    return f"{weight}-{ndim}d"
 
 
-def layer_stats(tree: Mapping) -> list[LayerStats]:
+def layer_stats(tree: Mapping, weights: Weights = WEIGHT_NAMES) -> list[LayerStats]:
     """Statistics of every layer in a tree, in tree order.
 
     Args:
       tree: any tree ``find_layers`` accepts (linen variables, params dict, ``nnx.State``).
+      weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
+        predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
 
     Returns:
       One ``LayerStats`` per layer, or per branch of a split layer.
@@ -108,17 +110,16 @@ def layer_stats(tree: Mapping) -> list[LayerStats]:
       ('Dense_0', 'dense', 4.0, 2.0, 2.0)
     """
     rows = []
-    for layer in find_layers(tree).values():
+    for layer in find_layers(tree, weights).values():
         if layer.branches:
             nodes = [
-                (f"{layer.path}/branch_{i}", f" branch {i}/{layer.branches}", f"branch_{i}")
+                (f"{layer.path}/branch_{i}", f" branch {i}/{layer.branches}")
                 for i in range(layer.branches)
             ]
         else:
-            nodes = [(layer.path, "", None)]
-        for path, suffix, key in nodes:
-            node = layer.node[key] if key else layer.node
-            w = np.asarray(unwrap(node[layer.weight]))
+            nodes = [(layer.path, "")]
+        for (path, suffix), w in zip(nodes, branch_weights(layer), strict=True):
+            w = np.asarray(w)
             kind = _kind(layer.path, layer.weight, w.ndim) + suffix
             rows.append(LayerStats(path, kind, tuple(w.shape), str(w.dtype), *weight_stats(w)))
     return rows

@@ -40,12 +40,18 @@ import numpy as np
 
 from jaxsplit import io, sparse_io
 from jaxsplit.config import SplitConfig
-from jaxsplit.select import select_layers
 from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
-from jaxsplit.split import SplitReport, merge_params, split_with_report
-from jaxsplit.tree import find_layers
+from jaxsplit.split import (
+    SplitReport,
+    check_layer,
+    match_layers,
+    merge_params,
+    resolve_selection,
+    split_with_report,
+)
+from jaxsplit.tree import WEIGHT_NAMES, Weights, find_layers
 
-__all__ = ["StreamReport", "iter_layers", "merge_checkpoint", "split_checkpoint"]
+__all__ = ["plan_checkpoint", "StreamReport", "iter_layers", "merge_checkpoint", "split_checkpoint"]
 
 logger = logging.getLogger("jaxsplit")
 
@@ -103,7 +109,7 @@ def _placeholder(shape: tuple, dtype: np.dtype) -> np.ndarray:
 class _Source:
     """An open input: its skeleton tree (placeholder leaves), layers and units."""
 
-    def __init__(self, reader: io.CheckpointReader):
+    def __init__(self, reader: io.CheckpointReader, weights: Weights = WEIGHT_NAMES):
         self.reader = reader
         self.skel: dict = {}
         for keys, t in reader.tensors.items():
@@ -111,10 +117,14 @@ class _Source:
             for k in keys[:-1]:
                 node = node.setdefault(k, {})
             node[keys[-1]] = _placeholder(t.shape, np.dtype(_dtype(t.dtype)))
-        self.layers = find_layers(self.skel)
+        self.layers = find_layers(self.skel, weights)
         ids = {}
         self._walk_ids(self.skel, (), ids)
-        self.layer_keys = {path: ids[id(lay.node)] for path, lay in self.layers.items()}
+        # a leaf layer (one of several weights of a node) is a unit of its own: the leaf
+        self.layer_keys = {
+            path: ids[id(lay.node)] + ((lay.weight,) if lay.leaf else ())
+            for path, lay in self.layers.items()
+        }
         by_keys = {v: k for k, v in self.layer_keys.items()}
         self.units: list[tuple[str | None, tuple, list[tuple]]] = []  # (layer, keys, leaves)
         self._units(self.skel, (), by_keys)
@@ -129,17 +139,27 @@ class _Source:
         for k, v in node.items():
             ck = (*keys, k)
             if ck in by_keys:
-                self.units.append((by_keys[ck], ck, [ck + rest for rest, _ in _leaves(v)]))
+                leaves = [ck + rest for rest, _ in _leaves(v)] if isinstance(v, Mapping) else [ck]
+                self.units.append((by_keys[ck], ck, leaves))
             elif isinstance(v, Mapping):
                 self._units(v, ck, by_keys)
             else:
                 self.units.append((None, ck, [ck]))
 
-    def read_subtree(self, leaves: list[tuple]) -> dict:
+    def read_subtree(self, leaves: list[tuple], path: str | None = None) -> dict:
         arrays = self.reader.read_many(leaves)
         sub: dict = {}
         for keys in leaves:
             _set(sub, keys, arrays.pop(keys))
+        layer = self.layers.get(path) if path is not None else None
+        if layer is not None and layer.leaf:
+            # the leaf's sibling weights as placeholders (never written), so the node
+            # still holds several weights and the leaf keeps its path ``node/leaf``
+            pkeys = self.layer_keys[path][:-1]
+            parent = _get(sub, pkeys)
+            for k, v in _get(self.skel, pkeys).items():
+                if k not in parent and not isinstance(v, Mapping):
+                    parent[k] = v
         return sub
 
 
@@ -331,6 +351,7 @@ def _run(
     progress: Progress | None,
     prepare: Callable[[_Source], dict[str, Callable[[dict], dict]]],
     branches: Callable[[_Source], dict[str, int]],
+    weights: Weights = WEIGHT_NAMES,
 ) -> tuple[pathlib.Path, str, int, int, bool, bool, float]:
     t0 = time.perf_counter()
     out = pathlib.Path(dst)
@@ -338,12 +359,12 @@ def _run(
     with io.open_checkpoint(src, fmt=fmt) as reader:
         if out.exists() and out.resolve() == reader.path.resolve():
             raise ValueError(f"output {str(dst)!r} is the input; write to another path")
-        source = _Source(reader)
+        source = _Source(reader, weights)
         _check_flat_keys(source, out_fmt)
         work = prepare(source)  # checks: raises before anything touches the disk
         streamed_write = out_fmt in ("safetensors", "npz")
         if not streamed_write:
-            logger.warning(
+            logger.info(
                 "%s: %s outputs cannot be written one tensor at a time; the output tree is "
                 "collected in memory and saved at the end",
                 dst,
@@ -361,7 +382,7 @@ def _run(
             out_skel = _structure(source.skel)  # the output's keys, for the twin rule
             try:
                 for done, (path, keys, leaves) in enumerate(source.units, 1):
-                    sub = source.read_subtree(leaves)
+                    sub = source.read_subtree(leaves, path)
                     if path in work:
                         sub = work[path](sub)
                     node = _get(sub, keys)
@@ -470,7 +491,7 @@ def split_checkpoint(
       True
     """
     if not isinstance(cfg, SplitConfig):
-        raise TypeError(f"cfg must be a SplitConfig, got {type(cfg).__name__}")
+        raise TypeError(f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}")
     below = sparse_io.check_sparse_below(sparse_below)
     _check_progress(progress)
     if plan is not None and not (isinstance(plan, Mapping) or callable(plan)):
@@ -481,41 +502,21 @@ def split_checkpoint(
     state: dict[str, Any] = {}
 
     def prepare(source: _Source) -> dict[str, Callable[[dict], dict]]:
-        if cfg.layers is None or (not callable(cfg.layers) and len(cfg.layers) == 0):
-            logger.warning("SplitConfig.layers is %r: nothing is split", cfg.layers)
-        selected, matches = select_layers(source.skel, cfg.layers)
-        available = tuple(source.layers)
-        unmatched = [k for k, v in matches.items() if not v]
-        if unmatched:
-            msg = (
-                f"SplitConfig.layers pattern(s) {unmatched} matched no layer; available layer "
-                f"paths: {list(available) or '(none: the tree holds no kernel/embedding)'}"
-            )
-            if cfg.strict:
-                raise ValueError(msg)
-            logger.warning(msg)
+        selected, matches, available = resolve_selection(source.skel, cfg)
         paths = [lay.path for lay in selected]
         if isinstance(plan, Mapping):
             for p, c in plan.items():
                 if not isinstance(c, SplitConfig):
-                    raise TypeError(f"plan[{p!r}] must be a SplitConfig, got {type(c).__name__}")
+                    raise TypeError(
+                        f"plan[{p!r}] must be a jaxsplit.SplitConfig, got {type(c).__name__}"
+                    )
             extra = sorted(set(plan) - set(paths))
             if extra:
                 raise ValueError(
                     f"plan names path(s) {extra} that cfg.layers does not select; selected: {paths}"
                 )
         for lay in selected:
-            if lay.branches:
-                raise ValueError(
-                    f"layer {lay.path!r} is already split into {lay.branches} branches; "
-                    f"merge it first (splitting a split tree is not supported)"
-                )
-            dt = lay.array.dtype
-            if not jnp.issubdtype(dt, jnp.floating):
-                raise TypeError(
-                    f"layer {lay.path!r}: {lay.weight} has dtype {dt}; only floating "
-                    f"kernels (float16, bfloat16, float32, float64) can be split"
-                )
+            check_layer(lay)  # already split / not floating: raise before any write
         state.update(matches=matches, available=available, paths=paths, plans={})
 
         def split_one(path: str) -> Callable[[dict], dict]:
@@ -527,12 +528,12 @@ def split_checkpoint(
                     layer_cfg = cfg
                 elif not isinstance(layer_cfg, SplitConfig):
                     raise TypeError(
-                        f"plan({path!r}, ...) must return a SplitConfig or None, got "
+                        f"plan({path!r}, ...) must return a jaxsplit.SplitConfig or None, got "
                         f"{type(layer_cfg).__name__}"
                     )
                 one = dataclasses.replace(layer_cfg, layers=_exact(path), strict=True)
-                w = source.layers[path].weight
-                sub = _with_device_weight(sub, (*keys, w))
+                lay = source.layers[path]
+                sub = _with_device_weight(sub, keys if lay.leaf else (*keys, lay.weight))
                 out, rep = split_with_report(sub, one, donate=True)
                 state["plans"][path] = rep.layers[0]
                 return out
@@ -546,7 +547,7 @@ def split_checkpoint(
 
     out, out_fmt, n, largest, sr, sw, secs = _run(
         src, dst, fmt=fmt, out_fmt=out_fmt, overwrite=overwrite, sparse_below=below,
-        progress=progress, prepare=prepare, branches=branches,
+        progress=progress, prepare=prepare, branches=branches, weights=cfg.weights,
     )  # fmt: skip
     report = SplitReport(
         state["matches"], tuple(state["plans"][p] for p in state["paths"]), state["available"]
@@ -555,6 +556,40 @@ def split_checkpoint(
         out, out_fmt, report, (), n, _size_on_disk(pathlib.Path(src)), _size_on_disk(out),
         largest, sr, sw, secs,
     )  # fmt: skip
+
+
+def plan_checkpoint(src: str | os.PathLike, cfg: SplitConfig, *, fmt: str | None = None):
+    """The dry run of ``split_checkpoint``: the ``SplitReport`` that ``match_layers`` gives
+    for the whole checkpoint, reading one selected layer at a time and writing nothing.
+
+    Raises:
+      As ``split_checkpoint`` (unmatched patterns, split or non-float layers, non-finite
+      values) and ``io.load``.
+
+    Example:
+      >>> import tempfile, numpy as np, jaxsplit as js
+      >>> d = tempfile.mkdtemp()
+      >>> w = np.array([[0.5, 4.0]], np.float32)
+      >>> _ = io.save({"Dense_0": {"kernel": w}, "Dense_1": {"kernel": w / 8}}, f"{d}/in.npz")
+      >>> rep = plan_checkpoint(f"{d}/in.npz", js.SplitConfig(layers=["*"], threshold=1.0))
+      >>> [(q.path, q.action, q.n_split) for q in rep.layers]
+      [('Dense_0', 'split', 1), ('Dense_1', 'skip', 0)]
+    """
+    if not isinstance(cfg, SplitConfig):
+        raise TypeError(f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}")
+    with io.open_checkpoint(src, fmt=fmt) as reader:
+        source = _Source(reader, cfg.weights)
+        selected, matches, available = resolve_selection(source.skel, cfg)
+        for lay in selected:
+            check_layer(lay)
+        chosen = {lay.path for lay in selected}
+        plans = []
+        for path, _, leaves in source.units:
+            if path not in chosen:
+                continue
+            one = dataclasses.replace(cfg, layers=_exact(path), strict=True)
+            plans.append(match_layers(source.read_subtree(leaves, path), one).layers[0])
+    return SplitReport(matches, tuple(plans), available)
 
 
 def _with_device_weight(sub: dict, keys: tuple) -> dict:

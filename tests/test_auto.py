@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jaxsplit as js
-from jaxsplit import search as auto, kernels
+from jaxsplit import kernels
+from jaxsplit import search as auto
 from jaxsplit.quant import QuantSpec, quantize
 
 INT8 = QuantSpec(bits=8)

@@ -189,28 +189,47 @@ def test_debug_shows_traceback(ckpt, capsys):
     assert err.strip().splitlines()[-1].startswith("jaxsplit split: error: --layers pattern")
 
 
+def _readme_commands(text: str) -> list[list[str]]:
+    """Every ``jaxsplit ...`` command in the README's bash blocks, in order (``\\``
+    continuations joined, ``a && jaxsplit b`` included)."""
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                argv = shlex.split(part, comments=True)
+                if argv and argv[0] == "jaxsplit":
+                    cmds.append(argv)
+    return cmds
+
+
 def test_readme_cli_examples_run(tmp_path, monkeypatch, capsys):
+    """Every ``jaxsplit`` command the README shows runs (exit 0), on the checkpoints its
+    python examples write; ``jaxsplit demo`` runs as ``--quick`` (the full job is minutes)."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("## Checkpoints and the command line", 1)[1].split("\n## ", 1)[0]
-    (python,) = re.findall(r"```python\n(.*?)```", section, re.S)
-    (bash,) = re.findall(r"```bash\n(.*?)```", section, re.S)
     monkeypatch.chdir(tmp_path)
-    exec(compile(python, "README.md", "exec"), {})
-    lines = [shlex.split(line, comments=True) for line in bash.splitlines()]
-    assert [line[1] for line in lines] == [
-        "inspect",
-        "split",
-        "split",
-        "split",
-        "inspect",
-        "report",
-        "report",
-    ]
-    for argv in lines:
+    for title in ("## Checkpoints and the command line", "## Real model code"):
+        section = text.split(title, 1)[1].split("\n## ", 1)[0]
+        ns: dict = {}
+        for code in re.findall(r"```python\n(.*?)```", section, re.S):
+            exec(compile(code, f"README {title}", "exec"), ns)  # noqa: S102
+    cmds = _readme_commands(text)
+    names = [argv[1] for argv in cmds]
+    assert names.count("demo") == 1 and names.count("sweep") >= 2, names
+    assert {"inspect", "split", "report", "sweep", "demo"} <= set(names)
+    for argv in cmds:
+        if argv[1] == "demo":
+            argv = [*argv, "--quick", "--no-plot", "--out", str(tmp_path / "demo_out")]
         code, out, err = run_cli(capsys, *argv[1:])
         assert code == 0, (argv, err)
+        if "--json" in argv:
+            json.loads(out)
     assert "branch_1" in io.load("ckpt_split")["params"]["Dense_0"]
     assert set(io.load("split.npz")["params"]["Dense_1"]) == {"branch_0", "branch_1"}
+    gating = io.load("gemma_split.npz")["params"]["mlp"]["gating_einsum"]
+    assert set(gating) == {"branch_0", "branch_1"}
+    assert set(io.load("gemma_k4.npz")["params"]["mlp"]["linear"]) == {
+        f"branch_{i}" for i in range(4)
+    }
 
 
 def test_report_modes_agree_with_quant_error(ckpt, capsys, tmp_path):
@@ -431,13 +450,13 @@ def test_interrupted_write_keeps_previous_output(ckpt, capsys, tmp_path, monkeyp
                                                  pattern, fmt):  # fmt: skip
     out = NAMES[fmt].replace("w", "previous")
     io.save({"params": {"old": {"kernel": np.ones(2)}}}, out)
-    real = io._WRITERS[fmt]
+    real = io._sync
 
-    def crash(tree, p):
-        real(tree, p)
+    def crash(p):  # the whole output is written, the rename onto OUT has not happened
+        real(p)
         raise exc("No space left on device") if exc is OSError else exc()
 
-    monkeypatch.setitem(io._WRITERS, fmt, crash)
+    monkeypatch.setattr(io, "_sync", crash)
     _check_bad(capsys, tmp_path, ["split", ckpt, out, *SPLIT, "--overwrite"], code, pattern)
     assert list(io.load(out)["params"]) == ["old"]
 

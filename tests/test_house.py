@@ -52,7 +52,5 @@ def test_readme_layout_lists_every_module():
                 listed.add(name)
         elif indent == 4:
             listed.add(folder + name)
-    actual = {
-        str(p.relative_to(ROOT / "jaxsplit")) for p in (ROOT / "jaxsplit").rglob("*.py")
-    }
+    actual = {str(p.relative_to(ROOT / "jaxsplit")) for p in (ROOT / "jaxsplit").rglob("*.py")}
     assert listed == actual, (sorted(actual - listed), sorted(listed - actual))

@@ -176,7 +176,7 @@ def test_errors_before_anything_is_written(tmp_path):
         stream.split_checkpoint(src, tmp_path / "o.safetensors", js.SplitConfig(layers=["nope"]))
     split = io.save(js.split_params(io.load(src), CFG), tmp_path / "split.safetensors")
     with pytest.raises(
-        ValueError, match="layer '.*' is already split into 2 branches; merge it first"
+        ValueError, match="layer '.*' is already split into 2 branches; call merge_params first"
     ):
         stream.split_checkpoint(split, tmp_path / "o.safetensors", CFG)
     bad = io.save({"l": {"kernel": np.arange(4)}}, tmp_path / "int.npz")

@@ -116,14 +116,19 @@ def test_bias_on_second_branch_is_an_error(mlp):
         js.linen.apply(model, {**v2, "params": bad}, X)
 
 
-def test_unsupported_split_layer_names_path_and_type():
+def test_other_modules_run_on_the_summed_weight():
+    """A module that is not linear in its weight (``x * W**2``) sees ``sum_i W_i`` (and with
+    ``weight_fn``, ``sum_i weight_fn(W_i)``): the unsplit model's output, not a sum of branches."""
     model = WithSquared()
     v = np_init(model, X)
     v2 = js.split_params(v, js.SplitConfig(layers=["Squared_0"], threshold=0.1))
-    with pytest.raises(TypeError, match=r"'Squared_0' \(Squared\): its params hold split"):
-        js.linen.apply(model, v2, X)
-    with pytest.raises(TypeError, match=r"'Squared_0' \(Squared\): weight_fn= was given"):
-        js.linen.apply(model, v, X, weight_fn=lambda w: w)
+    assert js.find_layers(v2)["Squared_0"].branches == 2
+    np.testing.assert_allclose(js.linen.apply(model, v2, X), model.apply(v, X), rtol=1e-6)
+    doubled = jax.tree_util.tree_map_with_path(
+        lambda path, w: 2 * w if path[-1].key == "kernel" else w, v
+    )
+    got = js.linen.apply(model, v, X, weight_fn=lambda w: 2 * w)
+    np.testing.assert_allclose(got, model.apply(doubled, X), rtol=1e-6)
 
 
 def test_bad_arguments():
@@ -170,7 +175,8 @@ def test_quant_embed_lookup_and_attend():
     v = np_init(model, ids)
     v2 = js.split_params(v, js.SplitConfig(layers=["Embed_0"], threshold=js.Relative(0.3)))
     _close(
-        js.linen.apply(model, v2, ids, weight_fn=_q), model.apply(js.merge_params(_quantized(v2)), ids)
+        js.linen.apply(model, v2, ids, weight_fn=_q),
+        model.apply(js.merge_params(_quantized(v2)), ids),
     )
     _close(js.linen.apply(model, v, ids, weight_fn=_q), model.apply(_quantized(v), ids))
 
@@ -198,7 +204,9 @@ def test_split_module_in_a_model_with_quant():
     _close(js.linen.apply(net, v, X), Plain().apply(merged, X))
     _close(net.apply(v, X), Plain().apply(merged, X))
     # quant reaches Split's branches one by one, and the plain layer
-    _close(js.linen.apply(net, v, X, weight_fn=_q), Plain().apply(js.merge_params(_quantized(v)), X))
+    _close(
+        js.linen.apply(net, v, X, weight_fn=_q), Plain().apply(js.merge_params(_quantized(v)), X)
+    )
     # a checkpoint of the plain model loads into the Split model through split_params
     pv = np_init(Plain(), X, seed=4)
     pv2 = js.split_params(pv, js.SplitConfig(layers=["fc"], threshold=js.Relative(0.2)))

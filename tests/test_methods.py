@@ -20,8 +20,8 @@ from hypothesis.extra import numpy as hnp
 import jaxsplit as js
 from jaxsplit import kernels
 from jaxsplit.config import Auto
-from jaxsplit.thresholds import as_threshold
 from jaxsplit.quant import QuantSpec, quantize
+from jaxsplit.thresholds import as_threshold
 
 SPEC4 = QuantSpec(bits=4)
 CASES = [

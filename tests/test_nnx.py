@@ -178,8 +178,10 @@ def test_unsupported_layer_names_path_and_type():
     model = WithSquared(nnx.Rngs(0))
     with pytest.raises(TypeError, match=r"'sq' \(Squared\): it was selected for splitting"):
         split_model(model, js.SplitConfig(layers=["sq"], threshold=1.5))
-    with pytest.raises(TypeError, match=r"'sq' \(Squared\): weight_fn= was given"):
-        apply(model, jnp.ones((1, 3)), weight_fn=lambda w: w)
+    # any module owning a weight runs with weight_fn(W) (here: x * (2W)**2)
+    x, b = jnp.ones((1, 3)), model.fc.bias[...]
+    got = apply(model, x, weight_fn=lambda w: 2 * w)
+    np.testing.assert_allclose(got, 4 * model.sq(2 * (model.fc(x) - b) + b), rtol=1e-6)
 
 
 def test_bad_arguments():

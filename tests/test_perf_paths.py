@@ -13,8 +13,8 @@ from hypothesis.extra import numpy as hnp
 
 from jaxsplit import SplitConfig, kernels, merge_params, split_params
 from jaxsplit import programs as dispatch
-from jaxsplit.thresholds import Percentile, Relative, Sigma, as_threshold
 from jaxsplit.split import match_layers, split_with_report
+from jaxsplit.thresholds import Percentile, Relative, Sigma, as_threshold
 
 SPECIAL = np.array([0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 3e38, np.inf, -np.inf, np.nan], np.float32)
 

@@ -27,7 +27,8 @@ CHILD = textwrap.dedent(
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from jaxsplit import Relative, SplitConfig, programs as dispatch, kernels, merge_params, split_params
+    from jaxsplit import Relative, SplitConfig, kernels, merge_params, split_params
+    from jaxsplit import programs as dispatch
     from jaxsplit.thresholds import as_threshold
 
     assert jax.device_count() == 8, jax.devices()

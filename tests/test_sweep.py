@@ -104,7 +104,9 @@ def test_one_compilation_per_kernel_shape_and_dtype():
 
 def test_relative_thresholds_resolve_per_layer():
     w = np.array([[1.0, -8.0], [2.0, 4.0]], np.float32)
-    res = sweep({"d": {"kernel": w}}, SplitConfig(layers="d"), thresholds=[Relative(0.25), 3.0, Sigma(1.0)])
+    res = sweep(
+        {"d": {"kernel": w}}, SplitConfig(layers="d"), thresholds=[Relative(0.25), 3.0, Sigma(1.0)]
+    )
     assert [r.threshold for r in res.rows] == ["rel:0.25", "3", "sigma:1"]
     assert [r.threshold_abs for r in res.rows[:2]] == [2.0, 3.0]
     assert res.rows[2].threshold_abs == pytest.approx(float(np.std(w)), rel=1e-6)

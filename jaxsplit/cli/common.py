@@ -9,16 +9,19 @@ import os
 from jaxsplit import io
 from jaxsplit.cli.ui import UsageError
 from jaxsplit.config import SplitConfig
-from jaxsplit.errors import ConfigError, ConfigTypeError
+from jaxsplit.errors import ConfigError, ConfigTypeError, UnmatchedPatternError
 from jaxsplit.quant import QuantSpec
 from jaxsplit.select import select_layers
 from jaxsplit.thresholds import SYNTAX, parse
-from jaxsplit.tree import find_layers
+from jaxsplit.tree import WEIGHT_NAMES, find_layers
 
 __all__ = [
     "add_input_arguments",
+    "weights",
     "load_checkpoint",
     "require_layers",
+    "input_format",
+    "unmatched_usage",
     "parse_threshold",
     "add_split_options",
     "split_config",
@@ -51,7 +54,7 @@ QUANT_FLAGS = {
 
 
 def add_input_arguments(p: argparse.ArgumentParser, *, name: str = "CKPT") -> None:
-    """Adds the checkpoint positional (``args.ckpt``) and ``--format`` to a parser.
+    """Adds the checkpoint positional (``args.ckpt``), ``--format`` and ``--weights``.
 
     Args:
       p: the subcommand's parser.
@@ -60,11 +63,37 @@ def add_input_arguments(p: argparse.ArgumentParser, *, name: str = "CKPT") -> No
     Example:
       >>> p = argparse.ArgumentParser()
       >>> add_input_arguments(p)
-      >>> vars(p.parse_args(["w.bin", "--format", "npz"]))
-      {'ckpt': 'w.bin', 'format': 'npz'}
+      >>> vars(p.parse_args(["w.bin", "--format", "npz", "--weights", "w,linear"]))
+      {'ckpt': 'w.bin', 'format': 'npz', 'weights': 'w,linear'}
     """
     p.add_argument("ckpt", metavar=name, help="orbax directory or .msgpack/.safetensors/.npz")
     p.add_argument("--format", choices=io.FORMATS, help="input format (default: from the path)")
+    p.add_argument(
+        "--weights", metavar="NAMES",
+        help="comma-separated leaf names that are weights (default kernel,embedding; "
+        "e.g. kernel,w,gating_einsum,linear,input_embedding for Gemma)",
+    )  # fmt: skip
+
+
+def weights(args: argparse.Namespace) -> tuple[str, ...]:
+    """The ``--weights`` leaf names (``tree.WEIGHT_NAMES`` when not given).
+
+    Raises:
+      UsageError: an empty name (``--weights w,,x``).
+
+    Example:
+      >>> weights(argparse.Namespace(weights="w, gating_einsum"))
+      ('w', 'gating_einsum')
+      >>> weights(argparse.Namespace(weights=None))
+      ('kernel', 'embedding')
+    """
+    text = getattr(args, "weights", None)
+    if text is None:
+        return WEIGHT_NAMES
+    names = tuple(n.strip() for n in text.split(","))
+    if not all(names):
+        raise UsageError(f"--weights must be comma-separated leaf names, got {text!r}")
+    return names
 
 
 def load_checkpoint(path: str, fmt: str | None, what: str = "CKPT") -> dict:
@@ -88,23 +117,58 @@ def load_checkpoint(path: str, fmt: str | None, what: str = "CKPT") -> dict:
       ...
       jaxsplit.cli.ui.UsageError: CKPT '/nonexistent.npz' does not exist
     """
-    if not os.path.lexists(path):
-        raise UsageError(f"{what} {path!r} does not exist")
-    try:
-        fmt = io.detect_format(path, fmt)
-    except ValueError as e:
-        raise UsageError(f"{what}: {e} (--format)") from None
+    fmt = input_format(path, fmt, what)
     tree = io.load(path, fmt=fmt)
     logger.info("loaded %s (%s)", path, fmt)
     return tree
 
 
-def require_layers(tree: dict, path: str) -> dict:
+def input_format(path: str, fmt: str | None, what: str = "CKPT") -> str:
+    """The format of an input checkpoint that must exist (``io.detect_format``).
+
+    Raises:
+      UsageError: the path does not exist or its format cannot be told (exit 2).
+
+    Example:
+      >>> input_format("/nonexistent.npz", None)
+      Traceback (most recent call last):
+      ...
+      jaxsplit.cli.ui.UsageError: CKPT '/nonexistent.npz' does not exist
+    """
+    if not os.path.lexists(path):
+        raise UsageError(f"{what} {path!r} does not exist")
+    try:
+        return io.detect_format(path, fmt)
+    except ValueError as e:
+        raise UsageError(f"{what}: {e} (--format)") from None
+
+
+def unmatched_usage(e: UnmatchedPatternError, path: str) -> Exception:
+    """The command-line error for an unmatched ``--layers`` pattern: ``UsageError`` (exit
+    2) listing the available paths, or, for a checkpoint without layers, a ``ValueError``
+    (exit 1) saying so.
+
+    Example:
+      >>> str(unmatched_usage(UnmatchedPatternError(["x"], ["d"]), "w.npz"))
+      "--layers pattern(s) ['x'] matched no layer; available: ['d']"
+    """
+    if not e.available:
+        return ValueError(
+            f"checkpoint {path!r} holds no layers (no 'kernel' or 'embedding' array; name "
+            f"its weights with --weights)"
+        )
+    return UsageError(
+        f"--layers pattern(s) {list(e.patterns)} matched no layer; available: {list(e.available)}"
+    )
+
+
+def require_layers(tree: dict, path: str, names: tuple[str, ...] = WEIGHT_NAMES) -> dict:
     """The layers of a loaded checkpoint (``find_layers``), which must hold at least one.
 
     Args:
       tree: the loaded tree.
       path: the checkpoint path, for the message.
+      names: the ``--weights`` leaf names.
 
     Returns:
       ``{path: Layer}``.
@@ -117,11 +181,11 @@ def require_layers(tree: dict, path: str) -> dict:
       >>> list(require_layers({"params": {"d": {"kernel": np.ones((2, 2))}}}, "w.npz"))
       ['d']
     """
-    layers = find_layers(tree)
+    layers = find_layers(tree, names)
     if not layers:
         raise ValueError(
-            f"checkpoint {path!r} holds no layers (no 'kernel' or 'embedding' array under "
-            f"{'params' if 'params' in tree else 'the root'})"
+            f"checkpoint {path!r} holds no layers (no {'/'.join(names)} array under "
+            f"{'params' if 'params' in tree else 'the root'}; name its weights with --weights)"
         )
     return layers
 
@@ -207,6 +271,7 @@ def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
             seed=args.seed,
             allow_nonfinite=args.allow_nonfinite,
             verbose=args.verbose,
+            weights=weights(args),
         )
     except (ConfigError, ConfigTypeError) as e:
         flag = FLAGS.get(e.field)
@@ -226,17 +291,20 @@ def check_patterns(tree: dict, cfg, available: list[str]) -> None:
       ...
       jaxsplit.cli.ui.UsageError: --layers pattern(s) ['e'] matched no layer; available: ['d']
     """
-    unmatched = [k for k, v in select_layers(tree, cfg.layers)[1].items() if not v]
+    unmatched = [k for k, v in select_layers(tree, cfg.layers, cfg.weights)[1].items() if not v]
     if unmatched:
         raise UsageError(
             f"--layers pattern(s) {unmatched} matched no layer; available: {available}"
         )
 
 
-def add_quant_options(p: argparse.ArgumentParser, *, many_bits: bool = False) -> None:
+def add_quant_options(
+    p: argparse.ArgumentParser, *, many_bits: bool = False, bits_default: int | None = 8
+) -> None:
     """Adds ``--bits`` (one, or several with ``many_bits``), ``--per-channel``,
     ``--group-size``, ``--axis``, ``--asymmetric`` and ``--full-range``: every ``QuantSpec``
-    option.
+    option. ``bits_default=None`` makes ``--bits`` optional (``args.bits is None`` when not
+    given).
 
     Example:
       >>> p = argparse.ArgumentParser()
@@ -248,7 +316,10 @@ def add_quant_options(p: argparse.ArgumentParser, *, many_bits: bool = False) ->
         p.add_argument("--bits", nargs="+", type=int, default=[8], metavar="B",
                        help="bit widths (default 8)")  # fmt: skip
     else:
-        p.add_argument("--bits", type=int, default=8, help="integer bit width (default 8)")
+        p.add_argument(
+            "--bits", type=int, default=bits_default,
+            help="integer bit width" + (f" (default {bits_default})" if bits_default else ""),
+        )  # fmt: skip
     p.add_argument("--per-channel", action="store_true", help="one scale per output channel")
     p.add_argument(
         "--group-size", type=int, metavar="G",

@@ -22,6 +22,7 @@ from jaxsplit.cli.common import (
     quant_spec,
     require_layers,
     split_config,
+    weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag
 from jaxsplit.evaluate import quant_error
@@ -64,9 +65,10 @@ def _run(args: argparse.Namespace, ui: UI) -> int:
     if args.threshold is not None and not args.layers:
         raise UsageError("--threshold needs --layers")
     tree = load_checkpoint(args.ckpt, args.format)
-    params, params2, what = _trees(args, tree, require_layers(tree, args.ckpt))
+    names = weights(args)
+    params, params2, what = _trees(args, tree, require_layers(tree, args.ckpt, names))
     with ui.progress("quantizing"):
-        report = quant_error(params, params2, spec)
+        report = quant_error(params, params2, spec, weights=names)
     if ui.json:
         ui.print_json({"checkpoint": args.ckpt, "split_checkpoint": args.split_ckpt,
                        **report.to_dict()})  # fmt: skip

@@ -1,4 +1,7 @@
-"""``jaxsplit split``: split a checkpoint's layers into twin branches (or ``--dry-run``)."""
+"""``jaxsplit split``: split a checkpoint's layers into twin branches (or ``--dry-run``).
+
+Streamed (``jaxsplit.stream``): one layer in memory at a time, the output written
+incrementally and atomically; sparse twins are stored as indices + values."""
 
 from __future__ import annotations
 
@@ -6,19 +9,19 @@ import argparse
 import os
 import pathlib
 
-from jaxsplit import io
+from jaxsplit import io, stream
 from jaxsplit.cli.common import (
     add_input_arguments,
     add_quant_options,
     add_split_options,
-    check_patterns,
-    load_checkpoint,
+    input_format,
     quant_spec,
-    require_layers,
     split_config,
+    unmatched_usage,
+    weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
-from jaxsplit.split import match_layers, split_with_report
+from jaxsplit.errors import UnmatchedPatternError
 
 __all__ = ["COMMAND"]
 
@@ -30,6 +33,11 @@ def _split_args(p: argparse.ArgumentParser) -> None:
     add_quant_options(p)
     p.add_argument("--out-format", choices=io.FORMATS, help="output format (default: from OUT)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.add_argument(
+        "--sparse-below", type=float, default=0.25, metavar="D",
+        help="store twins denser than nothing but sparser than D as indices + values "
+        "(default 0.25; 0 stores every twin dense)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print what would split; write nothing")
     add_json_flag(p)
 
@@ -57,16 +65,24 @@ def _check_output(args: argparse.Namespace) -> str | None:
 def _split_run(args: argparse.Namespace, ui: UI) -> int:
     cfg = split_config(args, quant_spec(args))
     out_fmt = _check_output(args)
-    tree = load_checkpoint(args.ckpt, args.format)
-    available = list(require_layers(tree, args.ckpt))
-    check_patterns(tree, cfg, available)
-    if args.dry_run:
-        report = match_layers(tree, cfg)
-    else:
-        with ui.progress(f"splitting {len(available)} layers"):
-            tree2, report = split_with_report(tree, cfg)
-        with ui.progress(f"saving {args.out}"):
-            io.save(tree2, args.out, fmt=out_fmt, overwrite=args.overwrite)
+    fmt = input_format(args.ckpt, args.format)
+    try:
+        if args.dry_run:
+            report = stream.plan_checkpoint(args.ckpt, cfg, fmt=fmt)
+        else:
+            with ui.progress(f"splitting {args.ckpt}") as advance:
+                report = stream.split_checkpoint(
+                    args.ckpt,
+                    args.out,
+                    cfg,
+                    fmt=fmt,
+                    out_fmt=out_fmt,
+                    overwrite=args.overwrite,
+                    sparse_below=args.sparse_below,
+                    progress=lambda done, total, path: advance(),
+                ).report
+    except UnmatchedPatternError as e:
+        raise unmatched_usage(e, args.ckpt) from None
     _print_split(args, ui, cfg, report, out_fmt)
     return 0
 
@@ -86,6 +102,7 @@ def _print_split(args, ui: UI, cfg, report, out_fmt) -> None:
                     "method": cfg.method,
                     "branches": cfg.branches,
                     "seed": cfg.seed,
+                    "weights": list(weights(args)),
                 },
                 **report.to_dict(),
             }

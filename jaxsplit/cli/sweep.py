@@ -11,6 +11,7 @@ from jaxsplit.cli.common import (
     parse_threshold,
     quant_spec,
     require_layers,
+    weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
 from jaxsplit.config import SplitConfig
@@ -55,11 +56,13 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
     thresholds = [parse_threshold(t, "--thresholds") for t in args.thresholds]
     specs = [quant_spec(args, b) for b in args.bits]
     try:
-        cfg = SplitConfig(layers=tuple(args.layers), seed=args.seed, spec=specs[0])
+        cfg = SplitConfig(
+            layers=tuple(args.layers), seed=args.seed, spec=specs[0], weights=weights(args)
+        )
     except (ConfigError, ConfigTypeError) as e:
         raise UsageError(f"--{e.field}: {e}") from None
     tree = load_checkpoint(args.ckpt, args.format)
-    n = len(require_layers(tree, args.ckpt))
+    n = len(require_layers(tree, args.ckpt, cfg.weights))
     with ui.progress(f"sweeping {n} layers", n) as advance:
         result = sweep(
             tree,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+import jaxsplit as js
 from experiments import report
 
 logger = logging.getLogger("jaxsplit")
@@ -29,7 +30,7 @@ def run(seeds: Sequence[int], **config) -> list:
 
     out = []
     for s in seeds:
-        out.append(run_demo(DemoConfig(seed=s, **config)))
+        out.append(run_demo(DemoConfig(seed=s, **{"minilm": False, **config})))
         logger.info("digits_cnn: seed %d done", s)
     return out
 
@@ -77,15 +78,17 @@ def plot(rows: list[dict], fp32: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for v in dict.fromkeys(r["variant"] for r in rows):
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    color = dict(zip(variants, js.plot.colors(len(variants)), strict=True))  # no repeats
+    for v in variants:
         rs = sorted((r for r in rows if r["variant"] == v), key=lambda r: r["bits"])
         b = [r["bits"] for r in rs]
-        style = "k--" if v == "no split" else "-o"
+        style = "--" if v == "no split" else "-o"
         a1.errorbar(b, [100 * r["_acc"] for r in rs], [100 * r["_acc_sd"] for r in rs],
-                    fmt=style, capsize=3, label=v, ms=3)  # fmt: skip
+                    fmt=style, color=color[v], capsize=3, label=v, ms=3)  # fmt: skip
         a2.errorbar(b, [r["_sqnr"] for r in rs], [r["_sqnr_sd"] for r in rs],
-                    fmt=style, capsize=3, label=v, ms=3)  # fmt: skip
-    a1.axhline(100 * fp32["mean"], color="grey", lw=0.8, label="fp32")
+                    fmt=style, color=color[v], capsize=3, label=v, ms=3)  # fmt: skip
+    a1.axhline(100 * fp32["mean"], color="black", lw=0.8, ls=":", label="fp32")
     a1.set(xlabel="weight bits (per tensor)", ylabel="test accuracy %", title="digits CNN")
     a2.set(xlabel="weight bits (per tensor)", ylabel="weight SQNR dB", title="all kernels")
     for a in (a1, a2):

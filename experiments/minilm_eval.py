@@ -43,6 +43,7 @@ import numpy as np
 
 import jaxsplit as js
 from experiments import minilm, report
+from jaxsplit.demo.minilm import random_batches
 from jaxsplit.tree import find_layers
 
 __all__ = [
@@ -59,38 +60,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CLS, SEP = 101, 102
 BITS = (8, 6, 4)
-
-
-def random_batches(
-    model: minilm.MiniLM,
-    *,
-    n: int = 64,
-    length: int = 32,
-    batch: int = 64,
-    seed: int = 0,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n`` random sequences as ``[(ids (B, length), mask (B, length))]``.
-
-    Token ids are uniform over ``[1000, vocab)`` (past the special and unused tokens),
-    each sequence ``[CLS] tokens [SEP]`` of a random length in ``[4, length]``, padded
-    with 0 and masked.
-
-    Example:
-      >>> ids, mask = random_batches(minilm.MiniLM(), n=2, length=8)[0]
-      >>> ids.shape, bool(mask.sum(axis=1).min() >= 4)
-      ((2, 8), True)
-    """
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1000, model.vocab, size=(n, length))
-    lens = rng.integers(4, length + 1, size=n)
-    pos = np.arange(length)[None]
-    mask = (pos < lens[:, None]).astype(np.int32)
-    ids[:, 0] = CLS
-    ids[np.arange(n), lens - 1] = SEP
-    ids = np.where(mask, ids, 0).astype(np.int32)
-    return [(ids[i : i + batch], mask[i : i + batch]) for i in range(0, n, batch)]
 
 
 def simulated_tree(variables2: Mapping, spec: js.QuantSpec, paths: Iterable[str]) -> Mapping:

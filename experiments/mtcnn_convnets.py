@@ -194,6 +194,7 @@ def plot(net_rows: list[dict], path: str) -> None:
     nets = list(dict.fromkeys(r["net"] for r in net_rows))
     grans = list(dict.fromkeys(r["granularity"] for r in net_rows))
     variants = list(dict.fromkeys(r["variant"] for r in net_rows))
+    color = dict(zip(variants, js.plot.colors(len(variants)), strict=True))  # no repeats
     fig, axes = plt.subplots(
         len(grans), len(nets), figsize=(4.2 * len(nets), 3.4 * len(grans)), squeeze=False
     )
@@ -209,11 +210,12 @@ def plot(net_rows: list[dict], path: str) -> None:
                     ),
                     key=lambda r: r["bits"],
                 )
-                style = "k--" if v == "none" else "-o"
+                style = "--" if v == "none" else "-o"
                 ax.plot(
                     [r["bits"] for r in rows],
                     [r["output SQNR dB"] for r in rows],
                     style,
+                    color=color[v],
                     label=v,
                     ms=3,
                 )

@@ -67,7 +67,7 @@ class Variant:
         if self.method == "none":
             return None
         thr = self.threshold(spec) if callable(self.threshold) else self.threshold
-        kw = {"quant": spec} if self.needs_spec else {}
+        kw = {"spec": spec} if self.needs_spec else {}
         return js.SplitConfig(layers=layers, threshold=thr, method=self.method, seed=seed, **kw)
 
 

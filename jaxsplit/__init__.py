@@ -16,7 +16,9 @@ from jaxsplit import measure as measure
 from jaxsplit import search as search
 from jaxsplit import sweeps as sweeps
 from jaxsplit import qat as qat
+from jaxsplit import plot as plot
 from jaxsplit import render as render
+from jaxsplit import sparse_run as sparse_run
 from jaxsplit import io as io
 from jaxsplit import linen as linen
 from jaxsplit import nnx as nnx
@@ -80,7 +82,9 @@ __all__ = [
     "search",
     "sweeps",
     "qat",
+    "plot",
     "render",
+    "sparse_run",
     "io",
     "linen",
     "nnx",

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from jaxsplit import quant
 from jaxsplit.errors import ConfigTypeError, UnsplittableError
-from jaxsplit.measure import measure, reduction, sqnr_db
+from jaxsplit.measure import TwinCost, measure, reduction, sqnr_db, twin_cost
 from jaxsplit.quant import QuantSpec
 from jaxsplit.tree import WEIGHT_NAMES, Layer, Weights, branch_weights, find_layers, x64
 
@@ -54,6 +54,11 @@ class LayerError:
       signal: ``mean(W²)``.
       effective_bits: storage bits per weight (``measure``: ``branch_0`` at ``spec.bits``,
         the twins' non-zeros at the twin spec's bits plus ``measure.INDEX_BITS``).
+      twin_nonzero: non-zeros per twin (``branch_1 …``; empty for an unsplit layer).
+      itemsize: bytes per value of the kernel.
+
+    The run-time cost of the twins, dense and sparse (``jaxsplit.measure.twin_cost``), is
+    ``cost``; its fields are also properties (``extra_macs_dense`` …).
     """
 
     path: str
@@ -74,6 +79,33 @@ class LayerError:
     pred_after_corr: float
     signal: float
     effective_bits: float = float("nan")
+    twin_nonzero: tuple[int, ...] = ()
+    itemsize: int = 4
+
+    @property
+    def cost(self) -> TwinCost:
+        """Extra multiply-adds (per application) and weight bytes, dense and sparse twins."""
+        return twin_cost(self.n_total, self.itemsize, self.twin_nonzero)
+
+    @property
+    def extra_macs_dense(self) -> int:
+        """Multiply-adds per application the twins add run as dense layers."""
+        return self.cost.extra_macs_dense
+
+    @property
+    def extra_macs_sparse(self) -> int:
+        """Multiply-adds per application the twins add run as sparse products."""
+        return self.cost.extra_macs_sparse
+
+    @property
+    def extra_bytes_dense(self) -> int:
+        """Weight bytes of the twins stored dense."""
+        return self.cost.extra_bytes_dense
+
+    @property
+    def extra_bytes_sparse(self) -> int:
+        """Weight bytes of the twins stored sparse (values + ``measure.index_bytes``)."""
+        return self.cost.extra_bytes_sparse
 
     @property
     def split_fraction(self) -> float:
@@ -134,6 +166,10 @@ _DERIVED = (
     "sqnr_after",
     "extra_fraction",
     "reduction",
+    "extra_macs_dense",
+    "extra_macs_sparse",
+    "extra_bytes_dense",
+    "extra_bytes_sparse",
 )
 
 
@@ -157,6 +193,11 @@ class Report:
 
     def total(self) -> dict[str, float]:
         """Totals over layers: counts summed, MSE figures weighted by each layer's size.
+
+        Cost: ``macs`` is the multiply-adds of one application of every kernel (their
+        sizes summed), ``weight_bytes`` their bytes; ``extra_macs_dense`` /
+        ``extra_macs_sparse`` / ``extra_bytes_dense`` / ``extra_bytes_sparse`` what the
+        twins add (``jaxsplit.measure.twin_cost``), beside ``extra_nonzero``.
 
         Example:
           >>> import numpy as np
@@ -188,6 +229,9 @@ class Report:
             "sqnr_after": sqnr_db(signal, after),
             "reduction": reduction(before, after),
             "effective_bits": mean("effective_bits"),
+            "macs": n,
+            "weight_bytes": sum(r.n_total * r.itemsize for r in self.layers),
+            **{name: sum(getattr(r, name) for r in self.layers) for name in TwinCost._fields},
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -223,6 +267,7 @@ def _layer_stats(w, branches, spec: QuantSpec, twin_spec=None) -> dict[str, jax.
         "signal": jnp.mean(jnp.square(wf)),
         "sum_error": jnp.max(jnp.abs(sum(bf) - wf)),
         "effective_bits": after.effective_bits,
+        "twin_nonzero": jnp.stack([jnp.count_nonzero(b) for b in bf[1:]] or [jnp.int32(0)]),
     }
 
 
@@ -341,6 +386,8 @@ def _row(layer: Layer, w, s: dict) -> LayerError:
         maxabs_branches=tuple(float(x) for x in s["maxabs_branches"]),
         scale=float(s["scale"]),
         scale_branches=tuple(float(x) for x in s["scale_branches"]),
+        twin_nonzero=tuple(int(x) for x in s["twin_nonzero"]) if k > 1 else (),
+        itemsize=int(w.dtype.itemsize),
         **{
             name: float(s[name])
             for name in (

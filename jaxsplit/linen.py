@@ -16,6 +16,7 @@ design: its params are exactly the tree contract's split layer.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,9 +24,10 @@ import flax.errors
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxsplit import sparse_run
 from jaxsplit._wrap import call_branches, check_branches, sum_branches, unsupported_error
 from jaxsplit.config import SplitConfig
-from jaxsplit.errors import ConfigTypeError
+from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.split import split_params
 from jaxsplit.tree import (
     WEIGHT_NAMES,
@@ -43,6 +45,16 @@ from jaxsplit.tree import (
 )
 
 __all__ = ["SUPPORTED", "LayerSpec", "apply", "Split"]
+
+logger = logging.getLogger("jaxsplit")
+
+_SPARSE_AND_WEIGHT_FN = ConfigError(
+    "apply",
+    "weight_fn",
+    "weight_fn= cannot transform sparse twins (sparse_below= or BCOO twins from "
+    "sparse_run.sparsify): quantize the branches first (js.tree.map_branch_weights), "
+    "then sparsify",
+)
 
 WeightFn = Callable[[Any], Any]
 
@@ -207,7 +219,7 @@ class _Interceptor:
         """Any other module: re-run its method on its variables with its own weights
         replaced by ``sum_i weight_fn(W_i)`` (equal to summing the branch outputs
         wherever the output is linear in the weight; exact to the unsplit model always)."""
-        merged = _merged_own(own, self.weights, self.weight_fn, path)
+        merged = _merged_own(sparse_run.densify(own), self.weights, self.weight_fn, path)
         if merged is None:
             return next_fun(*args, **kwargs)
         if name == "setup":  # the re-run sets itself up on the summed weights
@@ -237,6 +249,15 @@ class _Interceptor:
 
     def _run(self, module, path, spec, node, i, name, args, kwargs):
         params = dict(node)
+        if sparse_run.is_sparse(params[spec.weight]):  # a sparse twin (sparse_run.sparsify)
+            w = unwrap(params[spec.weight])
+            if self.weight_fn is not None:
+                raise _SPARSE_AND_WEIGHT_FN
+            y = sparse_run.linen_product(module, w, *args) if name == "__call__" else None
+            if y is not None:
+                return y
+            logger.debug("layer %r: branch_%d has no sparse form here; runs dense", path, i)
+            params[spec.weight] = w.todense()
         if self.weight_fn is not None:
             params[spec.weight] = self.weight_fn(nn.meta.unbox(params[spec.weight]))
         try:
@@ -256,6 +277,7 @@ def apply(
     mutable: Any = False,
     weight_fn: WeightFn | None = None,
     weights: Weights = WEIGHT_NAMES,
+    sparse_below: float | None = None,
     **kwargs,
 ):
     """``model.apply`` that runs split layers as the sum of their branches.
@@ -275,6 +297,10 @@ def apply(
         applied to the weight of every supported layer that runs: to each branch
         separately for split layers, to the single weight otherwise. ``None``
         changes nothing.
+      sparse_below: run twins (``branch_1 …``) with fewer non-zeros per value than this
+        as sparse products (``jaxsplit.sparse_run``: ``Dense`` and ``Conv``; other types
+        run dense). ``None``: as stored (``BCOO`` twins from ``sparse_run.sparsify``
+        always run sparse, also under ``jit``).
       **kwargs: other keyword arguments of ``model.apply`` (``rngs=``) or the method.
 
     Returns:
@@ -301,6 +327,10 @@ def apply(
             "apply", "weight_fn", f"weight_fn must be None or a callable w -> w', got {weight_fn!r}"
         )
     weights = check_weights(weights, "apply")
+    if sparse_run.check_sparse_below("apply", sparse_below):
+        if weight_fn is not None:
+            raise _SPARSE_AND_WEIGHT_FN
+        variables = sparse_run.sparsify(variables, sparse_below)
     with nn.intercept_methods(_Interceptor(weight_fn, weights)):
         return model.apply(variables, *args, method=method, mutable=mutable, **kwargs)
 

@@ -24,6 +24,17 @@ Every figure jaxsplit reports is defined here, once:
   value bits and ``INDEX_BITS`` (16) for its position: ``bits + nnz_twins ·
   (twin_bits + INDEX_BITS) / size`` (a 16-bit column index per non-zero, as a CSR
   layout of rows up to 65536 wide stores it; scales are ignored). Unsplit: ``bits``.
+* ``twin_cost``: what the twins (``branch_1 …``) add at run time, in both forms: as
+  *dense* layers (each a whole second layer: ``size`` multiply-adds per application of
+  the kernel and ``size · itemsize`` bytes) and as *sparse* products (one multiply-add
+  per stored value and ``nnz · (itemsize + index_bytes(size))`` bytes). An
+  *application* is one input row of a ``Dense`` (a token) or one output position of a
+  ``Conv``: the multiply-adds of one application of the original kernel are its size.
+* ``index_bytes(size)``: the on-disk index cost of one stored value of a sparse twin (the
+  byte figures of ``twin_cost``; ``effective_bits`` counts the in-memory CSR form): its flat
+  C-order position, int32 (int64 for ``size >= 2**31``), as ``jaxsplit.sparse_io``
+  stores it on disk. (``jax.experimental.sparse.BCOO`` holds one int32 per axis in
+  memory; the figure counts the compact form.)
 * ``reduction(before, after)``: the fraction of the error removed, ``1 - after/before``.
 * ``sqnr_db(signal, noise)``: ``10 log10(signal / noise)``.
 
@@ -51,6 +62,9 @@ __all__ = [
     "calibration_check",
     "reduction",
     "sqnr_db",
+    "TwinCost",
+    "twin_cost",
+    "index_bytes",
 ]
 
 #: Bits stored per non-zero of a sparse twin for its position (``effective_bits``).
@@ -221,6 +235,60 @@ def extra_nonzero(w: jax.Array, branches) -> jax.Array:
     """
     nonzero = sum(jnp.count_nonzero(b).astype(jnp.int32) for b in branches)
     return nonzero - jnp.count_nonzero(w).astype(jnp.int32)
+
+
+def index_bytes(size: int) -> int:
+    """Bytes of the index stored with each value of a sparse twin of ``size`` values.
+
+    A flat C-order position: 4 bytes (int32), 8 when ``size >= 2**31`` (as
+    ``jaxsplit.sparse_io`` writes it).
+
+    Example:
+      >>> index_bytes(384 * 1536), index_bytes(2**31)
+      (4, 8)
+    """
+    return 4 if size <= 2**31 - 1 else 8
+
+
+class TwinCost(NamedTuple):
+    """What a split layer's twins add at run time, dense and sparse (host-side ints).
+
+    Attributes:
+      extra_macs_dense: multiply-adds per application of the kernel with every twin run
+        as a dense layer (``(k - 1) · size``).
+      extra_macs_sparse: the same with twins run as sparse products (their non-zeros).
+      extra_bytes_dense: weight bytes of the dense twins (``(k - 1) · size · itemsize``).
+      extra_bytes_sparse: bytes of the sparse twins, values plus ``index_bytes`` each.
+    """
+
+    extra_macs_dense: int
+    extra_macs_sparse: int
+    extra_bytes_dense: int
+    extra_bytes_sparse: int
+
+
+def twin_cost(size: int, itemsize: int, twin_nonzeros) -> TwinCost:
+    """The run-time cost of twins ``branch_1 …`` of a kernel of ``size`` values.
+
+    Args:
+      size: values in the kernel (each branch has as many).
+      itemsize: bytes per value (4 for float32, 2 for bfloat16).
+      twin_nonzeros: non-zeros of each twin (``branch_1 …``); empty for an unsplit layer.
+
+    Returns:
+      A ``TwinCost``.
+
+    Example:
+      >>> tuple(twin_cost(1000, 4, [20]))  # dense MACs, sparse MACs, dense bytes, sparse bytes
+      (1000, 20, 4000, 160)
+    """
+    nnz = [int(n) for n in twin_nonzeros]
+    return TwinCost(
+        len(nnz) * int(size),
+        sum(nnz),
+        len(nnz) * int(size) * int(itemsize),
+        sum(nnz) * (int(itemsize) + index_bytes(int(size))),
+    )
 
 
 def reduction(before: float, after: float) -> float:

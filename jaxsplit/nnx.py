@@ -18,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxsplit import sparse_run
 from jaxsplit._wrap import call_branches, check_branches, sum_branches, unsupported_error
 from jaxsplit.config import SplitConfig
-from jaxsplit.errors import ConfigTypeError
+from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.split import merge_params, split_params
 from jaxsplit.tree import (
     WEIGHT_NAMES,
@@ -36,7 +37,7 @@ from jaxsplit.tree import (
     wrap_like,
 )
 
-__all__ = ["SUPPORTED", "Split", "split_model", "merge_model", "apply"]
+__all__ = ["SUPPORTED", "Split", "split_model", "merge_model", "sparsify_model", "apply"]
 
 #: Layer types whose output is linear in the weight, with the bias optional:
 #: ``{type: (weight attribute, methods that run branch-wise)}``.
@@ -229,6 +230,49 @@ def merge_model(model2: nnx.Module) -> nnx.Module:
     return model
 
 
+def sparsify_model(model: nnx.Module, sparse_below: float) -> nnx.Module:
+    """A copy of ``model`` whose ``Split`` twins of density ``< sparse_below`` run sparse.
+
+    Each such ``branch_i`` (``i >= 1``) of an ``nnx.Linear``/``nnx.Conv`` becomes a
+    ``jaxsplit.sparse_run.SparseBranch`` holding the twin as a ``BCOO``; other twins
+    stay dense. The copy computes the same outputs up to float rounding, also under
+    ``nnx.jit`` (make it outside). ``model`` is unchanged.
+
+    Raises:
+      ConfigError: ``sparse_below`` is out of ``[0, 1]``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxsplit as js
+      >>> m = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+      >>> m2 = split_model(m, js.SplitConfig(layers=["layers/0"], threshold=js.Relative(0.5)))
+      >>> ms = sparsify_model(m2, 1.0)
+      >>> type(ms.layers[0].branch_1).__name__
+      'SparseBranch'
+      >>> bool(jnp.allclose(ms(jnp.ones((1, 4))), m(jnp.ones((1, 4))), atol=1e-6))
+      True
+    """
+    below = sparse_run.check_sparse_below("sparsify_model", sparse_below)
+    _check_model(model)
+    copy = nnx.clone(model)
+    for _, module in list(nnx.iter_modules(copy)):
+        if not isinstance(module, Split) or not below:
+            continue
+        weight = SUPPORTED[type(module.branch_0)][0]
+        for i in range(1, module.num_branches):
+            twin = getattr(module, branch_name(i))
+            if not hasattr(twin, weight):
+                continue
+            w = getattr(twin, weight).get_value()
+            if SparseBranch.supports(twin, w.ndim - 2) and sparse_run.density(w) < below:
+                setattr(module, branch_name(i), SparseBranch(twin, sparse_run.to_sparse(w)))
+    return copy
+
+
+SparseBranch = sparse_run.SparseBranch
+
+
 def _transformed_state(model: nnx.Module, state, weight_fn: Callable, weights) -> Any:
     """``state`` with ``weight_fn`` applied to every layer weight, each branch on its own
     (any module: the module then sees ``weight_fn(W)``)."""
@@ -282,6 +326,7 @@ def apply(
     weight_fn: Callable[[Any], Any] | None = None,
     params: Any = None,
     weights: Weights = WEIGHT_NAMES,
+    sparse_below: float | None = None,
     **kwargs,
 ):
     """Calls ``model`` (split or not) with every layer weight passed through ``weight_fn``.
@@ -306,6 +351,8 @@ def apply(
         merged weight's gradient), fine inside ``jax.jit``.
       weights: with ``params`` or ``weight_fn``, which leaves are weights (as
         ``SplitConfig.weights``).
+      sparse_below: run ``Split`` twins with fewer non-zeros per value than this as
+        sparse products (``sparsify_model``; not together with ``weight_fn``).
       **kwargs: keyword arguments of the method.
 
     Returns:
@@ -329,6 +376,18 @@ def apply(
             "apply", "weight_fn", f"weight_fn must be None or a callable w -> w', got {weight_fn!r}"
         )
     weights = check_weights(weights, "apply")
+    if sparse_run.check_sparse_below("apply", sparse_below):
+        if weight_fn is not None or params is not None:
+            raise ConfigError(
+                "apply",
+                "weight_fn",
+                "weight_fn= / params= cannot transform sparse twins (sparse_below=): "
+                "quantize the branches first, then sparsify",
+            )
+        smodel = sparsify_model(model, sparse_below)
+        out = getattr(smodel, method)(*args, **kwargs)
+        nnx.update(model, nnx.state(smodel, nnx.All(nnx.Variable, nnx.Not(nnx.Param))))
+        return out
     if params is not None:
         graphdef, pstate, rest = nnx.split(model, nnx.Param, ...)
         summed = _summed_state(params, weight_fn, weights)

@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxsplit import quant
 from jaxsplit.errors import ConfigError, ConfigTypeError
-from jaxsplit.measure import extra_nonzero, sqnr_db
+from jaxsplit.measure import TwinCost, extra_nonzero, sqnr_db, twin_cost
 from jaxsplit.quant import QuantSpec
 from jaxsplit.select import select_layers
 from jaxsplit.split import merge_params
@@ -94,6 +94,14 @@ class OutputReport:
       extra_nonzero: parameters the split adds (its cost), over all layers
         (``jaxsplit.measure.extra_nonzero``).
       n_weights: values in all layer weights (so ``extra_fraction`` is a fraction of them).
+      macs: multiply-adds of the original model's Dense/Conv-like layer calls over
+        ``inputs``; ``weight_bytes``: bytes of all layer weights.
+      extra_macs_dense, extra_macs_sparse: multiply-adds the twins add over the same
+        calls, run as dense layers or as sparse products; ``extra_bytes_dense``,
+        ``extra_bytes_sparse``: their weight bytes (``jaxsplit.measure.twin_cost``). A
+        call's multiply-adds are ``(output elements / W.shape[-1]) · W.size``: exact for
+        ``Dense`` and ``Conv`` (``ConvTranspose`` as XLA runs it, on the dilated input);
+        an estimate for ``DenseGeneral``/``Einsum`` with several output axes.
     """
 
     spec: QuantSpec
@@ -103,6 +111,12 @@ class OutputReport:
     layers: tuple[LayerOutput, ...]
     extra_nonzero: int
     n_weights: int = 0
+    macs: int = 0
+    weight_bytes: int = 0
+    extra_macs_dense: int = 0
+    extra_macs_sparse: int = 0
+    extra_bytes_dense: int = 0
+    extra_bytes_sparse: int = 0
 
     @property
     def extra_fraction(self) -> float:
@@ -120,6 +134,10 @@ class OutputReport:
             "extra_nonzero": self.extra_nonzero,
             "n_weights": self.n_weights,
             "extra_fraction": self.extra_fraction,
+            **{
+                k: getattr(self, k)
+                for k in ("macs", "weight_bytes", *(f for f in TwinCost._fields))
+            },
         }
 
 
@@ -182,6 +200,41 @@ def _weight_counts(params2: Mapping, weights) -> tuple[int, int]:
         if layer.branches:
             extra += int(extra_nonzero(sum(jnp.asarray(w) for w in ws), ws))
     return extra, size
+
+
+def _costs(params2: Mapping, calls: list[tuple[str, tuple]], weights) -> dict[str, int]:
+    """MACs and bytes of the layer calls ``[(path, output shape)]`` and of the twins."""
+    layers = find_layers(params2, weights)
+    out = dict.fromkeys(("macs", "weight_bytes", *TwinCost._fields), 0)
+    for layer in layers.values():
+        ws = branch_weights(layer)
+        out["weight_bytes"] += int(ws[0].size) * jnp.dtype(ws[0].dtype).itemsize
+        cost = twin_cost(ws[0].size, jnp.dtype(ws[0].dtype).itemsize, _twin_nnz(ws))
+        out["extra_bytes_dense"] += cost.extra_bytes_dense
+        out["extra_bytes_sparse"] += cost.extra_bytes_sparse
+    for path, shape in calls:
+        layer = layers.get(path)
+        if layer is None:
+            continue
+        ws = branch_weights(layer)
+        w = ws[0]
+        apps = _prod(shape) // max(int(w.shape[-1]), 1) if w.ndim else 0
+        cost = twin_cost(w.size, 1, _twin_nnz(ws))
+        out["macs"] += apps * int(w.size)
+        out["extra_macs_dense"] += apps * cost.extra_macs_dense
+        out["extra_macs_sparse"] += apps * cost.extra_macs_sparse
+    return out
+
+
+def _twin_nnz(ws) -> list[int]:
+    return [int(jnp.count_nonzero(jnp.asarray(w))) for w in ws[1:]]
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 # --- running a model with hooks -----------------------------------------------------------
@@ -413,6 +466,11 @@ def evaluate_outputs(
         _output_error(y, ya),
         tuple(layers),
         *_weight_counts(params2, weights),
+        **_costs(
+            params2,
+            [(p, jnp.shape(f)) for p, (_, f) in zip(paths, float_calls, strict=True)],
+            weights,
+        ),
     )
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "to_csv",
     "markdown_table",
     "report_cells",
+    "cost_line",
     "report_markdown",
     "report_rich_table",
     "outputs_markdown",
@@ -124,6 +125,42 @@ def _spec_line(report) -> str:
     return f"int{s.bits} {kind} {gran}, {rng} range; MSE per element, branches quantized separately"
 
 
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def cost_line(totals: dict) -> str:
+    """One line: the extra non-zeros, and the twins' extra MACs and bytes dense vs sparse.
+
+    ``totals`` holds ``extra_nonzero``, ``macs``, ``weight_bytes`` and the
+    ``jaxsplit.measure.TwinCost`` fields (``Report.total()``, ``OutputReport.to_dict()``).
+
+    Example:
+      >>> t = dict(extra_nonzero=20, macs=1000, weight_bytes=4000, extra_macs_dense=1000,
+      ...          extra_macs_sparse=20, extra_bytes_dense=4000, extra_bytes_sparse=160)
+      >>> for part in cost_line(t).split("; "):
+      ...     print(part)
+      cost: +20 non-zeros
+      twins run dense +1e+03 MACs (+100%), +4 kB (+100%)
+      sparse +20 MACs (+2%), +160 B (+4%)
+    """
+
+    def pct(x, of):
+        return f"+{100 * x / of:.3g}%" if of else "–"
+
+    m, b = totals["macs"], totals["weight_bytes"]
+    return (
+        f"cost: +{totals['extra_nonzero']} non-zeros; twins run dense "
+        f"+{totals['extra_macs_dense']:.3g} MACs ({pct(totals['extra_macs_dense'], m)}), "
+        f"+{_bytes(totals['extra_bytes_dense'])} ({pct(totals['extra_bytes_dense'], b)}); "
+        f"sparse +{totals['extra_macs_sparse']:.3g} MACs ({pct(totals['extra_macs_sparse'], m)}), "
+        f"+{_bytes(totals['extra_bytes_sparse'])} ({pct(totals['extra_bytes_sparse'], b)})"
+    )
+
+
 def report_markdown(report) -> str:
     """GitHub markdown: a caption line, the header, one row per layer, a bold totals row.
 
@@ -144,6 +181,7 @@ def report_markdown(report) -> str:
     ]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells[:-1]]
     lines.append("| " + " | ".join(f"**{c}**" if c else "" for c in cells[-1]) + " |")
+    lines += ["", f"*{cost_line(report.total())} (MACs per application of every kernel)*"]
     return "\n".join(lines)
 
 
@@ -208,6 +246,8 @@ def outputs_markdown(report) -> str:
     lines = [f"*{_outputs_caption(report)}*", ""]
     lines += ["| " + " | ".join(_OUT_COLUMNS) + " |", "|---|" + "--:|" * (len(_OUT_COLUMNS) - 1)]
     lines += ["| " + " | ".join(r) + " |" for r in _outputs_cells(report)]
+    if report.macs or report.weight_bytes:
+        lines += ["", f"*{cost_line(report.to_dict())} (MACs over the given inputs)*"]
     if report.layers:
         lines += [
             "",

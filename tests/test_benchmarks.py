@@ -23,3 +23,11 @@ def test_quick_benchmark_runs_and_reports_every_case(tmp_path, capsys):
     assert [r["donate"] for r in res["rss"]] == [False, True]
     assert all(r["peak_rss"] >= r["rss_before"] > 0 for r in res["rss"])
     assert "donate=True" in printed and "cold:" in printed
+
+
+def test_sparse_forward_quick_runs_and_sparse_equals_dense():
+    from benchmarks import sparse_forward
+
+    rows = sparse_forward.run(quick=True, reps=1, percentiles=(99.0,))
+    assert [r["case"].split()[0] for r in rows] == ["dense", "conv"]
+    assert all(float(r["max abs sparse-dense"]) < 1e-4 and r["sparse/orig"] > 0 for r in rows)

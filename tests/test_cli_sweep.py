@@ -80,3 +80,38 @@ def test_demo_bad_arguments(capsys, tmp_path):
     )
     (tmp_path / "f").write_text("x")
     assert_cli_error(run_cli(capsys, "demo", "--out", tmp_path / "f"), 2, r"is not a directory")
+
+
+def test_sweep_plot_writes_a_pareto_png(ckpt, capsys, tmp_path):
+    png = tmp_path / "p.png"
+    argv = ["sweep", ckpt, "--thresholds", "rel:0.25", "rel:0.5", "--methods", "balance", "clip"]
+    code, out, err = run_cli(capsys, *argv, "--bits", "4", "--plot", png)
+    assert code == 0, err
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and str(png) in out + err
+
+
+def test_pareto_points_aggregate_layers_and_the_frontier():
+    import jaxsplit as js
+
+    rng = np.random.default_rng(0)
+    p = {
+        "a": {"kernel": rng.standard_t(3, (32, 16)).astype(np.float32)},
+        "b": {"kernel": rng.standard_t(3, (16, 4)).astype(np.float32)},
+    }
+    res = js.sweep(
+        p,
+        js.SplitConfig(layers=["**"]),
+        thresholds=[js.Relative(0.5)],
+        methods=["balance", "clip"],
+        specs=[js.QuantSpec(bits=4)],
+    )
+    pts = js.plot.pareto_points(res)
+    assert [(q.method, q.threshold) for q in pts] == [("balance", "rel:0.5"), ("clip", "rel:0.5")]
+    rows = [r for r in res.rows if r.method == "balance"]
+    assert pts[0].extra_fraction == sum(r.extra_nonzero for r in rows) / (32 * 16 + 16 * 4)
+    p2 = js.split_params(p, js.SplitConfig(layers=["**"], threshold=js.Relative(0.5)))
+    total = js.quant_error(p, p2, js.QuantSpec(bits=4)).total()
+    assert pts[0].reduction == pytest.approx(total["reduction"], rel=1e-5)
+    assert pts[0].sqnr_db == pytest.approx(total["sqnr_after"], rel=1e-4)
+    front = js.plot.frontier(pts)
+    assert all(q in pts for q in front) and front == sorted(front, key=lambda q: q.extra_fraction)

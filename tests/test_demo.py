@@ -175,3 +175,61 @@ def test_bad_config_names_the_field(kwargs, exc, match):
 def test_run_demo_rejects_other_configs():
     with pytest.raises(TypeError, match="DemoConfig"):
         run_demo({"epochs": 1})
+
+
+# --- the MiniLM part, the plot colours, the README table ---------------------------------
+
+
+def test_minilm_part_runs_on_the_real_weights():
+    from jaxsplit.demo import minilm_variants, run_minilm
+
+    pytest.importorskip("onnx")
+    cfg = DemoConfig(minilm_bits=(8, 4), minilm_auto=False, minilm_sequences=4, minilm_length=16)
+    rows, note = run_minilm(cfg)
+    assert [(r.variant, r.bits) for r in rows] == [
+        (v, b) for v, _ in minilm_variants(cfg) for b in (8, 4)
+    ]
+    cos = {(r.variant, r.bits): r.cosine for r in rows}
+    assert cos["balance rel:0.5 (PPQ)", 4] > cos["no split", 4]
+    assert all(r.extra_params == 0 for r in rows if r.variant == "no split")
+    assert "4 random" in note and "18 encoder Dense kernels" in note
+
+
+def test_default_config_runs_minilm_with_a_restricted_auto():
+    from jaxsplit.demo import minilm_variants
+
+    c = DemoConfig()
+    assert c.minilm and c.minilm_bits == (8, 6, 4) and not DemoConfig.quick().minilm
+    auto = minilm_variants(c)[2][1](QuantSpec(bits=4), ["a"])
+    assert auto.method == "auto" and auto.threshold.max_extra == 0.02
+    assert auto.threshold.candidates == 16
+
+
+def test_plot_colours_never_repeat():
+    import jaxsplit as js
+
+    for n in (1, 8, 10, 11, 21):
+        assert len(set(js.plot.colors(n))) == n
+    with pytest.raises(ValueError, match="21 distinct"):
+        js.plot.colors(22)
+
+
+def test_result_round_trips_through_json(result):
+    import json
+
+    res, _ = result
+    back = DemoResult.from_dict(json.loads(json.dumps(res.to_dict())))
+    assert back.rows == res.rows and markdown(back) == markdown(res)
+
+
+def test_readme_demo_table_is_what_the_code_prints():
+    """The README's table is ``markdown()`` of the committed full run
+    (``experiments/results/demo.json``, from ``jaxsplit demo --json``)."""
+    import json
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    res = DemoResult.from_dict(json.loads((root / "experiments/results/demo.json").read_text()))
+    text = (root / "README.md").read_text()
+    table = text.split("<!-- demo-table -->\n", 1)[1].split("\n<!-- /demo-table -->", 1)[0]
+    assert table == markdown(res)

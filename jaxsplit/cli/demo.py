@@ -17,7 +17,12 @@ DEFAULT_OUT = "demo_out"
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--quick", action="store_true", help="smoke test: 2 epochs, int8/int4, no Auto row"
+        "--quick",
+        action="store_true",
+        help="smoke test: 2 epochs, int8/int4, no Auto row, no MiniLM",
+    )
+    p.add_argument(
+        "--no-minilm", action="store_true", help="skip the pretrained transformer (MiniLM) part"
     )
     p.add_argument(
         "--out",
@@ -32,7 +37,9 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 
 def _demo_run(args: argparse.Namespace, ui: UI) -> int:
-    kw = {"seed": args.seed}
+    kw: dict = {"seed": args.seed}
+    if args.no_minilm:
+        kw["minilm"] = False
     if args.epochs is not None:
         kw["epochs"] = args.epochs
     try:
@@ -85,7 +92,29 @@ def _print_demo(ui: UI, result) -> None:
             overhead(result, v),
         )
     ui.out.print(t)
-    ui.note(f"took {result.total_seconds:.1f} s (training {result.train_seconds:.1f} s)")
+    if result.minilm_rows:
+        rows = result.minilm_rows
+        mvars = list(dict.fromkeys(r.variant for r in rows))
+        mbits = list(dict.fromkeys(r.bits for r in rows))
+        cos = {(r.variant, r.bits): r.cosine for r in rows}
+        m = Table(
+            title=f"paraphrase-MiniLM-L3-v2: mean embedding cosine ({result.minilm_note})",
+            title_justify="left",
+        )
+        m.add_column("variant")
+        for b in mbits:
+            m.add_column(f"int{b} cosine", justify="right")
+        m.add_column("extra nnz", justify="right")
+        for v in mvars:
+            fr = sorted({f"{r.extra_params_frac:.2%}" for r in rows if r.variant == v})
+            m.add_row(v, *(f"{cos[v, b]:.4f}" for b in mbits), "-".join([fr[0], fr[-1]][: len(fr)]))
+        ui.out.print(m)
+    elif result.minilm_note:
+        ui.note(f"MiniLM: {result.minilm_note}")
+    ui.note(
+        f"took {result.total_seconds:.1f} s (training {result.train_seconds:.1f} s, "
+        f"MiniLM {result.minilm_seconds:.1f} s)"
+    )
 
 
 COMMAND = Command(

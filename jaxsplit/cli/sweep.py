@@ -18,6 +18,7 @@ from jaxsplit.cli.common import (
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import ConfigError, ConfigTypeError
+from jaxsplit.plot import pareto, pareto_points
 from jaxsplit.render import sweep_csv
 from jaxsplit.sweeps import SweepResult, auto_sweep, sweep
 
@@ -52,6 +53,12 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--twin-bits", type=int, metavar="B", help="auto: bits of the sparse twins")
     p.add_argument("--calibration", metavar="FILE", help="auto: input second moments (.npz)")
     p.add_argument("--csv", metavar="PATH", help="also write every row as CSV")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw the Pareto view: error removed vs extra non-zeros, per method and "
+        "threshold, over all layers, the frontier drawn (needs the demo extra's matplotlib)",
+    )
     add_json_flag(p)
 
 
@@ -105,6 +112,11 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
     result = SweepResult(tuple(rows))
     if args.csv:
         sweep_csv(result, args.csv)
+    if args.plot:
+        try:
+            pareto(pareto_points(result), args.plot, title=str(args.ckpt))
+        except ImportError as e:
+            raise UsageError(f"--plot: {e}") from None
     if ui.json:
         ui.print_json(result.to_dict())
         return 0
@@ -127,8 +139,9 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
         for r in result.rows
     ]
     table(ui, f"{args.ckpt}: sweep ({len(result.rows)} rows)", cols, rows)
-    if args.csv:
-        ui.note(f"wrote {args.csv}")
+    for path in (args.csv, args.plot):
+        if path:
+            ui.note(f"wrote {path}")
     return 0
 
 

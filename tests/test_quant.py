@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from quant_reference import ref_quantize, ref_quantize_exact
@@ -306,8 +306,17 @@ def test_quantize_bit_identical_to_float32_reference_property(x, spec, exp):
     if np.max(np.abs(x)) < 1e-30:
         x = x.copy()
         x.flat[0] = np.float32(1.0)
+    assume(_normal_domain(x, ref_quantize_exact(x, spec, with_params=True)[1]))
     assert_bit_identical(_jit_quantize(x, spec), ref_quantize_exact(x, spec))
     assert_bit_identical(quant.fake_quant(x, spec), ref_quantize_exact(x, spec))
+
+
+def _normal_domain(x, s) -> bool:
+    """The documented exactness domain: XLA on CPU flushes subnormals, so inputs and scales
+    must be normal floats (or zero)."""
+    tiny = np.finfo(np.float32).tiny
+    x, s = np.abs(np.asarray(x, np.float32)), np.abs(np.asarray(s, np.float32))
+    return not (np.any((x > 0) & (x < tiny)) or np.any((s > 0) & (s < tiny)))
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,7 @@ from jaxsplit.outputs import LayerOutput as LayerOutput
 from jaxsplit.outputs import OutputError as OutputError
 from jaxsplit.outputs import OutputReport as OutputReport
 from jaxsplit.outputs import evaluate_outputs as evaluate_outputs
+from jaxsplit.calibration import calibrate as calibrate
 from jaxsplit.outputs import quantized_weights as quantized_weights
 from jaxsplit.sweeps import SweepResult as SweepResult
 from jaxsplit.sweeps import SweepRow as SweepRow
@@ -65,6 +66,7 @@ from jaxsplit.errors import ConfigTypeError as ConfigTypeError
 from jaxsplit.errors import NonFiniteError as NonFiniteError
 from jaxsplit.errors import UnmatchedPatternError as UnmatchedPatternError
 from jaxsplit.errors import UnsplittableError as UnsplittableError
+from jaxsplit.errors import CalibrationError as CalibrationError
 from jaxsplit.io import CheckpointError as CheckpointError
 
 __version__ = "0.2.0"
@@ -113,6 +115,7 @@ __all__ = [
     "OutputError",
     "OutputReport",
     "evaluate_outputs",
+    "calibrate",
     "quantized_weights",
     "SweepResult",
     "SweepRow",
@@ -125,5 +128,6 @@ __all__ = [
     "NonFiniteError",
     "UnmatchedPatternError",
     "UnsplittableError",
+    "CalibrationError",
     "CheckpointError",
 ]

@@ -19,7 +19,20 @@ from jaxsplit.thresholds import Threshold, as_threshold
 from jaxsplit.tree import WEIGHT_NAMES, Weights, check_weights
 from jaxsplit.validate import check_flag, check_int, check_real
 
-__all__ = ["SplitConfig", "Auto", "ThresholdSpec", "CONFIG_METHODS", "AUTO_METHODS"]
+__all__ = [
+    "SplitConfig",
+    "Auto",
+    "ThresholdSpec",
+    "CONFIG_METHODS",
+    "AUTO_METHODS",
+    "AUTO_SCOPES",
+    "AUTO_COSTS",
+]
+
+#: ``Auto.scope`` values: a budget per layer, or one shared by the whole tree.
+AUTO_SCOPES = ("layer", "tree")
+#: ``Auto.cost`` values: what the budget counts.
+AUTO_COSTS = ("extra", "twin")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +52,17 @@ class Auto:
       candidates: number of thresholds tried per method, 2 to 1024.
       max_extra: budget on extra non-zeros as a fraction of the layer's parameters
         (``0.02`` = 2%), or ``None`` for no budget.
+      scope: ``"layer"`` (default): every layer keeps within ``max_extra`` of its own
+        size; ``"tree"``: at most ``max_extra`` × (the selected layers' parameters)
+        extra non-zeros over the whole tree, spent where they remove the most error
+        (``search.allocate``; needs a ``max_extra``).
+      twin_spec: the ``QuantSpec`` of the sparse twin(s) (mixed precision, e.g. int8
+        twins beside an int4 ``branch_0``); ``None``: ``spec``.
+      cost: what ``max_extra`` counts: ``"extra"`` (the extra non-zeros, summed over the
+        branches minus the layer's own) or ``"twin"`` (the twins' non-zeros: the sparse
+        storage ``measure.effective_bits`` charges; a split that empties ``branch_0``
+        into a dense twin, e.g. ``residual`` or a mixed-precision twin at threshold 0,
+        costs what it stores). Default: ``"twin"`` with a ``twin_spec``, else ``"extra"``.
 
     Example:
       >>> from jaxsplit.quant import QuantSpec
@@ -48,11 +72,20 @@ class Auto:
       Traceback (most recent call last):
       ...
       jaxsplit.errors.ConfigError: Auto.candidates must be an int in [2, 1024], got 1
+      >>> Auto(QuantSpec(bits=4), max_extra=0.05, scope="tree").scope
+      'tree'
+      >>> Auto(QuantSpec(bits=4), scope="global")
+      Traceback (most recent call last):
+      ...
+      jaxsplit.errors.ConfigError: Auto.scope must be one of ['layer', 'tree'], got 'global'
     """
 
     spec: quant.QuantSpec
     candidates: int = 64
     max_extra: float | None = None
+    scope: str = "layer"
+    twin_spec: quant.QuantSpec | None = None
+    cost: str | None = None
 
     def __post_init__(self):
         if not isinstance(self.spec, quant.QuantSpec):
@@ -67,6 +100,33 @@ class Auto:
         )
         if self.max_extra is not None:
             object.__setattr__(self, "max_extra", check_real("Auto", "max_extra", self.max_extra))
+        if not isinstance(self.scope, str) or self.scope not in AUTO_SCOPES:
+            raise ConfigError(
+                "Auto",
+                "scope",
+                f"Auto.scope must be one of {list(AUTO_SCOPES)}, got {self.scope!r}",
+            )
+        if self.scope == "tree" and self.max_extra is None:
+            raise ConfigError(
+                "Auto",
+                "max_extra",
+                "Auto.scope='tree' shares a budget over the tree: give max_extra=F "
+                "(a fraction of the selected layers' parameters), got max_extra=None",
+            )
+        ts = self.twin_spec
+        if ts is not None and not isinstance(ts, quant.QuantSpec):
+            raise ConfigTypeError(
+                "Auto",
+                "twin_spec",
+                f"Auto.twin_spec must be a jaxsplit.QuantSpec or None, got {ts!r} "
+                f"({type(ts).__name__})",
+            )
+        if self.cost is None:
+            object.__setattr__(self, "cost", "extra" if ts is None else "twin")
+        if self.cost not in AUTO_COSTS:
+            raise ConfigError(
+                "Auto", "cost", f"Auto.cost must be one of {list(AUTO_COSTS)}, got {self.cost!r}"
+            )
 
 
 ThresholdSpec = float | Threshold | Auto
@@ -76,7 +136,7 @@ _THRESHOLD_HELP = (
 #: ``SplitConfig.method`` values: the kernels' methods, and ``"auto"`` (search the method).
 CONFIG_METHODS = (*kernels.METHODS, "auto")
 #: The methods ``method="auto"`` chooses from (``grid`` only for symmetric specs).
-AUTO_METHODS = ("balance", "clip", "grid", "residual")
+AUTO_METHODS = ("balance", "clip", "grid", "residual", "snap")
 
 
 LayerPredicate = Callable[[str, Any], bool]

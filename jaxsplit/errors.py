@@ -17,6 +17,7 @@ __all__ = [
     "AlreadySplitError",
     "NonFiniteError",
     "UnsplittableError",
+    "CalibrationError",
 ]
 
 
@@ -124,3 +125,12 @@ class UnsplittableError(TypeError):
     def __init__(self, path: str, message: str):
         super().__init__(message)
         self.path = path
+
+
+class CalibrationError(BadLayerError):
+    """A ``calibration`` entry does not fit its layer (wrong shape, unknown path).
+
+    Example:
+      >>> issubclass(CalibrationError, ValueError), CalibrationError("d", "...").path
+      (True, 'd')
+    """

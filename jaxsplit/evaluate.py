@@ -52,6 +52,8 @@ class LayerError:
       pred_before: Widrow for ``Q(W)``; ``pred_after``: naive Widrow sum over branches;
         ``pred_after_corr``: Widrow with identical branches rounding identically.
       signal: ``mean(W²)``.
+      effective_bits: storage bits per weight (``measure``: ``branch_0`` at ``spec.bits``,
+        the twins' non-zeros at the twin spec's bits plus ``measure.INDEX_BITS``).
       twin_nonzero: non-zeros per twin (``branch_1 …``; empty for an unsplit layer).
       itemsize: bytes per value of the kernel.
 
@@ -76,6 +78,7 @@ class LayerError:
     pred_after: float
     pred_after_corr: float
     signal: float
+    effective_bits: float = float("nan")
     twin_nonzero: tuple[int, ...] = ()
     itemsize: int = 4
 
@@ -225,6 +228,7 @@ class Report:
             "sqnr_before": sqnr_db(signal, before),
             "sqnr_after": sqnr_db(signal, after),
             "reduction": reduction(before, after),
+            "effective_bits": mean("effective_bits"),
             "macs": n,
             "weight_bytes": sum(r.n_total * r.itemsize for r in self.layers),
             **{name: sum(getattr(r, name) for r in self.layers) for name in TwinCost._fields},
@@ -239,14 +243,14 @@ class Report:
         }
 
 
-@functools.partial(jax.jit, static_argnames="spec")
-def _layer_stats(w, branches, spec: QuantSpec) -> dict[str, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("spec", "twin_spec"))
+def _layer_stats(w, branches, spec: QuantSpec, twin_spec=None) -> dict[str, jax.Array]:
     """All array statistics of one layer in one compiled call."""
     ft = jnp.promote_types(w.dtype, jnp.float32)
     wf = w.astype(ft)
     bf = [b.astype(ft) for b in branches]
     before = measure(wf, (wf,), spec)
-    after = measure(wf, bf, spec)
+    after = measure(wf, bf, spec, twin_spec=twin_spec)
     nz = jnp.stack([b != 0 for b in bf])
     return {
         "n_split": jnp.sum(jnp.sum(nz, axis=0) >= 2),
@@ -262,6 +266,7 @@ def _layer_stats(w, branches, spec: QuantSpec) -> dict[str, jax.Array]:
         "pred_after_corr": after.mse_widrow_correlated,
         "signal": jnp.mean(jnp.square(wf)),
         "sum_error": jnp.max(jnp.abs(sum(bf) - wf)),
+        "effective_bits": after.effective_bits,
         "twin_nonzero": jnp.stack([jnp.count_nonzero(b) for b in bf[1:]] or [jnp.int32(0)]),
     }
 
@@ -303,7 +308,12 @@ def _pair_layers(params: Mapping, params2: Mapping, weights) -> list[tuple[Layer
 
 
 def quant_error(
-    params: Mapping, params2: Mapping, spec: QuantSpec, *, weights: Weights = WEIGHT_NAMES
+    params: Mapping,
+    params2: Mapping,
+    spec: QuantSpec,
+    *,
+    weights: Weights = WEIGHT_NAMES,
+    twin_spec: QuantSpec | None = None,
 ) -> Report:
     """Measured and predicted quantization error of every layer, before and after a split.
 
@@ -315,6 +325,8 @@ def quant_error(
       spec: the ``QuantSpec`` applied to ``W`` and to each branch separately.
       weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
         predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
+      twin_spec: the ``QuantSpec`` of every branch but ``branch_0`` (a mixed-precision
+        twin, ``Auto(twin_spec=...)``); default ``spec``.
 
     Returns:
       A ``Report`` with one ``LayerError`` per layer of ``params``, in tree order.
@@ -346,7 +358,7 @@ def quant_error(
     for la, lb in pairs:
         w = la.array
         with x64(w.dtype):
-            pending.append((la, w, _layer_stats(w, tuple(branch_weights(lb)), spec)))
+            pending.append((la, w, _layer_stats(w, tuple(branch_weights(lb)), spec, twin_spec)))
     rows = []
     for la, w, stats in pending:
         s = jax.device_get(stats)
@@ -385,6 +397,7 @@ def _row(layer: Layer, w, s: dict) -> LayerError:
                 "pred_after",
                 "pred_after_corr",
                 "signal",
+                "effective_bits",
             )
         },
     )

@@ -20,6 +20,8 @@ Exactness, argued per method:
   multiple of ``ulp(w)`` (the float spacing in ``w``'s binade) with ``w``'s sign and
   ``|x| <= |w|``, every partial sum is such a multiple no larger than ``|w|``, hence
   representable, so the left-to-right sum is exact (``snap_to_ulp``).
+* ``snap``: the ``clip`` twin moved onto its own quantization grid; every share is
+  snapped to ``ulp(w)``, has ``w``'s sign and is at most ``|w|`` (the lemma above).
 * ``residual``: ``w1 = Q(w)`` lies in ``[w/2, 2w]`` or is ``0``, so ``w - w1`` is exact.
 
 Where a corner case escapes these arguments (subnormals, which XLA flushes to zero on
@@ -49,6 +51,7 @@ __all__ = [
     "clip",
     "grid",
     "residual",
+    "snap",
     "branch_sum",
     "snap_to_ulp",
     "exact_or_keep",
@@ -58,9 +61,9 @@ __all__ = [
 ]
 
 #: Split methods this module implements (``SplitConfig.method`` accepts these).
-METHODS = ("balance", "random", "clip", "grid", "residual")
+METHODS = ("balance", "random", "clip", "grid", "residual", "snap")
 #: Methods whose shares depend on the quantization grid (they need a ``QuantSpec``).
-QUANT_METHODS = ("grid", "residual")
+QUANT_METHODS = ("grid", "residual", "snap")
 #: Accepted branch counts (``branches > 2`` only for ``balance``).
 BRANCHES = (2, 4, 8)
 
@@ -310,6 +313,55 @@ def residual(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array,
     return exact_or_keep(w, (w1, w2))
 
 
+def snap(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array, jax.Array]:
+    """``clip`` with a twin that quantizes without error: its excess put on its own grid.
+
+    ``clip``'s sparse twin holds the excess ``e = w - sign(w)·t`` and rounds it with its
+    own step ``σ = max|e| / qmax``: at int4 that error dominates once ``t`` is small.
+    Here the twin takes ``sign(w)·min(ceil(|e| / σ), qmax)·σ`` — a point of its own
+    grid no smaller than the excess — so ``Q(w2) == w2`` and ``branch_0`` keeps ``w1 =
+    w - w2`` in ``(t - σ, t]``, which its fine dense grid rounds like any other value:
+    an outlier's error becomes the dense branch's. Where that share would exceed
+    ``|w|`` the plain excess is kept (as ``clip``). Shares are snapped to multiples of
+    ``ulp(w)``, so the sum is exact (and the twin may sit within an ulp of its grid).
+
+    Args:
+      w: a floating-point kernel.
+      threshold: absolute threshold ``t`` (scalar, or broadcastable to ``w``).
+      spec: a symmetric ``QuantSpec``: the twin's (per tensor or per channel).
+
+    Returns:
+      ``(w1, w2)`` with ``w1 + w2 == w`` bit for bit; ``w2 == 0`` where ``|w| <= t``.
+
+    Raises:
+      ValueError: ``spec`` is asymmetric.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxsplit.quant import QuantSpec
+      >>> w1, w2 = snap(jnp.array([0.5, 3.0, 8.0]), 1.0, QuantSpec(bits=3))  # twin step 7/3
+      >>> [round(x, 4) for x in w1.tolist()], [round(x, 4) for x in w2.tolist()]
+      ([0.5, 0.6667, 1.0], [0.0, 2.3333, 7.0])
+    """
+    if not isinstance(spec, quant.QuantSpec) or not spec.symmetric:
+        raise ValueError(f"method 'snap' needs a symmetric QuantSpec, got spec={spec!r}")
+    t = jnp.asarray(threshold).astype(w.dtype)
+    mask = split_mask(w, t)
+    ft = jnp.promote_types(w.dtype, jnp.float32)
+    wf = w.astype(ft)
+    sign = jnp.sign(wf)
+    excess = jnp.where(mask, wf - sign * t.astype(ft), 0)
+    step = quant.per_element(quant.scale(excess, spec), excess.shape, spec)
+    safe = jnp.where(step > 0, step, jnp.ones_like(step))
+    k = jnp.minimum(jnp.ceil(jnp.abs(excess) / safe), spec.qmax)
+    on = k * step
+    share = jnp.where(on <= jnp.abs(wf), sign * on, excess).astype(w.dtype)
+    share = snap_to_ulp(jnp.sign(w) * jnp.minimum(jnp.abs(share), jnp.abs(w)), w)
+    w2 = jnp.where(mask, share, jnp.zeros_like(w))
+    w1 = jnp.where(mask, w - w2, w)
+    return exact_or_keep(w, (w1, w2))
+
+
 def snap_to_ulp(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x`` rounded to the nearest multiple of ``ulp(w)`` (float spacing in ``w``'s binade).
 
@@ -388,6 +440,7 @@ def split(
     *,
     branches: int = 2,
     spec: quant.QuantSpec | None = None,
+    twin_spec: quant.QuantSpec | None = None,
 ) -> tuple[jax.Array, ...]:
     """Dispatches to a method by name; returns the branches (``branch_sum == w`` bit for bit).
 
@@ -401,6 +454,8 @@ def split(
       key: a ``jax.random`` key, needed by ``"random"``.
       branches: one of ``BRANCHES``; more than 2 only for ``"balance"``.
       spec: the ``QuantSpec``, needed by the ``QUANT_METHODS``.
+      twin_spec: the twin's ``QuantSpec`` where it differs (``snap`` puts the twin on
+        its grid); default ``spec``.
 
     Returns:
       The tuple of ``branches`` arrays.
@@ -435,4 +490,6 @@ def split(
         raise ValueError(f"method {method!r} needs spec=QuantSpec(...)")
     if method == "grid":
         return grid(w, threshold, spec)
+    if method == "snap":
+        return snap(w, threshold, twin_spec or spec)
     return residual(w, threshold, spec)

@@ -13,13 +13,25 @@ Every figure jaxsplit reports is defined here, once:
 * ``extra_nonzero``: non-zero values summed over the branches minus those of ``W``:
   the parameter cost of the split, as a count; ``extra_fraction`` is that count divided
   by ``W``'s size.
+* ``output_error`` (with ``calibration=C``, the second moment of the layer's inputs):
+  the expected output error ``E||x (W - sum_i Q(W_i))||^2 = trace(Eᵀ C E)`` per input
+  sample, ``E`` the reconstruction error reshaped to ``(d_in, d_out)`` (all axes but the
+  last, C order: a Dense kernel's axis 0, a Conv kernel's receptive field ``kh·kw·cin``);
+  ``C`` is ``E[x xᵀ]`` ``(d_in, d_in)`` or its diagonal ``(d_in,)`` (``calibration_check``
+  validates it). ``nan`` without calibration.
+* ``effective_bits``: storage per weight of the split, ``bits`` for every value of the
+  dense ``branch_0`` plus, for every non-zero of the other (sparse) branches, their
+  value bits and ``INDEX_BITS`` (16) for its position: ``bits + nnz_twins ·
+  (twin_bits + INDEX_BITS) / size`` (a 16-bit column index per non-zero, as a CSR
+  layout of rows up to 65536 wide stores it; scales are ignored). Unsplit: ``bits``.
 * ``twin_cost``: what the twins (``branch_1 …``) add at run time, in both forms: as
   *dense* layers (each a whole second layer: ``size`` multiply-adds per application of
   the kernel and ``size · itemsize`` bytes) and as *sparse* products (one multiply-add
   per stored value and ``nnz · (itemsize + index_bytes(size))`` bytes). An
   *application* is one input row of a ``Dense`` (a token) or one output position of a
   ``Conv``: the multiply-adds of one application of the original kernel are its size.
-* ``index_bytes(size)``: THE index cost of one stored value of a sparse twin: its flat
+* ``index_bytes(size)``: the on-disk index cost of one stored value of a sparse twin (the
+  byte figures of ``twin_cost``; ``effective_bits`` counts the in-memory CSR form): its flat
   C-order position, int32 (int64 for ``size >= 2**31``), as ``jaxsplit.sparse_io``
   stores it on disk. (``jax.experimental.sparse.BCOO`` holds one int32 per axis in
   memory; the figure counts the compact form.)
@@ -39,17 +51,24 @@ import jax
 import jax.numpy as jnp
 
 from jaxsplit import quant
+from jaxsplit.errors import CalibrationError
 
 __all__ = [
+    "INDEX_BITS",
     "Measurement",
     "measure",
     "extra_nonzero",
+    "effective_bits",
+    "calibration_check",
+    "reduction",
+    "sqnr_db",
     "TwinCost",
     "twin_cost",
     "index_bytes",
-    "reduction",
-    "sqnr_db",
 ]
+
+#: Bits stored per non-zero of a sparse twin for its position (``effective_bits``).
+INDEX_BITS = 16
 
 
 class Measurement(NamedTuple):
@@ -61,6 +80,10 @@ class Measurement(NamedTuple):
       mse_widrow_correlated: Widrow's prediction with identical branches rounding alike.
       extra_nonzero: extra non-zero values (int32 count).
       extra_fraction: ``extra_nonzero / W.size`` (float32).
+      output_error: ``trace(Eᵀ C E)`` under ``calibration=C`` (``nan`` without).
+      effective_bits: storage bits per weight including the twins' indices.
+      twin_nonzero: non-zeros of every branch but ``branch_0`` (int32): the sparse
+        storage ``effective_bits`` charges (``Auto(cost="twin")``'s budget).
     """
 
     mse: jax.Array
@@ -68,9 +91,19 @@ class Measurement(NamedTuple):
     mse_widrow_correlated: jax.Array
     extra_nonzero: jax.Array
     extra_fraction: jax.Array
+    output_error: jax.Array
+    effective_bits: jax.Array
+    twin_nonzero: jax.Array
 
 
-def measure(w: jax.Array, branches, spec: quant.QuantSpec) -> Measurement:
+def measure(
+    w: jax.Array,
+    branches,
+    spec: quant.QuantSpec,
+    *,
+    calibration: jax.Array | None = None,
+    twin_spec: quant.QuantSpec | None = None,
+) -> Measurement:
     """The error and cost of splitting ``w`` into ``branches`` under ``spec``.
 
     Pure ``jnp``: call it inside ``jit``, ``lax.map`` or ``vmap``. Computed in float32
@@ -80,6 +113,10 @@ def measure(w: jax.Array, branches, spec: quant.QuantSpec) -> Measurement:
       w: the original kernel (normally ``sum(branches)``).
       branches: a sequence of arrays of ``w``'s shape; ``(w,)`` measures not splitting.
       spec: the ``QuantSpec`` each branch is quantized with (its own scale each).
+      calibration: the second moment of the layer's inputs, ``(d_in,)`` or ``(d_in,
+        d_in)`` (see the module docstring); fills ``output_error``.
+      twin_spec: the ``QuantSpec`` of every branch but ``branch_0`` (mixed precision);
+        default ``spec``. Widrow's predictions then treat the branches as independent.
 
     Returns:
       A ``Measurement``.
@@ -93,17 +130,99 @@ def measure(w: jax.Array, branches, spec: quant.QuantSpec) -> Measurement:
       ...              QuantSpec(bits=4))
       >>> int(m1.extra_nonzero), float(m1.extra_fraction), bool(m1.mse < m0.mse)
       (1, 0.25, True)
+      >>> c = jnp.ones(1)  # a 1-D kernel has d_in = 1; E[x^2] = 1: output error = sum E^2
+      >>> m = measure(w, (w,), QuantSpec(bits=4), calibration=c)
+      >>> bool(jnp.isclose(m.output_error, 4 * m.mse)), float(m.effective_bits)
+      (True, 4.0)
     """
     branches = tuple(branches)
-    m = quant.branches_mse(branches, w, spec)
+    ft = jnp.promote_types(w.dtype, jnp.float32)
+    mixed = twin_spec is not None and twin_spec != spec and len(branches) > 1
+    recon = None
+    if not mixed:
+        m = quant.branches_mse(branches, w, spec)
+        mse, naive, corr = m.measured, m.predicted, m.predicted_correlated
+        twin_bits = spec.bits
+    else:
+        recon = _recon(branches, spec, ft, twin_spec)
+        mse = jnp.mean(jnp.square(recon - w.astype(ft)))
+        specs = (spec,) + (twin_spec,) * (len(branches) - 1)
+        # branches under different specs round independently: naive == correlated
+        naive = corr = sum(quant.widrow_mse(b, s) for b, s in zip(branches, specs, strict=True))
+        twin_bits = twin_spec.bits
     extra = extra_nonzero(w, branches)
+    size = max(int(w.size), 1)
+    if calibration is None:
+        out = jnp.full((), jnp.nan, ft)
+    else:
+        if recon is None:
+            recon = _recon(branches, spec, ft)
+        out = _output_error(w.astype(ft) - recon, calibration)
+    nnz_twins = sum((jnp.count_nonzero(b).astype(jnp.int32) for b in branches[1:]), jnp.int32(0))
+    bits = spec.bits + nnz_twins.astype(jnp.float32) * (twin_bits + INDEX_BITS) / size
     return Measurement(
-        m.measured,
-        m.predicted,
-        m.predicted_correlated,
+        mse,
+        naive,
+        corr,
         extra,
-        extra.astype(jnp.float32) / max(int(w.size), 1),
+        extra.astype(jnp.float32) / size,
+        out,
+        jnp.asarray(bits, jnp.float32),
+        nnz_twins,
     )
+
+
+def _recon(branches, spec, ft, twin_spec=None) -> jax.Array:
+    """``sum_i Q(W_i)`` in ``ft``, ``branch_0`` under ``spec``, the others ``twin_spec``."""
+    specs = (spec,) + (twin_spec or spec,) * (len(branches) - 1)
+    return sum(quant.quantize(b.astype(ft), s) for b, s in zip(branches, specs, strict=True))
+
+
+def _output_error(err: jax.Array, c: jax.Array) -> jax.Array:
+    """``trace(Eᵀ C E)`` with ``E`` the error as ``(d_in, d_out)``."""
+    e = err.reshape(1, -1) if err.ndim < 2 else err.reshape(-1, err.shape[-1])
+    c = jnp.asarray(c).astype(e.dtype)
+    if c.ndim == 1:
+        return jnp.sum(c[:, None] * jnp.square(e))
+    return jnp.sum((c @ e) * e)
+
+
+def calibration_check(path: str, shape: tuple[int, ...], c) -> None:
+    """Raises unless ``c`` is a valid second moment for a kernel of ``shape``.
+
+    Raises:
+      CalibrationError: ``c`` is neither ``(d_in,)`` nor ``(d_in, d_in)``, with
+        ``d_in = prod(shape[:-1])`` (a message naming the layer and both shapes).
+
+    Example:
+      >>> import numpy as np
+      >>> calibration_check("Dense_0", (3, 2), np.ones(3))
+      >>> calibration_check("Dense_0", (3, 2), np.ones(2))  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      jaxsplit.errors.CalibrationError: calibration['Dense_0'] has shape (2,); the kernel (3, 2) ...
+    """
+    d_in = math.prod(shape[:-1])  # 1 for a 1-D kernel
+    got = tuple(int(d) for d in getattr(c, "shape", ()))
+    if got not in ((d_in,), (d_in, d_in)):
+        raise CalibrationError(
+            path,
+            f"calibration[{path!r}] has shape {got}; the kernel {tuple(shape)} needs "
+            f"({d_in},) or ({d_in}, {d_in}) (d_in = {d_in}: all kernel axes but the last)",
+        )
+
+
+def effective_bits(
+    size: int, nnz_twins: int, bits: int, twin_bits: int | None = None, index_bits: int = INDEX_BITS
+) -> float:
+    """Storage bits per weight of a split (see the module docstring's cost model).
+
+    Example:
+      >>> effective_bits(1000, 20, 4), effective_bits(1000, 20, 4, twin_bits=8)
+      (4.4, 4.48)
+    """
+    tb = bits if twin_bits is None else twin_bits
+    return bits + nnz_twins * (tb + index_bits) / max(size, 1)
 
 
 def extra_nonzero(w: jax.Array, branches) -> jax.Array:

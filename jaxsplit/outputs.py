@@ -37,7 +37,14 @@ from jaxsplit.tree import (
     rebuild,
 )
 
-__all__ = ["OutputError", "LayerOutput", "OutputReport", "quantized_weights", "evaluate_outputs"]
+__all__ = [
+    "OutputError",
+    "LayerOutput",
+    "OutputReport",
+    "quantized_weights",
+    "evaluate_outputs",
+    "run_with_hook",
+]
 
 LINEN_LAYERS = (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose, nn.Einsum)
 NNX_LAYERS = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.ConvTranspose, nnx.Einsum)
@@ -141,6 +148,7 @@ def quantized_weights(
     quantize: Callable = quant.quantize,
     layers=None,
     weights: Weights = WEIGHT_NAMES,
+    twin_spec: QuantSpec | None = None,
 ) -> Mapping:
     """The tree with every layer's weight replaced by ``sum_i Q(W_i)`` (branches merged).
 
@@ -158,6 +166,8 @@ def quantized_weights(
         ones are merged).
       weights: which leaves are weights (``SplitConfig.weights``: leaf names or a
         predicate ``(leaf_path, array) -> bool``); split layers are found regardless.
+      twin_spec: the ``QuantSpec`` of the twins (``branch_1 …``) for mixed-precision
+        splits (``Auto(twin_spec=...)``); ``None``: every branch under ``spec``.
 
     Returns:
       An unsplit tree of the same container types.
@@ -173,9 +183,11 @@ def quantized_weights(
         chosen = find_layers(params, weights).values()
     else:
         chosen = select_layers(params, layers, weights)[0]
-    replacements = {
-        layer.keys: map_branch_weights(layer, lambda w: quantize(w, spec)) for layer in chosen
-    }
+
+    def q(w, i):
+        return quantize(w, spec if i == 0 or twin_spec is None else twin_spec)
+
+    replacements = {layer.keys: map_branch_weights(layer, q, with_index=True) for layer in chosen}
     return merge_params(rebuild(params, replacements))
 
 
@@ -271,7 +283,23 @@ def _run_nnx(model, state, args, kwargs, hook: Hook):
     return copy(*args, **kwargs)
 
 
-def _run(model, variables, args, kwargs, hook: Hook):
+def run_with_hook(model, variables, args, kwargs, hook: Hook):
+    """Runs a linen or NNX ``model`` with every Dense/Conv/Einsum call routed to ``hook``.
+
+    ``hook(path, call, x)`` receives the layer's path, the layer as a function of its
+    input and the input; it returns the layer's output (``call(x)``, or of a changed
+    input). NNX models run on a clone (the user's model is never touched).
+
+    Example:
+      >>> import jax.numpy as jnp, flax.linen as nn
+      >>> seen = []
+      >>> m = nn.Dense(2)
+      >>> v = m.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> _ = run_with_hook(m, v, (jnp.ones((1, 3)),), {},
+      ...                   lambda p, call, x: seen.append(x.shape) or call(x))
+      >>> seen
+      [(1, 3)]
+    """
     if isinstance(model, nn.Module):
         return _run_linen(model, variables, args, kwargs, hook)
     if isinstance(model, nnx.Module):
@@ -290,7 +318,7 @@ def _runner(model, kwargs: dict, act_spec: QuantSpec | None):
     @jax.jit
     def run(variables, act, args):
         calls: list = []
-        out = _run(model, variables, args, kwargs, _recorder(calls, act, act_spec))
+        out = run_with_hook(model, variables, args, kwargs, _recorder(calls, act, act_spec))
         paths[:] = [c[0] for c in calls]
         return out, [(c[1], c[2]) for c in calls]
 

@@ -42,6 +42,8 @@ __all__ = [
     "fused",
     "auto_fused",
     "auto_fused_donated",
+    "counts",
+    "curve",
 ]
 
 _NONFINITE = 1 << 16  # count code of a non-finite value; a chunk sums at most 32 codes
@@ -102,10 +104,10 @@ def balance_fused(w: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:
     return jnp.where(m, w - half, w), jnp.where(m, half, jnp.zeros_like(w))
 
 
-def _branches(w, thr, key, method: str, branches: int = 2, spec=None):
+def _branches(w, thr, key, method: str, branches: int = 2, spec=None, twin_spec=None):
     if method == "balance" and branches == 2:
         return balance_fused(w, thr)
-    return kernels.split(method, w, thr, key, branches=branches, spec=spec)
+    return kernels.split(method, w, thr, key, branches=branches, spec=spec, twin_spec=twin_spec)
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "axis", "method", "branches", "spec"))
@@ -137,13 +139,13 @@ def stats(
     return count_codes(w, thr, _branches(w, thr, key, method, branches, spec)), thr
 
 
-def _apply(w, thr, key, *, method: str, branches: int = 2, spec=None):
-    return _branches(w, thr, key, method, branches, spec)
+def _apply(w, thr, key, *, method: str, branches: int = 2, spec=None, twin_spec=None):
+    return _branches(w, thr, key, method, branches, spec, twin_spec)
 
 
-_STATIC = ("method", "branches", "spec")
-#: ``apply(w, thr, key, method=..., branches=2, spec=None)``: the branches of one kernel
-#: for a resolved threshold.
+_STATIC = ("method", "branches", "spec", "twin_spec")
+#: ``apply(w, thr, key, method=..., branches=2, spec=None, twin_spec=None)``: the branches
+#: of one kernel for a resolved threshold.
 apply = jax.jit(_apply, static_argnames=_STATIC)
 #: ``apply`` with ``w`` donated: ``branch_0`` may take over the kernel's buffer.
 apply_donated = jax.jit(_apply, static_argnames=_STATIC, donate_argnums=(0,))
@@ -151,7 +153,16 @@ apply_donated = jax.jit(_apply, static_argnames=_STATIC, donate_argnums=(0,))
 
 @functools.partial(jax.jit, static_argnames=("kind", "axis", *_STATIC))
 def fused(
-    w, value, key, *, kind: str, axis: int | None = None, method: str, branches: int = 2, spec=None
+    w,
+    value,
+    key,
+    *,
+    kind: str,
+    axis: int | None = None,
+    method: str,
+    branches: int = 2,
+    spec=None,
+    twin_spec=None,
 ):
     """``(branches, counts, threshold)`` in one program (``stats`` then ``apply``).
 
@@ -162,22 +173,30 @@ def fused(
       ([2.0], [2.0], [1, 0])
     """
     thr = resolve_rule(kind, value, w, axis)
-    ws = _branches(w, thr, key, method, branches, spec)
+    ws = _branches(w, thr, key, method, branches, spec, twin_spec)
     return ws, count_codes(w, thr, ws), thr
 
 
-def _auto(w, key, budget, *, auto_cfg, method: str, branches: int = 2):
-    ws, info = search.search(w, key, auto=auto_cfg, method=method, branches=branches, budget=budget)
+def _auto(w, key, budget, calibration=None, *, auto_cfg, method: str, branches: int = 2):
+    ws, info = search.search(
+        w, key, auto=auto_cfg, method=method, branches=branches, budget=budget,
+        calibration=calibration,
+    )  # fmt: skip
     counts = count_codes(w, info["threshold"], ws)
     counts = counts.at[0].set(jnp.where(info["split"], counts[0], 0))
     return ws, counts, info["threshold"], info
 
 
 _AUTO_STATIC = ("auto_cfg", "method", "branches")
-#: ``auto_fused(w, key, budget, auto_cfg=..., method=..., branches=2)``: ``(branches,
+#: ``auto_fused(w, key, budget, calibration=None, auto_cfg=..., method=..., branches=2)``:
+#: ``(branches,
 #: counts, threshold, info)`` for an ``Auto`` threshold: ``search.search`` then the
 #: counts, in one program; ``counts[0]`` is 0 when the layer stays untouched. ``budget``
 #: (data) overrides ``auto_cfg.max_extra``, so budgets share a program.
 auto_fused = jax.jit(_auto, static_argnames=_AUTO_STATIC)
 #: ``auto_fused`` with ``w`` donated (after every check has passed, see ``split``).
 auto_fused_donated = jax.jit(_auto, static_argnames=_AUTO_STATIC, donate_argnums=(0,))
+#: ``count_codes`` compiled (``split``'s counts of a threshold chosen on the host).
+counts = jax.jit(count_codes)
+#: ``search.curve``: every candidate of one kernel measured (``Auto(scope="tree")``).
+curve = search.curve

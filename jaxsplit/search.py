@@ -9,11 +9,16 @@ parameters (non-zeros summed over the branches minus those of ``W``, as a fracti
 ``W.size``). ``lax.map`` keeps one candidate's arrays alive at a time, where ``vmap``
 would materialise all of them (and was measured 3-4x slower on CPU).
 
-The choice is the lowest MSE within the ``max_extra`` budget, and only if it is below
-the MSE of not splitting (``Q(W)`` alone); otherwise the layer stays untouched. Since
-every candidate is measured, the choice is never worse than any of them, in particular
-than ``balance`` at any candidate threshold when ``method="auto"``. With a per-channel
-spec, thresholds are per channel (along ``spec.axis``).
+On large per-tensor kernels (``jaxsplit.screen``) every candidate is first *predicted*
+on a sample of the kernel (its largest values exactly, a strided rest), and only the
+``top`` best predictions within the budget are measured on the whole kernel; the others
+count as unmeasured. ``exhaustive=True`` measures them all (per-channel and per-group
+specs, small kernels and ``random`` always are).
+
+The choice is the lowest measured MSE within the ``max_extra`` budget, and only if it is
+below the MSE of not splitting (``Q(W)`` alone); otherwise the layer stays untouched. So
+the choice is never worse than not splitting nor than any measured candidate (all of them
+when exhaustive). With a per-channel spec, thresholds are per channel (along ``spec.axis``).
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import kernels, quant
+from jaxsplit import kernels, quant, screen
 from jaxsplit.config import AUTO_METHODS, Auto
-from jaxsplit.measure import measure, reduction
+from jaxsplit.measure import Measurement, measure, reduction
 from jaxsplit.thresholds import channel_axis
 
 __all__ = [
@@ -38,6 +43,10 @@ __all__ = [
     "search_methods",
     "search",
     "choice",
+    "curve",
+    "allocate",
+    "measure_all",
+    "layer_choice",
 ]
 
 
@@ -54,6 +63,13 @@ class AutoChoice:
       extra_nonzero: extra non-zero parameters (count, ``jaxsplit.measure``).
       extra_fraction: the same as a fraction of the layer's size.
       candidates: number of (method, threshold) pairs measured.
+      output_error, output_error_unsplit: expected output error ``trace(Eᵀ C E)``
+        of the choice and of not splitting under the layer's calibration (``None``
+        without one, ``jaxsplit.measure``).
+      effective_bits: storage bits per weight of the choice, twins' indices included.
+      budget_share: under ``Auto(scope="tree")``, this layer's spending (what
+        ``Auto.cost`` counts) as a fraction of the tree's budget (``None`` under
+        ``scope="layer"``).
     """
 
     method: str | None
@@ -63,6 +79,10 @@ class AutoChoice:
     extra_nonzero: int
     extra_fraction: float
     candidates: int
+    output_error: float | None = None
+    output_error_unsplit: float | None = None
+    effective_bits: float = float("nan")
+    budget_share: float | None = None
 
     @property
     def split(self) -> bool:
@@ -92,6 +112,9 @@ def candidate_thresholds(w: jax.Array, spec: quant.QuantSpec, n: int) -> jax.Arr
     ``b`` broadcasts against ``w`` (size 1 except on the channel axis). The first
     ``n // 2`` are ``j / (n // 2) × max|W|``; the rest are the ``k``-th largest ``|W|``
     (per channel), so that ``k`` values are split, for ``k`` geometric in ``[1, R/2]``.
+    Per tensor on kernels of ``screen.MIN_SIZE`` values or more, the ``k``-th largest is
+    exact for ``k < screen.TAIL`` and read from ``screen.sample`` beyond (so that about
+    ``k`` values are split) instead of sorting the whole kernel.
 
     Example:
       >>> import jax.numpy as jnp
@@ -108,8 +131,11 @@ def candidate_thresholds(w: jax.Array, spec: quant.QuantSpec, n: int) -> jax.Arr
     rel = frac[:, None] * jnp.max(cols, axis=0)[None, :]
     ks = np.unique(np.round(np.geomspace(1, max(rows // 2, 1), n - n_rel)).astype(int))
     ks = np.resize(ks, n - n_rel)  # repeat if the geometric grid has fewer distinct sizes
-    desc = jnp.sort(cols, axis=0)[::-1]
-    top = desc[np.clip(ks, 0, rows - 1)]
+    if ax is None and rows >= screen.MIN_SIZE:  # no full sort: exact tail, sampled rest
+        top = screen.order_stats(screen.sample(w), ks)[:, None]
+    else:
+        desc = jnp.sort(cols, axis=0)[::-1]
+        top = desc[np.clip(ks, 0, rows - 1)]
     thr = jnp.concatenate([rel, top], axis=0)
     if ax is None:
         return thr[:, 0]
@@ -149,10 +175,35 @@ def evaluate(
       ([2, 1], True)
     """
 
+    m = measure_all(w, thresholds, method, spec, branches=branches, key=key)
+    return m.mse, m.extra_nonzero
+
+
+def measure_all(
+    w: jax.Array,
+    thresholds: jax.Array,
+    method: str,
+    spec: quant.QuantSpec,
+    *,
+    branches: int = 2,
+    key: jax.Array | None = None,
+    calibration: jax.Array | None = None,
+    twin_spec: quant.QuantSpec | None = None,
+) -> Measurement:
+    """``measure`` of ``method`` at every threshold (fields stacked, shape ``(n,)``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([[0.1, -0.2], [0.3, 4.0]])
+      >>> m = measure_all(w, jnp.array([0.5]), "clip", quant.QuantSpec(bits=4),
+      ...                 calibration=jnp.ones(2))
+      >>> m.extra_nonzero.tolist(), bool(m.output_error[0] > 0)
+      ([1], True)
+    """
+
     def one(thr):
-        bs = kernels.split(method, w, thr, key, branches=branches, spec=spec)
-        m = measure(w, bs, spec)
-        return m.mse, m.extra_nonzero
+        bs = kernels.split(method, w, thr, key, branches=branches, spec=spec, twin_spec=twin_spec)
+        return measure(w, bs, spec, calibration=calibration, twin_spec=twin_spec)
 
     return jax.lax.map(one, thresholds)
 
@@ -166,7 +217,7 @@ def search_methods(method: str, spec: quant.QuantSpec) -> tuple[str, ...]:
     """
     if method != "auto":
         return (method,)
-    return tuple(m for m in AUTO_METHODS if m != "grid" or spec.symmetric)
+    return tuple(m for m in AUTO_METHODS if m not in ("grid", "snap") or spec.symmetric)
 
 
 def search(
@@ -177,6 +228,9 @@ def search(
     method: str,
     branches: int = 2,
     budget=None,
+    calibration: jax.Array | None = None,
+    exhaustive: bool = False,
+    top: int = 4,
 ):
     """Chooses and applies the best split of one kernel, in one compiled call.
 
@@ -190,11 +244,20 @@ def search(
       budget: overrides ``auto.max_extra`` (a scalar, may be traced), so that callers
         compiling ``search`` inside their own ``jit`` can share one program across
         budgets; ``None``: ``auto.max_extra``.
+      calibration: the second moment of the layer's inputs (``jaxsplit.measure``):
+        candidates are then scored by the expected output error, not the weight MSE.
+      exhaustive: measure every candidate on the whole kernel (static). By default
+        candidates are scored on a sample and only the ``top`` best are measured
+        (``jaxsplit.screen``) where the screen applies (per-tensor specs, kernels of
+        ``screen.MIN_SIZE`` values or more, no ``random``, no calibration, no twin
+        spec); elsewhere the search is exhaustive anyway.
+      top: candidates the screen measures exactly (static).
 
     Returns:
       ``(ws, info)``: the branches (``ws[0] = w``, others zero, when no candidate beats
       not splitting) and a dict of arrays: ``split`` (bool), ``method`` (index into
-      ``search_methods``), ``threshold``, ``mse``, ``mse_unsplit``, ``extra_nonzero``.
+      ``search_methods``), ``threshold``, ``mse``, ``mse_unsplit``, ``extra_nonzero``,
+      ``output_error``, ``output_error_unsplit``, ``effective_bits``, ``size``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -209,49 +272,278 @@ def search(
         w,
         key,
         jnp.float32(budget),
+        calibration,
         spec=auto.spec,
         candidates=auto.candidates,
         method=method,
         branches=branches,
+        twin_spec=auto.twin_spec,
+        cost=auto.cost,
+        top=0 if exhaustive else top,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "candidates", "method", "branches"))
-def _search(w, key, budget, *, spec, candidates: int, method: str, branches: int):
-    """``search`` with the budget as data, so budgets share one compilation."""
+def _curve(w, key, calibration, *, spec, candidates, method, branches, twin_spec):
     methods = search_methods(method, spec)
     wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
     thr = candidate_thresholds(wf, spec, candidates)
-    results = [evaluate(wf, thr, m, spec, branches=branches, key=key) for m in methods]
-    mse = jnp.stack([r[0] for r in results])
-    extra = jnp.stack([r[1] for r in results])
-    score = jnp.where(jnp.isfinite(mse) & (extra <= budget * w.size), mse, jnp.inf)
+    ms = [
+        measure_all(
+            wf, thr, m, spec, branches=branches, key=key, calibration=calibration,
+            twin_spec=twin_spec,
+        )
+        for m in methods
+    ]  # fmt: skip
+    stacked = Measurement(*(jnp.stack(f) for f in zip(*ms, strict=True)))
+    base = measure(wf, (wf,), spec, calibration=calibration)
+    if calibration is None:  # total squared error, comparable across layers
+        score, score0 = stacked.mse * w.size, base.mse * w.size
+    else:
+        score, score0 = stacked.output_error, base.output_error
+    score = jnp.where(jnp.isfinite(score), score, jnp.inf)
+    return {"thresholds": thr, "m": stacked, "base": base, "score": score, "score0": score0}
+
+
+@functools.partial(
+    jax.jit, static_argnames=("spec", "candidates", "method", "branches", "twin_spec")
+)
+def curve(
+    w, key, calibration=None, *, spec, candidates: int, method: str, branches: int = 2,
+    twin_spec=None,
+):  # fmt: skip
+    """Every candidate of one kernel, measured in one compiled call (no choice).
+
+    The first half of ``Auto(scope="tree")``: ``allocate`` chooses on the host from
+    these curves, then ``programs.apply`` writes each chosen split.
+
+    Returns:
+      A dict: ``thresholds`` ``(candidates, ...)``; ``m``, a ``Measurement`` of arrays
+      ``(methods, candidates)`` (methods: ``search_methods``); ``base``, the
+      ``Measurement`` of not splitting; ``score`` ``(methods, candidates)`` and
+      ``score0``: the figure minimised, total squared weight error (``mse × size``)
+      or, with ``calibration``, the expected output error.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> c = curve(jnp.array([0.01, -0.02, 0.03, 4.0]), None, spec=quant.QuantSpec(bits=4),
+      ...           candidates=4, method="clip")
+      >>> c["score"].shape, bool(c["score"].min() < c["score0"])
+      ((1, 4), True)
+    """
+    return _curve(
+        w, key, calibration, spec=spec, candidates=candidates, method=method,
+        branches=branches, twin_spec=twin_spec,
+    )  # fmt: skip
+
+
+def _screened(w, key, budget, *, spec, candidates, methods, branches, top):
+    """The screened curve (``jaxsplit.screen``): only the ``top`` best predicted
+    candidates are measured (``mse``, ``extra_nonzero``), the others are ``inf``."""
+    wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
+    thr = candidate_thresholds(wf, spec, candidates)
+    mse, extra = screen.screen(wf, thr, methods, spec, budget, top=top, branches=branches, key=key)
+    base = measure(wf, (wf,), spec)
+    score = jnp.where(jnp.isfinite(mse), mse * w.size, jnp.inf)
+    return thr, mse, extra, base, score, base.mse * w.size
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("spec", "candidates", "method", "branches", "twin_spec", "cost", "top"),
+)
+def _search(
+    w, key, budget, calibration, *, spec, candidates, method, branches, twin_spec, cost="extra",
+    top=0,
+):  # fmt: skip
+    """``search`` with the budget as data, so budgets share one compilation."""
+    methods = search_methods(method, spec)
+    screened = (
+        top > 0
+        and calibration is None
+        and twin_spec is None
+        and screen.applies(w.shape, spec, methods)
+    )
+    if screened:
+        thr, mse, extra, base, score, score0 = _screened(
+            w, key, budget, spec=spec, candidates=candidates, methods=methods,
+            branches=branches, top=top,
+        )  # fmt: skip
+        score = jnp.where(extra <= budget * w.size, score, jnp.inf)
+    else:
+        c = _curve(
+            w, key, calibration, spec=spec, candidates=candidates, method=method,
+            branches=branches, twin_spec=twin_spec,
+        )  # fmt: skip
+        m, base, thr, score0 = c["m"], c["base"], c["thresholds"], c["score0"]
+        spent = m.twin_nonzero if cost == "twin" else m.extra_nonzero
+        score = jnp.where(spent <= budget * w.size, c["score"], jnp.inf)
     best = jnp.argmin(score.reshape(-1))
     mi, ti = best // candidates, best % candidates
-    mse0 = measure(wf, (wf,), spec).mse
-    do_split = score.reshape(-1)[best] < mse0
+    do_split = score.reshape(-1)[best] < score0
     t = thr[ti]
 
-    def apply(m):
-        return lambda: kernels.split(m, w, t, key, branches=branches, spec=spec)
+    def apply(name):
+        return lambda: kernels.split(
+            name, w, t, key, branches=branches, spec=spec, twin_spec=twin_spec
+        )
 
-    ws = jax.lax.switch(mi, [apply(m) for m in methods]) if len(methods) > 1 else apply(method)()
+    ws = jax.lax.switch(mi, [apply(n) for n in methods]) if len(methods) > 1 else apply(method)()
     zero = jnp.zeros_like(w)
     ws = (jnp.where(do_split, ws[0], w), *(jnp.where(do_split, b, zero) for b in ws[1:]))
+    if screened:  # the chosen candidate was measured; its other figures come from here
+        wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
+        chosen = measure(wf, tuple(jnp.where(jnp.isfinite(b), b, 0) for b in ws), spec)
+        m = Measurement(*(jnp.broadcast_to(f, score.shape) for f in chosen))
+        m = m._replace(mse=mse, extra_nonzero=extra)
     info = {
         "split": do_split,
         "method": mi,
         "threshold": t,
-        "mse": jnp.where(do_split, mse[mi, ti], mse0),
-        "mse_unsplit": mse0,
-        "extra_nonzero": jnp.where(do_split, extra[mi, ti], 0),
-        "size": w.size,
+        "mse": jnp.where(do_split, m.mse[mi, ti], base.mse),
+        "mse_unsplit": base.mse,
+        "extra_nonzero": jnp.where(do_split, m.extra_nonzero[mi, ti], 0),
+        "output_error": jnp.where(do_split, m.output_error[mi, ti], base.output_error),
+        "output_error_unsplit": base.output_error,
+        "effective_bits": jnp.where(do_split, m.effective_bits[mi, ti], base.effective_bits),
+        "size": jnp.int32(w.size),
     }
     return ws, info
 
 
+def allocate(
+    extras: list[np.ndarray],
+    scores: list[np.ndarray],
+    base: list[float],
+    budget: float,
+    layer_budgets: list[float] | None = None,
+) -> list[int]:
+    """Chooses one candidate per layer (or none) under a budget shared by the layers.
+
+    Minimises ``sum_l score_l`` subject to ``sum_l extra_l <= budget``: the greedy over
+    the lower convex hull of each layer's ``(extra, score)`` curve (the Lagrangian
+    solution: steps taken by decreasing error removed per extra non-zero), then one
+    pass that spends what is left on the best single upgrade per layer, while any
+    helps. With ``layer_budgets`` (``scope="layer"``'s per-layer budgets, summing to at
+    most ``budget``) the per-layer choice is computed too and the better total is
+    returned, so the tree-wide choice is never worse than ``scope="layer"`` at the same
+    total budget. The sum of the chosen extras never exceeds ``budget``.
+
+    Args:
+      extras: per layer, the extra non-zeros of each candidate (flat).
+      scores: per layer, each candidate's score (lower is better; ``inf`` = invalid).
+      base: per layer, the score of not splitting.
+      budget: total extra non-zeros allowed.
+      layer_budgets: per layer, its own budget under ``scope="layer"`` (optional).
+
+    Returns:
+      Per layer, the chosen candidate's flat index, or ``-1`` (not split).
+
+    Example:
+      >>> import numpy as np
+      >>> allocate([np.array([1, 2]), np.array([1, 2])],
+      ...          [np.array([5.0, 1.0]), np.array([9.0, 8.0])], [10.0, 10.0], 3)
+      [1, 0]
+    """
+    n = len(extras)
+    ex = [np.asarray(e, np.float64).reshape(-1) for e in extras]
+    sc = [np.asarray(s, np.float64).reshape(-1) for s in scores]
+    base = [float(b) for b in base]
+    choice_ = [-1] * n
+    used = 0.0
+    steps = []  # (slope, layer, order, target index, extra from, extra to)
+    for lay in range(n):
+        ok = np.isfinite(sc[lay]) & (sc[lay] < base[lay])
+        idx = np.flatnonzero(ok)
+        if not idx.size:
+            continue
+        pts = sorted(((ex[lay][i], sc[lay][i], int(i)) for i in idx), key=lambda p: (p[0], p[1]))
+        hull = [(0.0, base[lay], -1)]
+        for p in pts:
+            if p[1] >= hull[-1][1]:
+                continue  # not lower than a cheaper point
+            while len(hull) >= 2:
+                (x1, y1, _), (x2, y2, _) = hull[-2], hull[-1]
+                # drop the middle point when it lies on or above the chord
+                if (y2 - y1) * (p[0] - x1) >= (p[1] - y1) * (x2 - x1):
+                    hull.pop()
+                else:
+                    break
+            hull.append(p)
+        for k in range(1, len(hull)):
+            (x0, y0, _), (x1, y1, i1) = hull[k - 1], hull[k]
+            dx = max(x1 - x0, 1e-12)
+            steps.append(((y1 - y0) / dx, lay, k, i1, x1 - x0))
+    steps.sort(key=lambda s: (s[0], s[1], s[2]))
+    pos = [0] * n
+    blocked = [False] * n
+    extra_of = [0.0] * n
+    for _slope, lay, k, i1, dx in steps:
+        if blocked[lay] or pos[lay] != k - 1:
+            blocked[lay] = True
+            continue
+        if used + dx > budget:
+            blocked[lay] = True
+            continue
+        used += dx
+        pos[lay] = k
+        choice_[lay] = i1
+        extra_of[lay] = ex[lay][i1]
+    # spend what is left: the best single replacement per layer, best gain first
+    improved = True
+    while improved:
+        improved = False
+        best = None
+        for lay in range(n):
+            cur = base[lay] if choice_[lay] < 0 else sc[lay][choice_[lay]]
+            room = budget - used + extra_of[lay]
+            ok = np.isfinite(sc[lay]) & (ex[lay] <= room) & (sc[lay] < cur)
+            if ok.any():
+                i = int(np.flatnonzero(ok)[np.argmin(sc[lay][ok])])
+                gain = cur - sc[lay][i]
+                if best is None or gain > best[0]:
+                    best = (gain, lay, i)
+        if best is not None:
+            _, lay, i = best
+            used += ex[lay][i] - extra_of[lay]
+            extra_of[lay] = ex[lay][i]
+            choice_[lay] = i
+            improved = True
+    if layer_budgets is not None:
+        alt = [
+            layer_choice(e, s_, b, lb)
+            for e, s_, b, lb in zip(ex, sc, base, layer_budgets, strict=True)
+        ]
+
+        def total(ch):
+            return sum(b if i < 0 else s_[i] for i, s_, b in zip(ch, sc, base, strict=True))
+
+        alt_used = sum(e[i] for i, e in zip(alt, ex, strict=True) if i >= 0)
+        if alt_used <= budget and total(alt) < total(choice_):
+            return alt
+    return choice_
+
+
+def layer_choice(extra: np.ndarray, score: np.ndarray, base: float, budget: float) -> int:
+    """The best candidate of one layer within ``budget`` extra non-zeros, or ``-1``.
+
+    Example:
+      >>> import numpy as np
+      >>> layer_choice(np.array([1, 5]), np.array([3.0, 1.0]), 4.0, 2)
+      0
+    """
+    s = np.where(np.asarray(extra, np.float64).reshape(-1) <= budget,
+                 np.asarray(score, np.float64).reshape(-1), np.inf)  # fmt: skip
+    i = int(np.argmin(s))
+    return i if s[i] < base else -1
+
+
 def choice(
-    info: dict, methods: tuple[str, ...], candidates: int, *, size: int | None = None
+    info: dict,
+    methods: tuple[str, ...],
+    candidates: int,
+    *,
+    size: int | None = None,
+    budget_share: float | None = None,
 ) -> AutoChoice:
     """An ``AutoChoice`` from ``search``'s concrete ``info`` (a host sync).
 
@@ -263,6 +555,9 @@ def choice(
       (0.75, 0.01)
     """
     split = bool(info["split"])
+    if size is None:
+        size = int(info["size"])
+    nan = float("nan")
     thr = np.asarray(info["threshold"], np.float64)
     thr_v = float(thr) if thr.size == 1 else tuple(float(x) for x in thr.reshape(-1))
     return AutoChoice(
@@ -271,6 +566,16 @@ def choice(
         mse=float(info["mse"]),
         mse_unsplit=float(info["mse_unsplit"]),
         extra_nonzero=int(info["extra_nonzero"]),
-        extra_fraction=int(info["extra_nonzero"]) / max(int(info.get("size", size)), 1),
+        extra_fraction=int(info["extra_nonzero"]) / max(int(size), 1),
         candidates=len(methods) * candidates,
+        output_error=_finite_or_none(info.get("output_error", nan)),
+        output_error_unsplit=_finite_or_none(info.get("output_error_unsplit", nan)),
+        effective_bits=float(info.get("effective_bits", nan)),
+        budget_share=budget_share,
     )
+
+
+def _finite_or_none(x) -> float | None:
+    """``float(x)``, or ``None`` for NaN (no calibration: reports compare equal)."""
+    v = float(x)
+    return None if v != v else v

@@ -19,16 +19,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxsplit import kernels, programs, search
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import (
     AlreadySplitError,
+    CalibrationError,
+    ConfigError,
     ConfigTypeError,
     NonFiniteError,
     UnmatchedPatternError,
     UnsplittableError,
 )
+from jaxsplit.measure import calibration_check
 from jaxsplit.select import select_layers
 from jaxsplit.thresholds import channel_axis
 from jaxsplit.tree import (
@@ -54,6 +58,7 @@ __all__ = [
     "match_layers",
     "check_layer",
     "resolve_selection",
+    "check_calibration",
 ]
 
 logger = logging.getLogger("jaxsplit")
@@ -184,7 +189,11 @@ def resolve_selection(params: Mapping, cfg: SplitConfig):
 
 
 def split_with_report(
-    params: Mapping, cfg: SplitConfig, *, donate: bool = False
+    params: Mapping,
+    cfg: SplitConfig,
+    *,
+    donate: bool = False,
+    calibration: Mapping | None = None,
 ) -> tuple[Mapping, SplitReport]:
     """``split_params`` that also returns the per-layer ``SplitReport``.
 
@@ -192,6 +201,7 @@ def split_with_report(
       params: as for ``split_params``.
       cfg: a ``SplitConfig``.
       donate: as for ``split_params``.
+      calibration: as for ``split_params``.
 
     Returns:
       ``(new_tree, report)``.
@@ -213,9 +223,10 @@ def split_with_report(
             f"donate must be a bool, got {donate!r} ({type(donate).__name__})",
         )
     selected, matches, available = resolve_selection(params, cfg)
+    calib = check_calibration(calibration, selected, available)
     plans, todo = _checked(selected)
     if isinstance(cfg.threshold, Auto):
-        run = functools.partial(_run_auto, donate=donate)
+        run = functools.partial(_run_auto, donate=donate, calibration=calib)
     else:
         run = _run_donated if donate else _run_fused
     replacements = {}
@@ -232,7 +243,13 @@ def split_with_report(
     return rebuild(params, replacements), report
 
 
-def split_params(params: Mapping, cfg: SplitConfig, *, donate: bool = False) -> Mapping:
+def split_params(
+    params: Mapping,
+    cfg: SplitConfig,
+    *,
+    donate: bool = False,
+    calibration: Mapping | None = None,
+) -> Mapping:
     """Splits the selected layers of a parameter tree into twin branches.
 
     Each selected layer ``{'kernel': W, 'bias': b, ...}`` becomes
@@ -254,6 +271,12 @@ def split_params(params: Mapping, cfg: SplitConfig, *, donate: bool = False) -> 
         Numpy kernels, kernels shared by several selected layers, skipped layers and
         traced values are never donated. Under an ``Auto`` threshold the search runs
         first for every layer (and every check), then each split donates its kernel.
+      calibration: ``{layer path: second moment of its inputs}`` (``js.calibrate``
+        builds it): ``(d_in,)`` per-input-feature mean squares or ``(d_in, d_in)``
+        ``E[x xᵀ]``, ``d_in`` the product of all kernel axes but the last. ``Auto``
+        then scores candidates by the expected output error ``trace(Eᵀ C E)``
+        (``jaxsplit.measure``) instead of the weight MSE; selected layers without an
+        entry keep the weight MSE. Ignored by fixed thresholds.
 
     Returns:
       A new tree of the same container types.
@@ -264,6 +287,7 @@ def split_params(params: Mapping, cfg: SplitConfig, *, donate: bool = False) -> 
       NonFiniteError: a selected layer holds NaN/inf (unless ``allow_nonfinite``).
       ConfigTypeError: ``cfg`` is not a ``SplitConfig`` or ``donate`` is not a bool.
       UnsplittableError: a selected kernel is not floating.
+      CalibrationError: a calibration entry names no layer or has the wrong shape.
       (All are ``ValueError`` or ``TypeError`` subclasses, see ``jaxsplit.errors``.)
 
     Example:
@@ -274,10 +298,57 @@ def split_params(params: Mapping, cfg: SplitConfig, *, donate: bool = False) -> 
       >>> sorted(p2["Dense_0"]), p2["Dense_0"]["branch_0"]["kernel"].tolist()
       (['branch_0', 'branch_1'], [[0.5, -2.0]])
     """
-    return split_with_report(params, cfg, donate=donate)[0]
+    return split_with_report(params, cfg, donate=donate, calibration=calibration)[0]
 
 
-def match_layers(params: Mapping, cfg: SplitConfig) -> SplitReport:
+def check_calibration(
+    calibration: Mapping | None, selected: list[Layer], available
+) -> dict[str, jax.Array]:
+    """The calibration entries of the selected layers, validated (see ``split_params``).
+
+    Raises:
+      ConfigTypeError: ``calibration`` is not a mapping.
+      CalibrationError: a key is no layer path (the message lists the paths), or an
+        entry's shape does not fit its kernel (it shows both).
+
+    Example:
+      >>> import numpy as np
+      >>> lay = find_layers({"d": {"kernel": np.ones((3, 2))}})["d"]
+      >>> sorted(check_calibration({"d": np.ones(3)}, [lay], ["d"]))
+      ['d']
+      >>> check_calibration({"e": np.ones(3)}, [lay], ["d"])
+      Traceback (most recent call last):
+      ...
+      jaxsplit.errors.CalibrationError: calibration key 'e' is not a layer path; available: ['d']
+    """
+    if calibration is None:
+        return {}
+    if not isinstance(calibration, Mapping):
+        raise ConfigTypeError(
+            "split_params",
+            "calibration",
+            f"calibration must be a mapping {{layer path: array}} or None, got "
+            f"{type(calibration).__name__}",
+        )
+    avail = set(available)
+    for k in calibration:
+        if k not in avail:
+            raise CalibrationError(
+                str(k), f"calibration key {k!r} is not a layer path; available: {list(available)}"
+            )
+    out = {}
+    for layer in selected:
+        c = calibration.get(layer.path)
+        if c is None:
+            continue
+        calibration_check(layer.path, tuple(layer.array.shape), c)
+        out[layer.path] = jnp.asarray(c, jnp.promote_types(layer.array.dtype, jnp.float32))
+    return out
+
+
+def match_layers(
+    params: Mapping, cfg: SplitConfig, *, calibration: Mapping | None = None
+) -> SplitReport:
     """Dry run: which paths each pattern matches and what would happen to each layer.
 
     Raises like ``split_params`` (unmatched pattern under ``strict``, non-float or
@@ -292,9 +363,10 @@ def match_layers(params: Mapping, cfg: SplitConfig) -> SplitReport:
       [('a', 'split', None), ('b', 'skip', 'no value above threshold')]
     """
     selected, matches, available = resolve_selection(params, cfg)
+    calib = check_calibration(calibration, selected, available)
     plans, todo = _checked(selected)
     if isinstance(cfg.threshold, Auto):  # the search is the dry run's answer
-        for layer, _, n, thr, choice in _run_auto(todo, cfg):
+        for layer, _, n, thr, choice in _run_auto(todo, cfg, calibration=calib):
             plans[layer.path] = _result_plan(layer, n, thr, choice)
         return SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
     for layer, (n, thr) in zip(
@@ -337,13 +409,17 @@ def _result_plan(layer: Layer, n_split, thr, choice=None) -> LayerPlan:
     return _plan(layer, "split", None, n_split, thr, choice)
 
 
-def _run_auto(todo: list[Layer], cfg: SplitConfig, *, donate: bool = False):
+def _run_auto(todo: list[Layer], cfg: SplitConfig, *, donate: bool = False, calibration=None):
     """Yields ``(layer, branches, n_split, threshold, AutoChoice | None)``: each kernel's
     search and split as one program, all dispatched before the single host sync.
 
     With ``donate``, every kernel's non-finite check runs first (a statistics pass that
     consumes nothing), then each search-and-split program donates its kernel."""
     a = cfg.threshold
+    calibration = calibration or {}
+    if a.scope == "tree":
+        yield from _run_tree(todo, cfg, donate=donate, calibration=calibration)
+        return
     static = dataclasses.replace(a, max_extra=None)  # the budget is data: one program
     budget = jnp.float32(jnp.inf if a.max_extra is None else a.max_extra)
     donating = donate and not any(is_traced(layer.array) for layer in todo)
@@ -359,8 +435,8 @@ def _run_auto(todo: list[Layer], cfg: SplitConfig, *, donate: bool = False):
             fn = programs.auto_fused_donated
         with x64(w.dtype):
             outs.append(
-                fn(w, _key(cfg, layer), budget, auto_cfg=static, method=cfg.method,
-                   branches=cfg.branches)
+                fn(w, _key(cfg, layer), budget, calibration.get(layer.path), auto_cfg=static,
+                   method=cfg.method, branches=cfg.branches)
             )  # fmt: skip
     host = _host_stats(todo, [(counts, thr) for _, counts, thr, _ in outs], cfg)
     infos = jax.device_get([info for _, _, _, info in outs if not is_traced(info["split"])])
@@ -370,6 +446,87 @@ def _run_auto(todo: list[Layer], cfg: SplitConfig, *, donate: bool = False):
         size = int(ws[0].size)
         choice = None if n is None else search.choice(next(infos), methods, a.candidates, size=size)
         yield layer, ws, n, thr, choice
+
+
+def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration: dict):
+    """``Auto(scope="tree")``: every layer's candidate curve (one program each), the
+    allocation of the shared budget on the host (``search.allocate``), then one program
+    per chosen split (``programs.apply``)."""
+    a = cfg.threshold
+    if any(is_traced(layer.array) for layer in todo):
+        raise ConfigError(
+            "Auto",
+            "scope",
+            "Auto.scope='tree' chooses on the host and needs concrete arrays; inside "
+            "jax.jit use scope='layer'",
+        )
+    _host_stats(todo, [_stats(lay.array, "absolute", jnp.inf, None) for lay in todo], cfg)
+    methods = search.search_methods(cfg.method, a.spec)
+    curves = []
+    for layer in todo:
+        w = layer.array
+        with x64(w.dtype):
+            curves.append(
+                programs.curve(
+                    w, _key(cfg, layer), calibration.get(layer.path), spec=a.spec,
+                    candidates=a.candidates, method=cfg.method, branches=cfg.branches,
+                    twin_spec=a.twin_spec,
+                )
+            )  # fmt: skip
+    host = jax.device_get([{k: v for k, v in c.items() if k != "thresholds"} for c in curves])
+    sizes = [int(layer.array.size) for layer in todo]
+    budget = a.max_extra * sum(sizes)
+    picks = search.allocate(
+        [_spent(h["m"], a.cost) for h in host],
+        [h["score"] for h in host],
+        [float(h["score0"]) for h in host],
+        budget,
+        layer_budgets=[a.max_extra * n for n in sizes],
+    )
+    seen = _usage(todo)
+    outs = []
+    for layer, c, pick in zip(todo, curves, picks, strict=True):
+        w = layer.array
+        if pick < 0:
+            outs.append((None, None, None))
+            continue
+        mi, ti = divmod(pick, a.candidates)
+        thr = c["thresholds"][ti]
+        fn = programs.apply_donated if donate and _donatable(w, seen) else programs.apply
+        with x64(w.dtype):
+            ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
+                    spec=a.spec, twin_spec=a.twin_spec)  # fmt: skip
+            n = programs.counts(ws[0], thr, ws)  # non-finite values stay on branch_0
+        outs.append((ws, n, thr))
+    fetched = jax.device_get([(n, t) for _, n, t in outs])
+    for layer, h, pick, (ws, _, _), (n, t), size in zip(
+        todo, host, picks, outs, fetched, sizes, strict=True
+    ):
+        m, base = h["m"], h["base"]
+        if pick < 0:
+            info = {"split": False, "method": 0, "threshold": 0.0, "mse": base.mse,
+                    "mse_unsplit": base.mse, "extra_nonzero": 0,
+                    "output_error": base.output_error, "output_error_unsplit": base.output_error,
+                    "effective_bits": base.effective_bits}  # fmt: skip
+            ch = search.choice(info, methods, a.candidates, size=size, budget_share=0.0)
+            yield layer, (layer.array,), 0, None, ch
+            continue
+        mi, ti = divmod(pick, a.candidates)
+        extra = int(m.extra_nonzero[mi, ti])
+        spent = int(_spent(m, a.cost)[mi, ti])
+        info = {"split": True, "method": mi, "threshold": t, "mse": m.mse[mi, ti],
+                "mse_unsplit": base.mse, "extra_nonzero": extra,
+                "output_error": m.output_error[mi, ti],
+                "output_error_unsplit": base.output_error,
+                "effective_bits": m.effective_bits[mi, ti]}  # fmt: skip
+        share = spent / budget if budget > 0 else 0.0
+        ch = search.choice(info, methods, a.candidates, size=size, budget_share=share)
+        yield layer, ws, int(n[0]), _host_threshold(np.asarray(t)), ch
+
+
+def _spent(m, cost: str):
+    """What the budget counts of a measured curve (``Auto.cost``)."""
+    return m.twin_nonzero if cost == "twin" else m.extra_nonzero
 
 
 def _usage(todo: list[Layer]) -> dict[int, int]:

@@ -39,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit import io, sparse_io
-from jaxsplit.config import SplitConfig
+from jaxsplit.config import Auto, SplitConfig
+from jaxsplit.errors import ConfigError
 from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
 from jaxsplit.split import (
     SplitReport,
@@ -490,8 +491,7 @@ def split_checkpoint(
       >>> np.array_equal(out["branch_0"]["kernel"] + out["branch_1"]["kernel"], w)
       True
     """
-    if not isinstance(cfg, SplitConfig):
-        raise TypeError(f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}")
+    _check_streamable(cfg)
     below = sparse_io.check_sparse_below(sparse_below)
     _check_progress(progress)
     if plan is not None and not (isinstance(plan, Mapping) or callable(plan)):
@@ -558,6 +558,20 @@ def split_checkpoint(
     )  # fmt: skip
 
 
+def _check_streamable(cfg) -> None:
+    if not isinstance(cfg, SplitConfig):
+        raise TypeError(f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}")
+    th = cfg.threshold
+    if isinstance(th, Auto) and th.scope == "tree":
+        raise ConfigError(
+            "Auto",
+            "scope",
+            "a streamed split sees one layer at a time, so Auto(scope='tree') (one budget "
+            "shared by the tree) cannot stream: split in memory (split_params), or use "
+            "scope='layer'",
+        )
+
+
 def plan_checkpoint(src: str | os.PathLike, cfg: SplitConfig, *, fmt: str | None = None):
     """The dry run of ``split_checkpoint``: the ``SplitReport`` that ``match_layers`` gives
     for the whole checkpoint, reading one selected layer at a time and writing nothing.
@@ -575,8 +589,7 @@ def plan_checkpoint(src: str | os.PathLike, cfg: SplitConfig, *, fmt: str | None
       >>> [(q.path, q.action, q.n_split) for q in rep.layers]
       [('Dense_0', 'split', 1), ('Dense_1', 'skip', 0)]
     """
-    if not isinstance(cfg, SplitConfig):
-        raise TypeError(f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}")
+    _check_streamable(cfg)
     with io.open_checkpoint(src, fmt=fmt) as reader:
         source = _Source(reader, cfg.weights)
         selected, matches, available = resolve_selection(source.skel, cfg)

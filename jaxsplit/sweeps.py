@@ -30,13 +30,14 @@ import jax.numpy as jnp
 from jaxsplit import kernels
 from jaxsplit.config import Auto, SplitConfig, ThresholdSpec
 from jaxsplit.errors import ConfigError, ConfigTypeError, NonFiniteError
+from jaxsplit.evaluate import quant_error
 from jaxsplit.measure import measure, reduction, sqnr_db
 from jaxsplit.quant import QuantSpec
-from jaxsplit.split import check_layer, resolve_selection
+from jaxsplit.split import check_layer, resolve_selection, split_with_report
 from jaxsplit.thresholds import as_threshold, channel_axis, resolve_rule
 from jaxsplit.tree import x64
 
-__all__ = ["SweepRow", "SweepResult", "sweep", "spec_label"]
+__all__ = ["SweepRow", "SweepResult", "sweep", "auto_sweep", "spec_label"]
 
 logger = logging.getLogger("jaxsplit")
 
@@ -342,3 +343,71 @@ def _rows(path, w, labels, methods, specs, out) -> list[SweepRow]:
                     )
                 )
     return rows
+
+
+def auto_sweep(
+    params: Mapping,
+    cfg: SplitConfig,
+    *,
+    autos: Sequence[Auto],
+    methods: Sequence[str] = ("auto",),
+    calibration: Mapping | None = None,
+) -> SweepResult:
+    """Rows of ``Auto`` searches: one per selected layer, ``Auto`` and method.
+
+    Each ``(auto, method)`` is one ``split_with_report`` (so ``scope="tree"`` shares its
+    budget over the selected layers) measured by ``quant_error`` under ``auto.spec``
+    (and ``auto.twin_spec``). ``threshold`` reads ``"auto"`` (``"auto:tree"`` for a
+    tree budget); ``method`` is the one chosen (``"none"`` when a layer stays whole);
+    ``threshold_abs`` is the chosen threshold (its mean per channel, ``nan`` if whole).
+
+    Example:
+      >>> import numpy as np
+      >>> w = np.array([[0.1, -0.2], [0.3, 4.0]], np.float32)
+      >>> res = auto_sweep({"d": {"kernel": w}}, SplitConfig(layers="d"),
+      ...                  autos=[Auto(QuantSpec(bits=4), candidates=8)])
+      >>> r = res.rows[0]
+      >>> r.threshold, r.method, r.reduction > 0.5
+      ('auto', 'residual', True)
+    """
+    rows: list[SweepRow] = []
+    for a in autos:
+        for m in methods:
+            c = dataclasses.replace(cfg, threshold=a, method=m, spec=None)
+            p2, rep = split_with_report(params, c, calibration=calibration)
+            err = {r.path: r for r in quant_error(params, p2, a.spec, twin_spec=a.twin_spec).layers}
+            label = "auto" if a.scope == "layer" else "auto:tree"
+            for plan in rep.layers:
+                e, ch = err[plan.path], plan.auto
+                if ch is None:
+                    continue
+                t = ch.threshold
+                t_abs = (
+                    float("nan")
+                    if t is None
+                    else float(sum(t) / len(t) if isinstance(t, tuple) else t)
+                )
+                rows.append(
+                    SweepRow(
+                        layer=plan.path,
+                        shape=plan.shape,
+                        threshold=label,
+                        threshold_abs=t_abs,
+                        method=ch.method or "none",
+                        bits=a.spec.bits,
+                        granularity=a.spec.granularity,
+                        spec=spec_label(a.spec),
+                        n_split=int(plan.n_split or 0),
+                        frac_split=int(plan.n_split or 0) / max(plan.n_total, 1),
+                        extra_nonzero=e.extra_nonzero,
+                        extra_fraction=e.extra_fraction,
+                        mse_before=e.mse_before,
+                        mse=e.mse_after,
+                        predicted_mse=e.pred_after,
+                        predicted_mse_correlated=e.pred_after_corr,
+                        reduction=e.reduction,
+                        sqnr_before_db=e.sqnr_before,
+                        sqnr_db=e.sqnr_after,
+                    )
+                )
+    return SweepResult(tuple(rows))

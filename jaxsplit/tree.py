@@ -384,11 +384,14 @@ def branch_weights(layer: Layer) -> list:
     return [unwrap(layer.branch_leaf(i)) for i in range(layer.branches)]
 
 
-def map_branch_weights(layer: Layer, fn: Callable[[Any], Any]) -> Mapping:
+def map_branch_weights(
+    layer: Layer, fn: Callable[..., Any], *, with_index: bool = False
+) -> Mapping:
     """The layer's node with ``fn`` applied to each branch's weight (or the single weight).
 
     Other leaves are kept as they are; containers and ``nnx.Variable`` wrappers too. For
     a leaf layer the result is the new leaf (what ``rebuild`` puts at ``layer.keys``).
+    With ``with_index``, ``fn(w, i)`` also gets the branch index (0 for an unsplit layer).
 
     Example:
       >>> import numpy as np
@@ -398,20 +401,30 @@ def map_branch_weights(layer: Layer, fn: Callable[[Any], Any]) -> Mapping:
       ([2.0, 4.0], True)
     """
 
-    def one(node: Mapping) -> Mapping:
+    def apply(w, i: int):
+        return fn(w, i) if with_index else fn(w)
+
+    def one(node: Mapping, i: int = 0) -> Mapping:
         w = node[layer.weight]
-        new = wrap_like(w, fn(unwrap(w)))
+        new = wrap_like(w, apply(unwrap(w), i))
         return like(node, {k: (new if k == layer.weight else v) for k, v in node.items()})
 
     if layer.leaf:
         leaf = raw(layer.node)[layer.weight]
         if not layer.branches:
-            return wrap_like(leaf, fn(unwrap(leaf)))
-        return like(leaf, {k: wrap_like(v, fn(unwrap(v))) for k, v in raw(leaf).items()})
+            return wrap_like(leaf, apply(unwrap(leaf), 0))
+        return like(
+            leaf,
+            {
+                k: wrap_like(v, apply(unwrap(v), int(str(k).rpartition("_")[2])))
+                for k, v in raw(leaf).items()
+            },
+        )
     if not layer.branches:
         return one(layer.node)
     return like(
-        layer.node, {branch_name(i): one(layer.node[branch_name(i)]) for i in range(layer.branches)}
+        layer.node,
+        {branch_name(i): one(layer.node[branch_name(i)], i) for i in range(layer.branches)},
     )
 
 

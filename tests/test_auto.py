@@ -77,7 +77,7 @@ def test_budget_on_extra_nonzeros_is_respected():
     mses = [c.mse for c in results]
     assert mses == sorted(mses)  # a tighter budget never helps
     assert results[0].method == "residual"  # no budget: the dense error-compensating twin
-    assert results[2].method in ("clip", "grid") and results[2].reduction > 0.9
+    assert results[2].method in ("clip", "grid", "snap") and results[2].reduction > 0.9
 
 
 def test_per_channel_spec_gives_per_channel_thresholds():
@@ -106,7 +106,7 @@ def test_report_dry_run_and_log(caplog):
     assert [q.to_dict() for q in dry.layers] == [q.to_dict() for q in rep.layers]
     a = rep.layers[0]
     d = a.to_dict()["auto"]
-    assert d["method"] in auto.AUTO_METHODS and d["candidates"] == 4 * 8
+    assert d["method"] in auto.AUTO_METHODS and d["candidates"] == len(auto.AUTO_METHODS) * 8
     assert d["mse"] < d["mse_unsplit"] and 0 < d["extra_fraction"] <= 0.1
     assert "auto: " in caplog.text and "mse" in caplog.text
     m = js.merge_params(p2)

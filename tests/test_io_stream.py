@@ -318,3 +318,16 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--measure"]:
         n, rows, cols = (int(x) for x in sys.argv[2:5])
         print(json.dumps(_measure(n, rows, cols, *sys.argv[5:7]), indent=1))
+
+
+def test_tree_scope_auto_does_not_stream(tmp_path):
+    """One budget shared by the tree needs every layer: the stream refuses, by type."""
+    src = tmp_path / "in.safetensors"
+    io.save({"d": {"kernel": np.ones((4, 4), np.float32)}}, src)
+    auto = js.Auto(js.QuantSpec(bits=4), max_extra=0.05, scope="tree")
+    cfg = js.SplitConfig(layers=["**"], threshold=auto)
+    with pytest.raises(js.ConfigError, match="scope='tree'.*cannot stream") as e:
+        stream.split_checkpoint(src, tmp_path / "out.safetensors", cfg)
+    assert e.value.field == "scope" and not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(js.ConfigError, match="cannot stream"):
+        stream.plan_checkpoint(src, cfg)

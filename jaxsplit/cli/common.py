@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 
+import numpy as np
+
 from jaxsplit import io
 from jaxsplit.cli.ui import UsageError
-from jaxsplit.config import SplitConfig
+from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import ConfigError, ConfigTypeError, UnmatchedPatternError
 from jaxsplit.quant import QuantSpec
 from jaxsplit.select import select_layers
@@ -28,6 +31,8 @@ __all__ = [
     "check_patterns",
     "add_quant_options",
     "quant_spec",
+    "load_calibration",
+    "twin_spec",
 ]
 
 logger = logging.getLogger("jaxsplit")
@@ -41,6 +46,10 @@ FLAGS = {
     "branches": "--branches",
     "spec": "--bits",
     "text": "--threshold",
+    "max_extra": "--budget",
+    "candidates": "--candidates",
+    "scope": "--budget",
+    "twin_spec": "--twin-bits",
 }
 #: ``QuantSpec`` fields and their flags.
 QUANT_FLAGS = {
@@ -207,8 +216,9 @@ def parse_threshold(text: str, flag: str = "--threshold"):
 
 
 def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
-    """Adds ``--layers --threshold --method --branches --seed --allow-nonfinite``
-    (see ``split_config``).
+    """Adds ``--layers --threshold --method --branches --seed --allow-nonfinite`` and the
+    ``--threshold auto`` options ``--budget --layer-budget --candidates --twin-bits
+    --calibration`` (see ``split_config``).
 
     Args:
       p: the subcommand's parser.
@@ -224,10 +234,30 @@ def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
         "--layers", nargs="+", required=required, metavar="PATTERN",
         help="layer paths, globs (block_*/Conv_0, ** crosses /) or re:REGEX",
     )  # fmt: skip
-    p.add_argument("--threshold", required=required, help=SYNTAX)
+    p.add_argument("--threshold", required=required, help=f"{SYNTAX}, or auto (searched)")
     p.add_argument(
         "--method", default=None,
-        help="balance (default), random, clip, grid, residual (grid/residual use --bits)",
+        help="balance (default), random, clip, grid, residual, snap (grid/residual/snap use "
+        "--bits), or auto (the default with --threshold auto: the best per layer)",
+    )  # fmt: skip
+    p.add_argument(
+        "--budget", type=float, default=None, metavar="F",
+        help="--threshold auto: at most F x (selected parameters) extra non-zeros over the "
+        "whole tree (Auto scope='tree'); default: no budget",
+    )  # fmt: skip
+    p.add_argument(
+        "--layer-budget", type=float, default=None, metavar="F",
+        help="--threshold auto: at most F extra non-zeros per layer (scope='layer')",
+    )  # fmt: skip
+    p.add_argument("--candidates", type=int, default=64, help="--threshold auto: per method")
+    p.add_argument(
+        "--twin-bits", type=int, default=None, metavar="B",
+        help="--threshold auto: quantize the sparse twins with B bits (mixed precision)",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration", metavar="FILE", default=None,
+        help="--threshold auto: .npz/.safetensors of input second moments keyed by layer path "
+        "((d_in,) or (d_in, d_in)); scores candidates by expected output error",
     )  # fmt: skip
     p.add_argument("--branches", type=int, default=2, help="2 (default), 4 or 8 (balance only)")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random (default 0)")
@@ -259,7 +289,29 @@ def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
     """
     if args.threshold is None:
         raise UsageError("--threshold is required with --layers")
-    threshold = parse_threshold(args.threshold)
+    budget, layer_budget = getattr(args, "budget", None), getattr(args, "layer_budget", None)
+    if args.threshold == "auto":
+        if spec is None:
+            raise UsageError("--threshold auto needs --bits")
+        if budget is not None and layer_budget is not None:
+            raise UsageError("give --budget (tree-wide) or --layer-budget, not both")
+        try:
+            threshold = Auto(
+                spec,
+                candidates=getattr(args, "candidates", 64),
+                max_extra=budget if budget is not None else layer_budget,
+                scope="tree" if budget is not None else "layer",
+                twin_spec=twin_spec(args, spec),
+            )
+        except (ConfigError, ConfigTypeError) as e:
+            raise UsageError(f"{FLAGS.get(e.field, '--threshold auto')}: {e}") from None
+    else:
+        for flag, v in (("--budget", budget), ("--layer-budget", layer_budget),
+                        ("--calibration", getattr(args, "calibration", None)),
+                        ("--twin-bits", getattr(args, "twin_bits", None))):  # fmt: skip
+            if v is not None:
+                raise UsageError(f"{flag} needs --threshold auto, got --threshold {args.threshold}")
+        threshold = parse_threshold(args.threshold)
     try:
         method = {} if args.method is None else {"method": args.method}
         return SplitConfig(
@@ -267,7 +319,7 @@ def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
             threshold=threshold,
             **method,
             branches=getattr(args, "branches", 2),
-            spec=spec,
+            spec=None if isinstance(threshold, Auto) else spec,
             seed=args.seed,
             allow_nonfinite=args.allow_nonfinite,
             verbose=args.verbose,
@@ -357,3 +409,49 @@ def quant_spec(args: argparse.Namespace, bits: int | None = None) -> QuantSpec:
         )
     except (ConfigError, ConfigTypeError) as e:
         raise UsageError(f"{QUANT_FLAGS.get(e.field, '--bits')}: {e}") from None
+
+
+def twin_spec(args: argparse.Namespace, spec: QuantSpec) -> QuantSpec | None:
+    """The twins' ``QuantSpec`` of ``--twin-bits`` (``spec`` with other bits), or ``None``.
+
+    Example:
+      >>> twin_spec(argparse.Namespace(twin_bits=8), QuantSpec(bits=4)).bits
+      8
+    """
+    b = getattr(args, "twin_bits", None)
+    if b is None:
+        return None
+    try:
+        return dataclasses.replace(spec, bits=b)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--twin-bits: {e}") from None
+
+
+def load_calibration(path: str | None) -> dict | None:
+    """``--calibration FILE``: ``{layer path: array}`` from a ``.npz`` or ``.safetensors``.
+
+    Keys are layer paths (``block/Dense_0``); the shapes are checked against the layers
+    by ``split_params`` (``errors.CalibrationError``, exit 1).
+
+    Raises:
+      UsageError: no such file, or not ``.npz`` / ``.safetensors``.
+
+    Example:
+      >>> import numpy as np, tempfile, os
+      >>> f = os.path.join(tempfile.mkdtemp(), "c.npz")
+      >>> np.savez(f, **{"b/Dense_0": np.ones(3)})
+      >>> {k: v.shape for k, v in load_calibration(f).items()}
+      {'b/Dense_0': (3,)}
+    """
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise UsageError(f"--calibration: no such file {path!r}")
+    if path.endswith(".npz"):
+        with np.load(path) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    raise UsageError(f"--calibration: {path!r} must be a .npz or .safetensors file")

@@ -18,10 +18,12 @@ from jaxsplit.cli.common import (
     add_quant_options,
     add_split_options,
     check_patterns,
+    load_calibration,
     load_checkpoint,
     quant_spec,
     require_layers,
     split_config,
+    twin_spec,
     weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag
@@ -54,7 +56,9 @@ def _trees(args: argparse.Namespace, tree: dict, layers: dict) -> tuple[dict, di
     if args.layers:
         cfg = split_config(args, quant_spec(args))
         check_patterns(tree, cfg, list(layers))
-        return tree, split_params(tree, cfg), f"{args.ckpt} split in memory"
+        calibration = load_calibration(args.calibration)
+        p2 = split_params(tree, cfg, calibration=calibration)
+        return tree, p2, f"{args.ckpt} split in memory"
     if any(layer.branches for layer in layers.values()):
         return merge_params(tree), tree, f"{args.ckpt} (merged vs its branches)"
     return tree, tree, f"{args.ckpt} (unsplit baseline)"
@@ -68,7 +72,7 @@ def _run(args: argparse.Namespace, ui: UI) -> int:
     names = weights(args)
     params, params2, what = _trees(args, tree, require_layers(tree, args.ckpt, names))
     with ui.progress("quantizing"):
-        report = quant_error(params, params2, spec, weights=names)
+        report = quant_error(params, params2, spec, weights=names, twin_spec=twin_spec(args, spec))
     if ui.json:
         ui.print_json({"checkpoint": args.ckpt, "split_checkpoint": args.split_ckpt,
                        **report.to_dict()})  # fmt: skip

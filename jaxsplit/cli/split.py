@@ -15,13 +15,17 @@ from jaxsplit.cli.common import (
     add_quant_options,
     add_split_options,
     input_format,
+    load_calibration,
+    load_checkpoint,
     quant_spec,
     split_config,
     unmatched_usage,
     weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
+from jaxsplit.config import Auto
 from jaxsplit.errors import UnmatchedPatternError
+from jaxsplit.split import match_layers, split_with_report
 
 __all__ = ["COMMAND"]
 
@@ -65,6 +69,24 @@ def _check_output(args: argparse.Namespace) -> str | None:
 def _split_run(args: argparse.Namespace, ui: UI) -> int:
     cfg = split_config(args, quant_spec(args))
     out_fmt = _check_output(args)
+    calibration = load_calibration(args.calibration)
+    tree_scope = isinstance(cfg.threshold, Auto) and cfg.threshold.scope == "tree"
+    if calibration is not None or tree_scope:
+        # an output-aware search, or a budget shared by the whole tree: in memory (the
+        # stream sees one layer at a time)
+        tree = load_checkpoint(args.ckpt, args.format)
+        if args.dry_run:
+            report = match_layers(tree, cfg, calibration=calibration)
+        else:
+            with ui.progress(f"splitting {args.ckpt}"):
+                tree2, report = split_with_report(tree, cfg, calibration=calibration)
+            with ui.progress(f"saving {args.out}"):
+                io.save(
+                    tree2, args.out, fmt=out_fmt, overwrite=args.overwrite,
+                    sparse_below=args.sparse_below,
+                )  # fmt: skip
+        _print_split(args, ui, cfg, report, out_fmt)
+        return 0
     fmt = input_format(args.ckpt, args.format)
     try:
         if args.dry_run:
@@ -118,6 +140,12 @@ def _split_table(args, ui: UI, report) -> None:
         for p in report.layers
     ]
     cols = ["path", "action", "split", "of", "threshold", "dtype", "reason"]
+    if any(p.auto is not None for p in report.layers):
+        cols += ["method", "extra %", "budget share %", "bits/weight"]
+        for row, p in zip(rows, report.layers, strict=True):
+            a = p.auto
+            share = None if a.budget_share is None else 100 * a.budget_share
+            row += [a.method, 100 * a.extra_fraction, share, a.effective_bits]
     verb = "would split" if args.dry_run else "split"
     title = f"{verb} {len(report.split_paths)} of {len(report.layers)} matched layers"
     table(ui, title, cols, rows)

@@ -7,18 +7,20 @@ import argparse
 from jaxsplit.cli.common import (
     add_input_arguments,
     add_quant_options,
+    load_calibration,
     load_checkpoint,
     parse_threshold,
     quant_spec,
     require_layers,
+    twin_spec,
     weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
-from jaxsplit.config import SplitConfig
+from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import ConfigError, ConfigTypeError
 from jaxsplit.plot import pareto, pareto_points
 from jaxsplit.render import sweep_csv
-from jaxsplit.sweeps import sweep
+from jaxsplit.sweeps import SweepResult, auto_sweep, sweep
 
 __all__ = ["COMMAND"]
 
@@ -37,11 +39,19 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         default=["rel:0.25", "rel:0.5", "rel:0.75"],
         metavar="T",
-        help="T, rel:F, sigma:K or pct:P (default: rel:0.25 rel:0.5 rel:0.75)",
+        help="T, rel:F, sigma:K, pct:P or auto (default: rel:0.25 rel:0.5 rel:0.75)",
+    )
+    p.add_argument(
+        "--threshold", dest="thresholds", nargs="+", metavar="T", help="alias of --thresholds"
     )
     p.add_argument("--methods", nargs="+", default=["balance"], metavar="M", help="split methods")
     add_quant_options(p, many_bits=True)
     p.add_argument("--seed", type=int, default=0, help="seed for the random method")
+    p.add_argument("--budget", type=float, metavar="F", help="auto: tree-wide extra budget")
+    p.add_argument("--layer-budget", type=float, metavar="F", help="auto: per-layer budget")
+    p.add_argument("--candidates", type=int, default=64, help="auto: thresholds per method")
+    p.add_argument("--twin-bits", type=int, metavar="B", help="auto: bits of the sparse twins")
+    p.add_argument("--calibration", metavar="FILE", help="auto: input second moments (.npz)")
     p.add_argument("--csv", metavar="PATH", help="also write every row as CSV")
     p.add_argument(
         "--plot",
@@ -53,25 +63,53 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
-    thresholds = [parse_threshold(t, "--thresholds") for t in args.thresholds]
+    use_auto = "auto" in args.thresholds
+    thresholds = [parse_threshold(t, "--thresholds") for t in args.thresholds if t != "auto"]
     specs = [quant_spec(args, b) for b in args.bits]
+    if not use_auto and args.methods and "auto" in args.methods:
+        raise UsageError("--methods auto needs --thresholds auto")
+    if args.budget is not None and args.layer_budget is not None:
+        raise UsageError("give --budget (tree-wide) or --layer-budget, not both")
     try:
         cfg = SplitConfig(
             layers=tuple(args.layers), seed=args.seed, spec=specs[0], weights=weights(args)
         )
+        autos = [
+            Auto(
+                s,
+                candidates=args.candidates,
+                max_extra=args.budget if args.budget is not None else args.layer_budget,
+                scope="tree" if args.budget is not None else "layer",
+                twin_spec=twin_spec(args, s),
+            )
+            for s in specs
+        ]
     except (ConfigError, ConfigTypeError) as e:
         raise UsageError(f"--{e.field}: {e}") from None
     tree = load_checkpoint(args.ckpt, args.format)
     n = len(require_layers(tree, args.ckpt, cfg.weights))
-    with ui.progress(f"sweeping {n} layers", n) as advance:
-        result = sweep(
-            tree,
-            cfg,
-            thresholds=thresholds,
-            methods=args.methods,
-            specs=specs,
-            on_layer=lambda path: advance(),
-        )
+    rows = ()
+    fixed = [m for m in args.methods if m != "auto"]
+    if thresholds and fixed:
+        with ui.progress(f"sweeping {n} layers", n) as advance:
+            rows = sweep(
+                tree,
+                cfg,
+                thresholds=thresholds,
+                methods=fixed,
+                specs=specs,
+                on_layer=lambda path: advance(),
+            ).rows
+    if use_auto:
+        with ui.progress(f"searching {n} layers"):
+            rows += auto_sweep(
+                tree,
+                cfg,
+                autos=autos,
+                methods=args.methods,
+                calibration=load_calibration(args.calibration),
+            ).rows
+    result = SweepResult(tuple(rows))
     if args.csv:
         sweep_csv(result, args.csv)
     if args.plot:

@@ -1,0 +1,189 @@
+"""``calibrate``: the second moments of each layer's inputs, for output-aware ``Auto``.
+
+For a layer ``y = x W`` (``W`` as ``(d_in, d_out)``: a Dense kernel, or a Conv kernel
+flattened over its receptive field ``kh·kw·cin`` in C order), the expected output error
+of a reconstruction error ``E`` is ``E||x E||² = trace(Eᵀ C E)`` with ``C = E[x xᵀ]``
+over the rows ``x`` the layer sees (every token, every output position of a Conv).
+``calibrate`` runs the model on calibration batches, captures each Dense/Conv input
+(``nn.intercept_methods`` for linen; probes on a clone for NNX, as
+``jaxsplit.outputs``) and returns ``{layer path: C}``, which ``split_params(...,
+calibration=C)`` and ``measure.measure(..., calibration=...)`` take. Einsum layers and
+grouped/transposed convolutions are not captured (their rows are not ``x W``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsplit.errors import ConfigError
+from jaxsplit.outputs import run_with_hook
+
+__all__ = ["calibrate", "input_rows", "KINDS"]
+
+logger = logging.getLogger("jaxsplit")
+
+#: ``calibrate(kind=...)``: the full ``E[x xᵀ]`` or its diagonal.
+KINDS = ("matrix", "diagonal")
+
+
+def input_rows(module, x: jax.Array) -> jax.Array | None:
+    """The ``(rows, d_in)`` inputs a Dense or Conv ``module`` multiplies by its kernel.
+
+    ``None`` for layers whose input is not of that form (Einsum, grouped or transposed
+    convolutions, general Dense with several contracted axes).
+
+    Example:
+      >>> import flax.linen as nn, jax.numpy as jnp
+      >>> input_rows(nn.Dense(4), jnp.ones((2, 5, 3))).shape
+      (10, 3)
+      >>> input_rows(nn.Conv(4, (3, 3)), jnp.ones((1, 5, 5, 2))).shape  # SAME padding
+      (25, 18)
+    """
+    if isinstance(module, nn.Dense | nnx.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv | nnx.Conv) and not isinstance(
+        module, nn.ConvTranspose | nnx.ConvTranspose
+    ):
+        if getattr(module, "feature_group_count", 1) != 1:
+            return None
+        ks = tuple(module.kernel_size)
+        nd = len(ks)
+        strides = _tuple(module.strides, nd)
+        padding = module.padding
+        if isinstance(padding, str):
+            if padding.upper() not in ("SAME", "VALID"):
+                return None
+            padding = padding.upper()
+        elif isinstance(padding, int):
+            padding = [(padding, padding)] * nd
+        else:
+            padding = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+        spatial = "DHW"[-nd:] if nd <= 3 else None
+        if spatial is None:
+            return None
+        dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+        p = jax.lax.conv_general_dilated_patches(
+            x,
+            ks,
+            strides,
+            padding,
+            lhs_dilation=_tuple(getattr(module, "input_dilation", 1), nd),
+            rhs_dilation=_tuple(getattr(module, "kernel_dilation", 1), nd),
+            dimension_numbers=dn,
+        )
+        cin = x.shape[-1]
+        # patches come ordered (cin, *kernel_size); the kernel flattens (*kernel_size, cin)
+        p = p.reshape(-1, cin, *ks)
+        p = jnp.moveaxis(p, 1, -1)
+        return p.reshape(p.shape[0], -1)
+    return None
+
+
+def _tuple(v, n: int) -> tuple[int, ...]:
+    if v is None:
+        return (1,) * n
+    return (int(v),) * n if isinstance(v, int) else tuple(int(a) for a in v)
+
+
+def calibrate(
+    model, variables, batches: Iterable, *, kind: str = "matrix"
+) -> dict[str, np.ndarray]:
+    """Second moments of every Dense/Conv layer's inputs over calibration ``batches``.
+
+    Args:
+      model: a ``flax.linen.Module`` (with ``variables``) or a ``flax.nnx.Module``
+        (``variables``: ``None`` or an ``nnx.State`` to run it with).
+      variables: linen variables, or ``None`` / an ``nnx.State`` for NNX.
+      batches: an iterable of model inputs: each an array, or a tuple of positional
+        arguments.
+      kind: ``"matrix"``: ``E[x xᵀ]`` ``(d_in, d_in)``; ``"diagonal"``: the
+        per-input-feature mean squares ``(d_in,)``.
+
+    Returns:
+      ``{layer path: float32 array}``, the mean over every input row of every batch.
+
+    Raises:
+      ConfigError: ``kind`` is not one of ``KINDS``, or ``batches`` is empty.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp
+      >>> m = nn.Dense(2)
+      >>> v = m.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> c = calibrate(m, v, [jnp.array([[1.0, 2.0, 0.0]])], kind="diagonal")
+      >>> {k: a.tolist() for k, a in c.items()}
+      {'': [1.0, 4.0, 0.0]}
+    """
+    if kind not in KINDS:
+        raise ConfigError(
+            "calibrate", "kind", f"calibrate kind must be one of {list(KINDS)}, got {kind!r}"
+        )
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    fn = _moments_fn(model, kind)
+    n_batches = 0
+    for batch in batches:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        for path, (s, n) in jax.device_get(fn(variables, args)).items():
+            sums[path] = sums.get(path, 0) + np.asarray(s, np.float64)
+            counts[path] = counts.get(path, 0) + int(n)
+        n_batches += 1
+    if not n_batches:
+        raise ConfigError("calibrate", "batches", "calibrate needs at least one batch, got none")
+    return {p: (sums[p] / max(counts[p], 1)).astype(np.float32) for p in sums}
+
+
+def _moments_fn(model, kind: str):
+    def moment(rows):
+        r = rows.astype(jnp.float32)
+        return jnp.sum(r * r, axis=0) if kind == "diagonal" else r.T @ r
+
+    def add(acc, path, rows):
+        if rows is None:
+            return
+        m = moment(rows)
+        if path in acc:
+            acc[path] = (acc[path][0] + m, acc[path][1] + rows.shape[0])
+        else:
+            acc[path] = (m, rows.shape[0])
+
+    if isinstance(model, nn.Module):
+
+        @jax.jit
+        def run_linen(variables, args):
+            acc: dict = {}
+
+            def interceptor(next_fun, a, kw, context):
+                if context.method_name == "__call__" and a:
+                    path = "/".join(str(p) for p in context.module.path)
+                    add(acc, path, input_rows(context.module, a[0]))
+                return next_fun(*a, **kw)
+
+            with nn.intercept_methods(interceptor):
+                model.apply(variables, *args)
+            return acc
+
+        return run_linen
+    if isinstance(model, nnx.Module):
+        modules = {"/".join(str(p) for p in path): m for path, m in nnx.iter_modules(model)}
+
+        def run_nnx(state, args):
+            acc: dict = {}
+
+            def hook(path, call, x):
+                add(acc, path, input_rows(modules[path], x))
+                return call(x)
+
+            run_with_hook(model, state, args, {}, hook)
+            return acc
+
+        return run_nnx
+    raise TypeError(
+        f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
+    )

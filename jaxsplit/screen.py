@@ -1,0 +1,277 @@
+"""Cheap candidate scoring for ``Auto``: predict every candidate, measure only the best few.
+
+``search`` used to measure every (method, threshold) candidate on the whole kernel and to
+sort all of ``|W|`` for its candidate thresholds: on one 4096² layer that is 64-256 full
+measurements plus a 16.8M-element sort (the sort alone was most of the time on CPU). This
+module scores all candidates on a **sample** of the kernel and leaves the exact
+measurement (``jaxsplit.measure``) to the best ``top`` of them:
+
+* ``sample``: the ``tail`` largest ``|w|`` values, found exactly (a tournament over block
+  maxima: the top ``k`` values lie in the ``k`` blocks with the largest maxima, level by
+  level, so no pass sorts more than a few thousand values), plus a fixed strided sample
+  of the rest, weighted so that sums over the sample estimate sums over the kernel.
+  Because the sample holds the largest values, every branch's max-abs scale computed on
+  it equals the kernel's for ``clip`` and ``grid`` (and for ``balance`` at thresholds
+  taken from the tail); elsewhere it is within the sample's spacing.
+* ``order_stats``: the ``k``-th largest ``|w|``, exact for ``k < tail``, else read from
+  the sorted sample (``search.candidate_thresholds`` uses it for large per-tensor kernels).
+* ``predict``: each candidate's split of the sample under the same kernels and the exact
+  quantizer (``quant.quantize``), as a weighted MSE and a weighted count of extra
+  non-zeros: an estimate, never reported.
+* ``screen``: the ``top`` candidates by predicted MSE within the budget, measured exactly
+  on the whole kernel; the others come back as ``inf`` so that ``search``'s choice (the
+  best measured one within the budget, if it beats not splitting) runs unchanged on the
+  confirmed ones only. Extra non-zeros of a choice are therefore always measured, and the
+  budget is never exceeded.
+
+The screen applies to per-tensor specs on kernels of at least ``MIN_SIZE`` values and every
+method but ``random`` (whose shares hash each element's position in the kernel);
+``applies`` says when, and ``search`` falls back to measuring every candidate otherwise
+(per-channel and per-group specs, small kernels, ``random``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxsplit import kernels, quant
+from jaxsplit.measure import measure
+
+__all__ = [
+    "MIN_SIZE",
+    "TAIL",
+    "SAMPLE",
+    "Sample",
+    "applies",
+    "sample",
+    "order_stats",
+    "predict",
+    "screen",
+]
+
+#: Smallest kernel the screen handles (smaller ones are measured exhaustively: cheap).
+MIN_SIZE = 2**18
+#: Largest values kept exactly in the sample.
+TAIL = 256
+#: Target size of the strided part of the sample.
+SAMPLE = 2**16
+_LEAF = 4096  # the tournament stops when this few block maxima remain
+_BLOCK = 64
+
+
+class Sample(NamedTuple):
+    """A weighted sample of a kernel: its largest values exactly, a strided rest.
+
+    Attributes:
+      values: ``(tail + n,)`` signed values (the ``tail`` largest ``|w|`` first, in
+        descending order of ``|w|``).
+      weights: how many kernel values each sample value stands for (``1`` in the tail).
+      tail_abs: the ``tail`` largest ``|w|``, descending.
+      rest_abs: the strided part's ``|w|``, sorted descending.
+      size: the kernel's size.
+    """
+
+    values: jax.Array
+    weights: jax.Array
+    tail_abs: jax.Array
+    rest_abs: jax.Array
+    size: int
+
+
+def applies(shape: tuple[int, ...], spec: quant.QuantSpec, methods: tuple[str, ...]) -> bool:
+    """Whether ``screen`` handles this kernel shape, spec and methods (static).
+
+    Example:
+      >>> applies((4096, 4096), quant.QuantSpec(bits=4), ("clip",))
+      True
+      >>> applies((4096, 4096), quant.QuantSpec(bits=4, granularity="per_channel"), ("clip",))
+      False
+    """
+    return (
+        spec.granularity == "per_tensor"
+        and math.prod(shape) >= MIN_SIZE
+        and "random" not in methods
+    )
+
+
+def _top_abs(a: jax.Array, w: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` largest of ``a`` (flat, ``>= 0``), descending, and ``w`` at those places."""
+    if a.size <= _LEAF:
+        vals, idx = jax.lax.top_k(a, k)
+        return vals, w[idx]
+    pad = (-a.size) % _BLOCK
+    if pad:
+        a, w = jnp.pad(a, (0, pad)), jnp.pad(w, (0, pad))
+    ab, wb = a.reshape(-1, _BLOCK), w.reshape(-1, _BLOCK)
+    kb = min(k, ab.shape[0])
+    # the top k values lie in the kb blocks whose maxima are largest (each such value's
+    # block has a maximum at least that value, and at most k blocks do)
+    _, bi = _top_abs(jnp.max(ab, axis=1), jnp.arange(ab.shape[0]), kb)
+    vals, idx = jax.lax.top_k(ab[bi].reshape(-1), k)
+    return vals, wb[bi].reshape(-1)[idx]
+
+
+def sample(w: jax.Array, tail: int = TAIL, n: int = SAMPLE) -> Sample:
+    """The ``tail`` largest ``|w|`` values exactly plus about ``n`` strided others, weighted.
+
+    The stride is odd, so the strided part walks across the columns of a matrix instead
+    of following one. Sample values at or above the tail's smallest ``|w|`` get weight
+    ``0`` (the tail holds them); the others share the remaining ``size - tail`` values.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = sample(jnp.arange(-8.0, 8.0), tail=2, n=4)
+      >>> s.tail_abs.tolist(), float(s.weights.sum())
+      ([8.0, 7.0], 16.0)
+    """
+    wf = w.reshape(-1)
+    a = jnp.abs(wf).astype(jnp.float32)
+    size = int(wf.size)
+    tail = min(tail, size)
+    tail_abs, tail_w = _top_abs(a, wf, tail)
+    stride = max(1, size // max(n, 1)) | 1
+    rest = wf[::stride]
+    rest_a = jnp.abs(rest).astype(jnp.float32)
+    keep = rest_a < tail_abs[-1]
+    weight = (size - tail) / jnp.maximum(jnp.sum(keep), 1)
+    weights = jnp.concatenate(
+        [jnp.ones(tail, jnp.float32), jnp.where(keep, weight, 0.0).astype(jnp.float32)]
+    )
+    rest_sorted = -jnp.sort(-rest_a)
+    return Sample(jnp.concatenate([tail_w, rest]), weights, tail_abs, rest_sorted, size)
+
+
+def order_stats(s: Sample, ks) -> jax.Array:
+    """``desc(|w|)[k]`` for each static ``k``: exact below ``len(tail)``, else from the sample.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = sample(jnp.arange(1000.0), tail=8, n=100)
+      >>> order_stats(s, [0, 7]).tolist()
+      [999.0, 992.0]
+    """
+    ks = np.asarray(ks, int)
+    tail = s.tail_abs.shape[0]
+    n = s.rest_abs.shape[0]
+    at = np.clip(np.round(ks * n / s.size).astype(int), 0, n - 1)
+    exact = s.tail_abs[np.clip(ks, 0, tail - 1)]
+    approx = s.rest_abs[at]
+    return jnp.where(jnp.asarray(ks < tail), exact, approx)
+
+
+def predict(
+    s: Sample,
+    thresholds: jax.Array,
+    method: str,
+    spec: quant.QuantSpec,
+    *,
+    branches: int = 2,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Predicted ``(mse, extra_nonzero)`` of ``method`` at each threshold, from the sample.
+
+    Each candidate splits the sample with ``kernels.split`` and quantizes every branch
+    with ``quant.quantize`` (max-abs scales of the sample's branches, which hold the
+    kernel's largest values); the squared errors and the non-zeros are summed with the
+    sample's weights. Float32 arrays of shape ``(n,)``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.linspace(-1.0, 1.0, 4001) ** 3
+      >>> s = sample(w, tail=64, n=500)
+      >>> mse, extra = predict(s, jnp.array([0.97, 0.5]), "clip", quant.QuantSpec(bits=4))
+      >>> int(extra[0]) == int(jnp.sum(jnp.abs(w) > 0.97))  # all in the tail: exact
+      True
+      >>> bool(abs(extra[1] / jnp.sum(jnp.abs(w) > 0.5) - 1) < 0.05)  # estimated
+      True
+    """
+    x = s.values
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    nz0 = jnp.sum(s.weights * (x != 0))
+
+    def one(t):
+        bs = kernels.split(method, x, t, key, branches=branches, spec=spec)
+        recon = sum(quant.quantize(b, spec).astype(xf.dtype) for b in bs)
+        err = jnp.sum(s.weights * jnp.square(recon - xf)) / s.size
+        nz = sum(jnp.sum(s.weights * (b != 0)) for b in bs)
+        return err.astype(jnp.float32), (nz - nz0).astype(jnp.float32)
+
+    return jax.lax.map(one, thresholds)
+
+
+def screen(
+    w: jax.Array,
+    thresholds: jax.Array,
+    methods: tuple[str, ...],
+    spec: quant.QuantSpec,
+    budget: jax.Array,
+    *,
+    top: int,
+    branches: int = 2,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Measured ``(mse, extra_nonzero)`` of the ``top`` best-predicted candidates, else ``inf``.
+
+    Args:
+      w: a finite floating-point kernel (per-tensor ``spec``; see ``applies``).
+      thresholds: ``(n,)`` candidate thresholds, shared by the methods.
+      methods: the methods (static).
+      spec: the branches' ``QuantSpec``.
+      budget: the largest extra non-zeros allowed, as a fraction of ``w.size`` (data).
+      top: how many candidates to measure exactly (static, at least 1).
+      branches: branch count.
+      key: a key (unused by the methods the screen accepts).
+
+    Returns:
+      ``(mse, extra)`` of shape ``(len(methods), n)``: float (float32, or float64 for
+      float64 kernels) and int32, the measured
+      figures (``jaxsplit.measure``) at the confirmed candidates; ``inf`` and ``0``
+      elsewhere.
+
+    Example:
+      >>> import numpy as np, jax.numpy as jnp
+      >>> w = jnp.asarray(np.random.default_rng(0).standard_t(3, 2**18), jnp.float32)
+      >>> thr = jnp.array([1.0, 2.0, 4.0])
+      >>> mse, extra = screen(w, thr, ("clip",), quant.QuantSpec(bits=4), 1.0, top=1)
+      >>> int(jnp.sum(jnp.isfinite(mse)))
+      1
+    """
+    s = sample(w)
+    preds = [predict(s, thresholds, m, spec, branches=branches, key=key) for m in methods]
+    p_mse = jnp.stack([p[0] for p in preds]).reshape(-1)
+    p_extra = jnp.stack([p[1] for p in preds]).reshape(-1)
+    n = thresholds.shape[0]
+    within = p_extra <= budget * w.size
+    score = jnp.where(jnp.isfinite(p_mse) & within, p_mse, jnp.inf)
+    top = max(1, min(top, score.size))
+    fits = jnp.isfinite(score)
+    # best predicted within the budget first (ranks in [0, 1]), then the cheapest over it
+    worst = jnp.max(jnp.where(fits, score, 0.0))
+    rank = jnp.where(fits, score / jnp.maximum(worst, 1e-30), 2.0 + p_extra / w.size)
+    _, picks = jax.lax.top_k(-rank, top)
+    ft = jnp.promote_types(w.dtype, jnp.float32)
+
+    def exact(flat):
+        mi, ti = flat // n, flat % n
+        t = thresholds[ti]
+
+        def run(m):
+            def f():
+                m_ = measure(w, kernels.split(m, w, t, key, branches=branches, spec=spec), spec)
+                return m_.mse.astype(ft), m_.extra_nonzero
+
+            return f
+
+        fs = [run(m) for m in methods]
+        return jax.lax.switch(mi, fs) if len(fs) > 1 else fs[0]()
+
+    mse_c, extra_c = jax.lax.map(exact, picks)
+    mse = jnp.full(score.shape, jnp.inf, ft).at[picks].set(mse_c)
+    extra = jnp.zeros(score.shape, jnp.int32).at[picks].set(extra_c)
+    shape = (len(methods), n)
+    return mse.reshape(shape), extra.reshape(shape)

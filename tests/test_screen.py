@@ -1,0 +1,112 @@
+"""jaxsplit.screen: sampled candidate scores, exact confirmation, same choice as exhaustive."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsplit as js
+from jaxsplit import kernels, screen
+from jaxsplit import search as auto
+from jaxsplit.quant import QuantSpec
+
+SHAPE = (512, 512)  # screen.MIN_SIZE values: the smallest kernel the screen handles
+
+
+def _student_t(shape, seed=0, df=3):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray((rng.standard_t(df, size=shape) * 0.02).astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "method,bits,budget,seed",
+    [
+        ("clip", 4, 0.02, 0),
+        ("clip", 8, 0.02, 1),
+        ("clip", 4, None, 2),
+        ("auto", 4, 0.02, 3),
+        ("auto", 8, 0.005, 4),
+        ("balance", 4, 0.05, 5),
+    ],
+)
+def test_screened_choice_matches_exhaustive_within_two_percent(method, bits, budget, seed):
+    w = _student_t(SHAPE, seed)
+    a = js.Auto(QuantSpec(bits=bits), max_extra=budget)
+    assert screen.applies(w.shape, a.spec, auto.search_methods(method, a.spec))
+    ws, info = auto.search(w, None, auto=a, method=method)
+    _, ex = auto.search(w, None, auto=a, method=method, exhaustive=True)
+    assert float(info["mse_unsplit"]) == float(ex["mse_unsplit"])
+    assert float(info["mse"]) <= float(ex["mse"]) * 1.02
+    # never worse than not splitting; the reported figures are the measured ones
+    assert float(info["mse"]) <= float(info["mse_unsplit"])
+    m = js.measure.measure(w, ws, a.spec)
+    assert float(m.mse) == pytest.approx(float(info["mse"]), rel=1e-6)
+    assert int(m.extra_nonzero) == int(info["extra_nonzero"])
+    if budget is not None:
+        assert int(info["extra_nonzero"]) <= budget * w.size
+    assert np.array_equal(kernels.branch_sum(ws), w)
+
+
+def test_screen_measures_only_top_candidates_and_they_are_exact():
+    w = _student_t(SHAPE, 7)
+    spec = QuantSpec(bits=4)
+    thr = auto.candidate_thresholds(w, spec, 16)
+    mse, extra = screen.screen(w, thr, ("clip", "balance"), spec, jnp.inf, top=3)
+    assert mse.shape == (2, 16) and int(jnp.sum(jnp.isfinite(mse))) == 3
+    full = jnp.stack([auto.evaluate(w, thr, m, spec)[0] for m in ("clip", "balance")])
+    full_x = jnp.stack([auto.evaluate(w, thr, m, spec)[1] for m in ("clip", "balance")])
+    done = np.isfinite(np.asarray(mse))
+    np.testing.assert_array_equal(np.asarray(mse)[done], np.asarray(full)[done])
+    np.testing.assert_array_equal(np.asarray(extra)[done], np.asarray(full_x)[done])
+
+
+def test_sample_tail_is_exact_and_order_stats_follow_the_sort():
+    w = _student_t((300, 1000), 8)
+    s = screen.sample(w)
+    desc = np.sort(np.abs(np.asarray(w)).ravel())[::-1]
+    np.testing.assert_array_equal(np.asarray(s.tail_abs), desc[: screen.TAIL])
+    assert float(jnp.sum(s.weights)) == pytest.approx(w.size, rel=1e-5)
+    ks = [0, 1, 10, screen.TAIL - 1]
+    np.testing.assert_array_equal(np.asarray(screen.order_stats(s, ks)), desc[ks])
+    # beyond the tail: about k values above the threshold
+    for k in (2000, 30000, 150000):
+        t = float(screen.order_stats(s, [k])[0])
+        assert abs(int((desc > t).sum()) - k) <= 0.1 * k
+
+
+def test_candidates_are_exact_on_small_kernels():
+    w = _student_t((100, 100), 9)
+    thr = np.asarray(auto.candidate_thresholds(w, QuantSpec(bits=8), 8))
+    desc = np.sort(np.abs(np.asarray(w)).ravel())[::-1]
+    assert set(thr[4:]).issubset(set(desc))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(bits=4, granularity="per_channel"),
+        QuantSpec(bits=4, granularity="per_group", group_size=128),
+    ],
+)
+def test_per_channel_and_per_group_fall_back_to_exhaustive(spec):
+    w = _student_t(SHAPE, 10)
+    assert not screen.applies(w.shape, spec, ("clip",))
+    a = js.Auto(spec, candidates=8, max_extra=0.02)
+    _, info = auto.search(w, None, auto=a, method="clip")
+    _, ex = auto.search(w, None, auto=a, method="clip", exhaustive=True)
+    for k in ("mse", "extra_nonzero", "split"):
+        assert np.array_equal(np.asarray(info[k]), np.asarray(ex[k]))
+
+
+def test_screened_search_runs_inside_a_user_jit_with_a_traced_budget():
+    w = _student_t(SHAPE, 11)
+    a = js.Auto(QuantSpec(bits=4))
+
+    @jax.jit
+    def f(w, budget):
+        return auto.search(w, None, auto=a, method="clip", budget=budget)
+
+    for budget in (0.001, 0.01):
+        ws, info = f(w, budget)
+        assert int(info["extra_nonzero"]) <= budget * w.size
+        assert np.array_equal(kernels.branch_sum(ws), w)

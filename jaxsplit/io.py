@@ -36,7 +36,7 @@ import numpy as np
 
 from jaxsplit import sparse_io
 from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
-from jaxsplit.tree import unwrap
+from jaxsplit.tree import leaf_items, set_in, unwrap
 
 __all__ = [
     "FORMATS",
@@ -460,7 +460,7 @@ class CheckpointReader:
             "%s: msgpack checkpoints cannot be read one tensor at a time; loading it whole",
             self.path,
         )
-        self._whole = dict(_walk(_read_msgpack(self.path)))
+        self._whole = dict(leaf_items(_read_msgpack(self.path)))
         self._raw = {k: (v.shape, v.dtype) for k, v in self._whole.items()}
 
     def _read_msgpack(self, keys: tuple) -> np.ndarray:
@@ -475,7 +475,7 @@ class CheckpointReader:
                 f"cannot read {str(self.path)!r} as orbax: unreadable metadata (truncated or "
                 f"corrupt?)"
             )
-        for keys, m in _walk(meta.tree):
+        for keys, m in leaf_items(meta.tree):
             self._raw[tuple(str(k) for k in keys)] = (tuple(m.shape), np.dtype(m.dtype))
 
     def _read_orbax_many(self, many: list[tuple]) -> dict[tuple, np.ndarray]:
@@ -484,14 +484,14 @@ class CheckpointReader:
         args: dict = {}
         for keys in many:
             shape, dt = self._raw[keys]
-            _set(item, keys, np.broadcast_to(np.zeros((), dt), shape))
-            _set(args, keys, ocp.RestoreArgs(restore_type=np.ndarray))
+            set_in(item, keys, np.broadcast_to(np.zeros((), dt), shape))
+            set_in(args, keys, ocp.RestoreArgs(restore_type=np.ndarray))
         with _quiet_orbax():
             tree = ocp.PyTreeCheckpointer().restore(
                 self._dir.absolute(),
                 args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True),
             )
-        flat = dict(_walk(tree))
+        flat = dict(leaf_items(tree))
         return {keys: np.asarray(flat[keys]) for keys in many}
 
     def _read_raw(self, many: list[tuple]) -> dict[tuple, np.ndarray]:
@@ -638,21 +638,6 @@ def stored_info(
                 t = dataclasses.replace(t, nnz=nnz, density=nnz / size if size else 0.0)
             out.append(t)
         return out
-
-
-def _walk(tree: Mapping, keys: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    """``(keys, leaf)`` of a nested mapping, in order."""
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _walk(v, (*keys, k))
-        else:
-            yield (*keys, k), v
-
-
-def _set(tree: dict, keys: tuple, value: Any) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
 
 
 # --- placing the finished output ---------------------------------------------------------

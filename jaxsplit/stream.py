@@ -50,7 +50,7 @@ from jaxsplit.split import (
     resolve_selection,
     split_with_report,
 )
-from jaxsplit.tree import WEIGHT_NAMES, Weights, find_layers
+from jaxsplit.tree import WEIGHT_NAMES, Weights, find_layers, leaf_items, set_in
 
 __all__ = ["plan_checkpoint", "StreamReport", "iter_layers", "merge_checkpoint", "split_checkpoint"]
 
@@ -140,7 +140,9 @@ class _Source:
         for k, v in node.items():
             ck = (*keys, k)
             if ck in by_keys:
-                leaves = [ck + rest for rest, _ in _leaves(v)] if isinstance(v, Mapping) else [ck]
+                leaves = (
+                    [ck + rest for rest, _ in leaf_items(v)] if isinstance(v, Mapping) else [ck]
+                )
                 self.units.append((by_keys[ck], ck, leaves))
             elif isinstance(v, Mapping):
                 self._units(v, ck, by_keys)
@@ -151,7 +153,7 @@ class _Source:
         arrays = self.reader.read_many(leaves)
         sub: dict = {}
         for keys in leaves:
-            _set(sub, keys, arrays.pop(keys))
+            set_in(sub, keys, arrays.pop(keys))
         layer = self.layers.get(path) if path is not None else None
         if layer is not None and layer.leaf:
             # the leaf's sibling weights as placeholders (never written), so the node
@@ -171,20 +173,6 @@ def _dtype(name: str) -> np.dtype:
         import ml_dtypes
 
         return np.dtype(getattr(ml_dtypes, name))
-
-
-def _leaves(tree: Mapping, keys: tuple = ()) -> Iterator[tuple[tuple, Any]]:
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, (*keys, k))
-        else:
-            yield (*keys, k), v
-
-
-def _set(tree: dict, keys: tuple, value: Any) -> None:
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
 
 
 def _get(tree: Mapping, keys: tuple) -> Any:
@@ -292,7 +280,7 @@ class _TreeSink:
         self.path, self.fmt, self.sparse_below, self.tree = path, fmt, sparse_below, {}
 
     def add(self, keys: tuple, a: Any) -> None:
-        _set(self.tree, keys, a)
+        set_in(self.tree, keys, a)
 
 
 def _header_bound(source: _Source, branches: dict[str, int]) -> int:
@@ -388,10 +376,12 @@ def _run(
                         sub = work[path](sub)
                     node = _get(sub, keys)
                     if isinstance(node, Mapping):
-                        _set(out_skel, keys, _structure(node))
+                        set_in(out_skel, keys, _structure(node))
                     del sub
                     items = (
-                        list(_leaves(node, keys)) if isinstance(node, Mapping) else [(keys, node)]
+                        list(leaf_items(node, keys))
+                        if isinstance(node, Mapping)
+                        else [(keys, node)]
                     )
                     del node
                     for lkeys, a in items:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -60,6 +60,8 @@ __all__ = [
     "keep_sharding",
     "is_traced",
     "x64",
+    "leaf_items",
+    "set_in",
 ]
 
 
@@ -552,3 +554,31 @@ def x64(dtype) -> contextlib.AbstractContextManager:
     if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
         return jax.enable_x64(True)
     return contextlib.nullcontext()
+
+
+def leaf_items(tree: Mapping, keys: tuple = ()) -> Iterator[tuple[tuple, Any]]:
+    """``(keys, leaf)`` of every non-mapping leaf of a nested mapping, in order.
+
+    Example:
+      >>> list(leaf_items({"a": {"b": 1}, "c": 2}))
+      [(('a', 'b'), 1), (('c',), 2)]
+    """
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            yield from leaf_items(v, (*keys, k))
+        else:
+            yield (*keys, k), v
+
+
+def set_in(tree: dict, keys: tuple, value: Any) -> None:
+    """Sets ``tree[k0][k1]…[kn] = value`` in place, creating the dicts on the way.
+
+    Example:
+      >>> t = {}
+      >>> set_in(t, ("a", "b"), 1)
+      >>> t
+      {'a': {'b': 1}}
+    """
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value

@@ -135,8 +135,9 @@ _THRESHOLD_HELP = (
 )
 #: ``SplitConfig.method`` values: the kernels' methods, and ``"auto"`` (search the method).
 CONFIG_METHODS = (*kernels.METHODS, "auto")
-#: The methods ``method="auto"`` chooses from (``grid`` only for symmetric specs).
-AUTO_METHODS = ("balance", "clip", "grid", "residual", "snap")
+#: The methods ``method="auto"`` chooses from (``grid``, ``snap``, ``compensate``: symmetric
+#: specs only).
+AUTO_METHODS = ("balance", "clip", "grid", "residual", "snap", "compensate")
 
 
 LayerPredicate = Callable[[str, Any], bool]
@@ -326,11 +327,11 @@ class SplitConfig:
                 "spec",
                 f"SplitConfig.method={m!r} needs spec=QuantSpec(...) (or an Auto threshold)",
             )
-        if m == "grid" and not q.symmetric:
+        if m in ("grid", "snap", "compensate") and not q.symmetric:
             raise ConfigError(
                 "SplitConfig",
                 "method",
-                f"SplitConfig.method='grid' needs a symmetric QuantSpec, got {q!r}",
+                f"SplitConfig.method={m!r} needs a symmetric QuantSpec, got {q!r}",
             )
 
 

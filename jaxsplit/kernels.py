@@ -23,6 +23,8 @@ Exactness, argued per method:
 * ``snap``: the ``clip`` twin moved onto its own quantization grid; every share is
   snapped to ``ulp(w)``, has ``w``'s sign and is at most ``|w|`` (the lemma above).
 * ``residual``: ``w1 = Q(w)`` lies in ``[w/2, 2w]`` or is ``0``, so ``w - w1`` is exact.
+* ``compensate``: ``w1`` a dense grid point snapped to ``ulp(w)`` and ``w2 = w - w1``,
+  kept only where ``branch_sum`` gives back ``w``; elsewhere ``snap``'s exact shares.
 
 Where a corner case escapes these arguments (subnormals, which XLA flushes to zero on
 CPU), ``exact_or_keep`` leaves that one value whole on ``branch_0``, so the contract
@@ -52,6 +54,8 @@ __all__ = [
     "grid",
     "residual",
     "snap",
+    "compensate",
+    "COMPENSATE_SLOTS",
     "branch_sum",
     "snap_to_ulp",
     "exact_or_keep",
@@ -61,9 +65,11 @@ __all__ = [
 ]
 
 #: Split methods this module implements (``SplitConfig.method`` accepts these).
-METHODS = ("balance", "random", "clip", "grid", "residual", "snap")
+METHODS = ("balance", "random", "clip", "grid", "residual", "snap", "compensate")
 #: Methods whose shares depend on the quantization grid (they need a ``QuantSpec``).
-QUANT_METHODS = ("grid", "residual", "snap")
+QUANT_METHODS = ("grid", "residual", "snap", "compensate")
+#: ``compensate``: twin values per output column re-chosen against the calibration.
+COMPENSATE_SLOTS = 32
 #: Accepted branch counts (``branches > 2`` only for ``balance``).
 BRANCHES = (2, 4, 8)
 
@@ -362,6 +368,170 @@ def snap(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array, jax
     return exact_or_keep(w, (w1, w2))
 
 
+def compensate(
+    w: jax.Array,
+    threshold,
+    spec: quant.QuantSpec,
+    calibration: jax.Array | None = None,
+    *,
+    twin_spec: quant.QuantSpec | None = None,
+    slots: int = COMPENSATE_SLOTS,
+) -> tuple[jax.Array, jax.Array]:
+    """``snap``'s twin, its values re-chosen to cancel the dense rounding in output space.
+
+    ``snap`` fixes the twin's support ``S`` (the values above ``t``) and both branches'
+    scales. On ``S`` the represented value ``Q(w1) + Q(w2)`` is still free: with
+    ``w1 = a·s1`` on the dense grid (``a`` in ``[-qmax, qmax]``) and ``w2 = w - w1``,
+    ``Q(w2)`` is the twin's grid point nearest ``w - a·s1``, so each value of ``S`` has
+    ``2·qmax + 1`` reachable errors ``a·s1 + k·σ - w`` within half a twin step ``σ``.
+    Every value of ``S`` first takes the reachable error nearest zero. With a matrix
+    ``calibration`` ``C = E[x xᵀ]`` (``d_in = prod(shape[:-1])``), in each output column
+    the ``slots`` values of ``S`` with the largest ``C_ii`` are then re-chosen GPTQ-style,
+    only on ``S``: the continuous optimum ``e_S = -C_SS⁻¹ C_{S,~S} r`` against the other
+    values' errors ``r``, rounded one value at a time to its reachable set, each rounding
+    error passed on to the values not yet rounded (through the Cholesky factor of the
+    damped ``C_SS⁻¹``); a column keeps the result only if it lowers ``eᵀ C e``. Values
+    attaining either branch's max stay as ``snap`` put them, so the scales do not move.
+    A diagonal or no calibration decouples the values (the nearest-zero step alone).
+
+    Exact: ``w1`` is snapped to a multiple of ``ulp(w)``; a value whose ``branch_sum`` is
+    not ``w`` keeps ``snap``'s (exact) shares. The extra non-zeros are ``snap``'s, at most.
+
+    Args:
+      w: a floating-point kernel (the last axis: output columns).
+      threshold: absolute threshold ``t`` (scalar, or broadcastable to ``w``).
+      spec: a symmetric ``QuantSpec`` (``branch_0``'s, and the twin's by default).
+      calibration: ``None``, ``(d_in,)`` or ``(d_in, d_in)`` (``jaxsplit.measure``).
+      twin_spec: the twin's ``QuantSpec`` where it differs (mixed precision).
+      slots: values of ``S`` per output column re-chosen against ``C`` (static).
+
+    Returns:
+      ``(w1, w2)`` with ``w1 + w2 == w`` bit for bit; ``w2 == 0`` where ``|w| <= t``.
+
+    Raises:
+      ValueError: ``spec`` (or ``twin_spec``) is asymmetric.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxsplit.quant import QuantSpec
+      >>> w = jnp.array([0.5, 0.3, 3.0, 8.0])
+      >>> w1, w2 = compensate(w, 1.0, QuantSpec(bits=3))
+      >>> bool(jnp.all(branch_sum((w1, w2)) == w)), int(jnp.count_nonzero(w2))
+      (True, 2)
+    """
+    tspec = twin_spec or spec
+    for name, q in (("spec", spec), ("twin_spec", tspec)):
+        if not isinstance(q, quant.QuantSpec) or not q.symmetric:
+            raise ValueError(f"method 'compensate' needs a symmetric QuantSpec, got {name}={q!r}")
+    w1s, w2s = snap(w, threshold, tspec)
+    ft = jnp.promote_types(w.dtype, jnp.float32)
+    wf, b1, b2 = w.astype(ft), w1s.astype(ft), w2s.astype(ft)
+    s1 = jnp.broadcast_to(quant.per_element(quant.scale(b1, spec), w.shape, spec), w.shape)
+    sg = jnp.broadcast_to(quant.per_element(quant.scale(b2, tspec), w.shape, tspec), w.shape)
+    q1, q2 = spec.qmax, tspec.qmax
+    top1, top2 = s1 * q1, sg * q2
+    pin = (jnp.abs(b1) >= top1 * (1 - 1e-6)) | (jnp.abs(b2) >= top2 * (1 - 1e-6))
+    free = (w2s != 0) & ~pin & (s1 > 0) & (sg > 0)
+    safe = jnp.where(sg > 0, sg, 1)
+
+    def reach(a):  # the error of code ``a`` on branch_0, and whether it keeps the scales
+        v1 = a * s1
+        rest = wf - v1
+        k = jnp.clip(jnp.round(rest / safe), -q2, q2)
+        return v1 + k * sg - wf, jnp.abs(rest) <= top2
+
+    def nearest_zero(a, best):
+        e, ok = reach(a.astype(ft))
+        better = ok & (jnp.abs(e) < jnp.abs(best[1]))
+        return jnp.where(better, a, best[0]), jnp.where(better, e, best[1])
+
+    e_snap = quant.quantize(b1, spec) + quant.quantize(b2, tspec) - wf
+    a_snap = jnp.round(b1 / jnp.where(s1 > 0, s1, 1))
+    a0, e0 = lax.fori_loop(-q1, q1 + 1, lambda a, c: nearest_zero(a, c), (a_snap, e_snap))
+    moved = free & (jnp.abs(e0) < jnp.abs(e_snap))  # otherwise snap's shares stay
+    codes = jnp.where(moved, a0, a_snap)
+    use = moved
+    c = None if calibration is None else jnp.asarray(calibration).astype(ft)
+    if c is not None and c.ndim == 2 and w.ndim >= 1 and c.shape[0] > 1:
+        e_base = jnp.where(moved, e0, e_snap)
+        codes, changed = _compensate_columns(wf, e_base, codes, free, c, s1, sg, q1, q2, slots)
+        use = moved | (changed & free)
+    v1 = codes * s1
+    w1c = snap_to_ulp(v1, wf).astype(w.dtype)
+    w2c = w - w1c
+    ok = use & (branch_sum((w1c, w2c)) == w) & jnp.isfinite(w)
+    w1 = jnp.where(ok, w1c, w1s)
+    w2 = jnp.where(ok, w2c, w2s)
+    return exact_or_keep(w, (w1, w2))
+
+
+def _compensate_columns(wf, e_base, codes, free, c, s1, sg, q1, q2, slots):
+    """``compensate``'s per-column step on the twin's support (see its docstring):
+    ``(codes, changed)``, the dense codes and where they were re-chosen.
+
+    Per column, with ``H = C_SS`` (damped) ``= Uᵀ U`` and ``b = C_{S,~S} r``, the output
+    error is ``||U e + g||² + const`` (``g = U⁻ᵀ b``); the values are rounded from the last
+    slot to the first (nearest plane, the order GPTQ's updates amount to), the highest
+    ``C_ii`` first, each to the reachable error nearest its conditional optimum."""
+    shape = wf.shape
+    d_out = shape[-1]
+    as2 = lambda x: x.reshape(-1, d_out)  # noqa: E731
+    w2d, free2 = as2(wf), as2(free)
+    s12, sg2 = as2(jnp.broadcast_to(s1, shape)), as2(jnp.broadcast_to(sg, shape))
+    d_in = w2d.shape[0]
+    m = min(slots, d_in)
+    base_codes, e_base = as2(codes), as2(e_base)
+    diag = jnp.diagonal(c)
+    prio = jnp.where(free2.T, diag[None, :], -jnp.inf)  # (d_out, d_in)
+    vals, idx = lax.top_k(prio, m)
+    vals, idx = vals[:, ::-1], idx[:, ::-1]  # rounded last to first: best C_ii first
+    valid = jnp.isfinite(vals)  # (d_out, m)
+    cols = jnp.arange(d_out)[:, None]
+    slotted = jnp.zeros((d_out, d_in), bool).at[cols, idx].set(valid).T  # (d_in, d_out)
+    r = jnp.where(slotted, 0, e_base)
+    b = jnp.where(valid, (c @ r).T[cols, idx], 0)  # (d_out, m): C_{S,~S} r
+    vv = valid[:, :, None] & valid[:, None, :]
+    damp = 0.01 * jnp.mean(diag) + jnp.finfo(c.dtype).tiny
+    eye = jnp.eye(m, dtype=c.dtype)
+    h = jnp.where(vv, c[idx[:, :, None], idx[:, None, :]], 0)
+    h = h + eye * jnp.where(valid[:, :, None], damp, 1.0)
+    low = jnp.linalg.cholesky(h)
+    g = jax.scipy.linalg.solve_triangular(low, b[..., None], lower=True)[..., 0]
+    u = jnp.swapaxes(low, 1, 2)
+    # every reachable error of every slot (codes -q1 … q1), then the slot's current one
+    w_s, s1_s, sg_s, e_s = (x.T[cols, idx] for x in (w2d, s12, sg2, e_base))
+    a = jnp.arange(-q1, q1 + 1, dtype=wf.dtype)
+    v1 = a[None, None, :] * s1_s[..., None]
+    rest = w_s[..., None] - v1
+    k = jnp.clip(jnp.round(rest / jnp.where(sg_s > 0, sg_s, 1)[..., None]), -q2, q2)
+    cand = v1 + k * sg_s[..., None] - w_s[..., None]
+    cand = jnp.where(jnp.abs(rest) <= (sg_s * q2)[..., None], cand, jnp.inf)
+    cand = jnp.concatenate([cand, e_s[..., None]], axis=-1)
+
+    def step(n, state):
+        e, chosen = state
+        i = m - 1 - n
+        ui = u[:, i, :]
+        want = -(g[:, i] + jnp.sum(ui * e, axis=1)) / ui[:, i]
+        ci = cand[:, i, :]
+        j = jnp.argmin(jnp.abs(ci - want[:, None]), axis=1)
+        ei = jnp.where(valid[:, i], jnp.take_along_axis(ci, j[:, None], axis=1)[:, 0], 0)
+        return e.at[:, i].set(ei), chosen.at[:, i].set(j)
+
+    init = (jnp.zeros((d_out, m), wf.dtype), jnp.full((d_out, m), 2 * q1 + 1))
+    e_new_s, chosen = lax.fori_loop(0, m, step, init)
+    good = valid & (chosen <= 2 * q1)
+    e_new = e_base.T.at[cols, idx].set(jnp.where(good, e_new_s, e_s)).T
+    out_old = jnp.sum((c @ e_base) * e_base, axis=0)
+    out_new = jnp.sum((c @ e_new) * e_new, axis=0)
+    keep = out_new < out_old  # per column
+    new_codes = jnp.where(good, chosen - q1, 0).astype(wf.dtype)
+    codes2 = base_codes.T.at[cols, idx].set(jnp.where(good, new_codes, base_codes.T[cols, idx])).T
+    changed = jnp.zeros((d_out, d_in), bool).at[cols, idx].set(good).T & keep[None, :]
+    codes2 = jnp.where(changed, codes2, base_codes)
+    return codes2.reshape(shape), changed.reshape(shape)
+
+
 def snap_to_ulp(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x`` rounded to the nearest multiple of ``ulp(w)`` (float spacing in ``w``'s binade).
 
@@ -441,6 +611,7 @@ def split(
     branches: int = 2,
     spec: quant.QuantSpec | None = None,
     twin_spec: quant.QuantSpec | None = None,
+    calibration: jax.Array | None = None,
 ) -> tuple[jax.Array, ...]:
     """Dispatches to a method by name; returns the branches (``branch_sum == w`` bit for bit).
 
@@ -456,6 +627,8 @@ def split(
       spec: the ``QuantSpec``, needed by the ``QUANT_METHODS``.
       twin_spec: the twin's ``QuantSpec`` where it differs (``snap`` puts the twin on
         its grid); default ``spec``.
+      calibration: the second moment of the layer's inputs (``jaxsplit.measure``), used
+        by ``"compensate"`` only.
 
     Returns:
       The tuple of ``branches`` arrays.
@@ -492,4 +665,6 @@ def split(
         return grid(w, threshold, spec)
     if method == "snap":
         return snap(w, threshold, twin_spec or spec)
+    if method == "compensate":
+        return compensate(w, threshold, spec, calibration, twin_spec=twin_spec)
     return residual(w, threshold, spec)

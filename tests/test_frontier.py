@@ -262,3 +262,101 @@ def test_frontier_table_small_and_readme_matches_results():
     table = readme.split(frontier.START, 1)[1].split(frontier.END, 1)[0].strip()
     results = frontier.RESULTS.read_text()
     assert table and table in results
+
+
+def _moments(rng, d, hot=0.1):
+    """``E[x xᵀ]`` of correlated inputs with a few hot features (what transformers feed)."""
+    x = rng.normal(size=(256, d)) @ rng.normal(size=(d, d)) * 0.3 + rng.normal(size=d)
+    x = x * (1 + 4 * (rng.uniform(size=d) < hot))
+    return (x.T @ x / len(x)).astype("f4")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(0, 10**6),
+    st.floats(0.5, 0.999),
+    st.sampled_from([3, 4, 6]),
+    st.sampled_from([jnp.float32, jnp.bfloat16]),
+    st.booleans(),
+)
+def test_compensate_is_exact_and_keeps_snaps_support(seed, q, bits, dtype, calibrated):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_t(3, size=(24, 8)) * 0.02, dtype)
+    t = float(np.quantile(np.abs(np.asarray(w, np.float32)), q))
+    cal = jnp.asarray(_moments(rng, 24)) if calibrated else None
+    spec = js.QuantSpec(bits=bits)
+    ws = kernels.split("compensate", w, t, spec=spec, calibration=cal)
+    assert np.array_equal(np.asarray(kernels.branch_sum(ws)), np.asarray(w))
+    snap_twin = np.asarray(kernels.snap(w, t, spec)[1]) != 0
+    assert not np.any(np.asarray(ws[1])[~snap_twin])  # no value outside snap's support
+
+
+@pytest.mark.parametrize("bits", [4, 6])
+def test_compensate_never_worse_than_snap_in_output_error(bits):
+    rng = np.random.default_rng(bits)
+    spec = js.QuantSpec(bits=bits)
+    w = jnp.asarray((rng.standard_t(3, size=(48, 32)) * 0.02).astype("f4"))
+    c = jnp.asarray(_moments(rng, 48))
+    wins = 0
+    for q in (0.8, 0.9, 0.95):
+        t = float(np.quantile(np.abs(np.asarray(w)), q))
+        snap = measure.measure(w, kernels.snap(w, t, spec), spec, calibration=c)
+        comp = measure.measure(w, kernels.compensate(w, t, spec, c), spec, calibration=c)
+        plain = measure.measure(w, kernels.compensate(w, t, spec), spec)
+        assert float(comp.output_error) <= float(snap.output_error) * (1 + 1e-5)
+        assert float(plain.mse) <= float(snap.mse) * (1 + 1e-5)  # uncalibrated: nearest w
+        assert int(comp.extra_nonzero) <= int(snap.extra_nonzero)
+        wins += float(comp.output_error) < 0.95 * float(snap.output_error)
+    assert wins >= 2  # correlated inputs: the compensation removes > 5% of the error
+
+
+def test_auto_compensate_calibrated_beats_uncalibrated_choice_tree_and_layer():
+    rng = np.random.default_rng(7)
+    p = {f"l{i}": {"kernel": (rng.standard_t(3, size=(48, 16)) * 0.02).astype("f4")}
+         for i in range(3)}  # fmt: skip
+    cal = {k: _moments(rng, 48) for k in p}
+    n = sum(v["kernel"].size for v in p.values())
+    for scope in ("layer", "tree"):
+        auto = js.Auto(INT4, candidates=8, max_extra=0.05, scope=scope)
+        cfg = js.SplitConfig(layers=["*"], threshold=auto, method="compensate")
+        plain = js.split_params(p, cfg)
+        p_cal, rep = js.split_with_report(p, cfg, calibration=cal)
+        merged = js.merge_params(p_cal)
+        assert all(np.array_equal(merged[k]["kernel"], p[k]["kernel"]) for k in p)
+        assert sum(lay.auto.extra_nonzero for lay in rep.layers) <= 0.05 * n
+
+        def out_err(tree, k):
+            lay = js.find_layers(tree)[k]
+            ws = [lay.node[f"branch_{i}"]["kernel"] for i in range(lay.branches)]
+            ws = ws or [lay.array]
+            m = measure.measure(jnp.asarray(p[k]["kernel"]), ws, INT4, calibration=cal[k])
+            return float(m.output_error)
+
+        cal_total = sum(out_err(p_cal, k) for k in p)
+        assert cal_total <= sum(out_err(plain, k) for k in p) * (1 + 1e-5)
+        for lay in rep.layers:
+            assert lay.auto.output_error == pytest.approx(out_err(p_cal, lay.path), rel=1e-4)
+
+
+def test_grid_puts_the_twin_on_the_twin_specs_grid():
+    w = jnp.asarray(_tree()["l0"]["kernel"])
+    int8 = js.QuantSpec(bits=8)
+    t = float(np.quantile(np.abs(np.asarray(w)), 0.95))
+    w1, w2 = kernels.split("grid", w, t, spec=INT4, twin_spec=int8)
+    assert np.array_equal(np.asarray(kernels.branch_sum((w1, w2))), np.asarray(w))
+    np.testing.assert_allclose(js.quant.quantize(w2, int8), w2, atol=1e-7)
+    cfg = js.SplitConfig(
+        layers=["*"], threshold=js.Auto(INT4, max_extra=0.03, twin_spec=int8), method="grid"
+    )
+    p2, rep = js.split_with_report(_tree(), cfg)
+    for lay in rep.layers:
+        if lay.auto.split:
+            b2 = np.asarray(p2[lay.path]["branch_1"]["kernel"])
+            np.testing.assert_allclose(np.asarray(js.quant.quantize(b2, int8)), b2, atol=1e-7)
+
+
+def test_snap_and_compensate_need_a_symmetric_spec():
+    asym = js.QuantSpec(bits=4, symmetric=False)
+    for m in ("snap", "compensate"):
+        with pytest.raises(js.ConfigError, match=f"method='{m}' needs a symmetric QuantSpec"):
+            js.SplitConfig(layers=["*"], threshold=0.1, method=m, spec=asym)

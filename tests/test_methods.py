@@ -31,6 +31,8 @@ CASES = [
     ("clip", 2),
     ("grid", 2),
     ("residual", 2),
+    ("snap", 2),
+    ("compensate", 2),
 ]
 
 

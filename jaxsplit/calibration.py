@@ -7,13 +7,21 @@ over the rows ``x`` the layer sees (every token, every output position of a Conv
 ``calibrate`` runs the model on calibration batches, captures each Dense/Conv input
 (``nn.intercept_methods`` for linen; probes on a clone for NNX, as
 ``jaxsplit.outputs``) and returns ``{layer path: C}``, which ``split_params(...,
-calibration=C)`` and ``measure.measure(..., calibration=...)`` take. Einsum layers and
-grouped/transposed convolutions are not captured (their rows are not ``x W``).
+calibration=C)`` and ``measure.measure(..., calibration=...)`` take.
+
+Einsum weights are captured too (``einsum_rows``): ``nn.Einsum``/``nnx.Einsum`` and, in
+linen, Gemma-style modules called as ``module(eqn, x)`` with one weight
+``self.param(weight_name or "w", ...)`` (e.g. ``gating_einsum`` in a shared scope, whose
+layer path is then ``<module path>/<weight name>``). Their rows are the inputs in the
+kernel's flattened layout (``d_in = prod(shape[:-1])``, a head axis kept in the output
+making ``C`` block-diagonal), provided the weight's last axis is an output axis of the
+equation. Grouped/transposed convolutions and other einsums are not captured.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 
 import flax.linen as nn
@@ -25,7 +33,7 @@ from flax import nnx
 from jaxsplit.errors import ConfigError
 from jaxsplit.outputs import run_with_hook
 
-__all__ = ["calibrate", "input_rows", "KINDS"]
+__all__ = ["calibrate", "input_rows", "einsum_rows", "KINDS"]
 
 logger = logging.getLogger("jaxsplit")
 
@@ -86,6 +94,63 @@ def input_rows(module, x: jax.Array) -> jax.Array | None:
     return None
 
 
+def einsum_rows(eqn: str, x: jax.Array, shape: tuple[int, ...]) -> jax.Array | None:
+    """The ``(rows, d_in)`` inputs of ``jnp.einsum(eqn, x, w)`` in ``w``'s flattened layout.
+
+    ``rows @ w.reshape(d_in, d_out)`` reproduces the einsum's output with ``w``'s last axis
+    moved last (``d_in = prod(shape[:-1])``), so ``E[rowsᵀ rows]`` is the ``C`` of
+    ``trace(Eᵀ C E)``. ``None`` unless ``w``'s last axis is an output axis of ``eqn`` that
+    ``x`` does not carry.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.arange(6.0).reshape(1, 2, 3)
+      >>> einsum_rows("BTD,NDH->BTNH", x, (2, 3, 4)).shape  # rows B·T·N, d_in N·D
+      (4, 6)
+      >>> einsum_rows("BTD,DH->BH", x, (3, 4)).shape
+      (2, 3)
+      >>> einsum_rows("BTD,ND->BTN", x, (2, 3)) is None  # last axis contracted
+      True
+    """
+    eqn = eqn.replace(" ", "")
+    if "->" not in eqn or eqn.count(",") != 1:
+        return None
+    ins, out = eqn.split("->")
+    lhs, rhs = ins.split(",")
+    if "." in rhs or not rhs or len(rhs) != len(shape):
+        return None
+    last = rhs[-1]
+    if last not in out or last in lhs or out.count(last) != 1:
+        return None
+    d_in = math.prod(shape[:-1])
+    basis = jnp.eye(d_in, dtype=x.dtype).reshape(*shape[:-1], d_in)
+    rows = jnp.einsum(f"{lhs},{rhs}->{out.replace(last, '')}{last}", x, basis)
+    return rows.reshape(-1, d_in)
+
+
+def _einsum_call(module, args, kwargs):
+    """``(eqn, x, weight name, weight shape)`` of an Einsum call, or ``None``."""
+    if isinstance(module, nn.Einsum | nnx.Einsum):
+        eqn = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
+        eqn = eqn or module.einsum_str
+        x = args[0] if args else kwargs.get("inputs")
+        name = "kernel"
+    elif isinstance(module, nn.Module) and len(args) == 2 and isinstance(args[0], str):
+        eqn, x = args  # a Gemma-style ``Einsum(eqn, x)`` with one named weight
+        name = getattr(module, "weight_name", "w")
+    else:
+        return None
+    if not isinstance(eqn, str) or not hasattr(x, "shape"):
+        return None
+    if isinstance(module, nnx.Module):
+        w = getattr(module, name, None)
+    else:
+        w = module.variables.get("params", {}).get(name)
+    if w is None or not hasattr(w, "shape"):
+        return None
+    return eqn, x, name, tuple(w.shape)
+
+
 def _tuple(v, n: int) -> tuple[int, ...]:
     if v is None:
         return (1,) * n
@@ -139,6 +204,15 @@ def calibrate(
     return {p: (sums[p] / max(counts[p], 1)).astype(np.float32) for p in sums}
 
 
+def _own_weights(module, name: str) -> tuple[str, ...]:
+    """``(name,)`` when the module's scope holds other array params besides ``name``
+    (a shared scope such as Gemma's feed-forward: the layer path is then
+    ``<path>/<name>``), else ``()``."""
+    params = module.variables.get("params", {})
+    others = [k for k, v in params.items() if k != name and getattr(v, "ndim", 0) >= 2]
+    return (name,) if others else ()
+
+
 def _moments_fn(model, kind: str):
     def moment(rows):
         r = rows.astype(jnp.float32)
@@ -161,8 +235,16 @@ def _moments_fn(model, kind: str):
 
             def interceptor(next_fun, a, kw, context):
                 if context.method_name == "__call__" and a:
-                    path = "/".join(str(p) for p in context.module.path)
-                    add(acc, path, input_rows(context.module, a[0]))
+                    mod = context.module
+                    path = "/".join(str(p) for p in mod.path)
+                    call = _einsum_call(mod, a, kw)
+                    if call is not None:
+                        eqn, x, name, shape = call
+                        if not isinstance(mod, nn.Einsum) and name in _own_weights(mod, name):
+                            path = f"{path}/{name}" if path else name
+                        add(acc, path, einsum_rows(eqn, x, shape))
+                    else:
+                        add(acc, path, input_rows(mod, a[0]))
                 return next_fun(*a, **kw)
 
             with nn.intercept_methods(interceptor):
@@ -177,7 +259,11 @@ def _moments_fn(model, kind: str):
             acc: dict = {}
 
             def hook(path, call, x):
-                add(acc, path, input_rows(modules[path], x))
+                mod = modules[path]
+                if isinstance(mod, nnx.Einsum):
+                    add(acc, path, einsum_rows(mod.einsum_str, x, tuple(mod.kernel.shape)))
+                else:
+                    add(acc, path, input_rows(mod, x))
                 return call(x)
 
             run_with_hook(model, state, args, {}, hook)

@@ -360,3 +360,50 @@ def test_snap_and_compensate_need_a_symmetric_spec():
     for m in ("snap", "compensate"):
         with pytest.raises(js.ConfigError, match=f"method='{m}' needs a symmetric QuantSpec"):
             js.SplitConfig(layers=["*"], threshold=0.1, method=m, spec=asym)
+
+
+def test_calibrate_einsum_linen_gemma_and_nnx():
+    import gemma_like as gl
+
+    from jaxsplit.calibration import einsum_rows
+
+    tokens = jnp.array([[1, 5, 7, 2], [3, 3, 9, 0]])
+    m = gl.Transformer()
+    v = m.init(jax.random.key(0), tokens)
+    c = js.calibrate(m, v, [tokens])
+    paths = set(js.find_layers(v, weights=gl.GEMMA_WEIGHTS))
+    want = {f"layer_{i}/{k}" for i in range(2) for k in (
+        "attn/q_einsum", "attn/kv_einsum", "attn/attn_vec_einsum", "mlp/gating_einsum",
+        "mlp/linear")}  # fmt: skip
+    assert want <= set(c) and set(c) <= paths
+    for path in want:  # the moments fit the kernel: calibration is accepted and used
+        k = js.find_layers(v, weights=gl.GEMMA_WEIGHTS)[path].array
+        measure.calibration_check(path, tuple(k.shape), c[path])
+    # rows reproduce the einsum: rows @ W == output with W's last axis last
+    x = jax.random.normal(jax.random.key(2), (2, 3, 16))
+    w = jax.random.normal(jax.random.key(3), (4, 16, 8))
+    rows = einsum_rows("BTD,NDH->BTNH", x, w.shape)
+    np.testing.assert_allclose(
+        rows @ w.reshape(-1, 8), jnp.einsum("BTD,NDH->BTNH", x, w).reshape(-1, 8), rtol=1e-5,
+        atol=1e-5,
+    )  # fmt: skip
+    # linen nn.Einsum and nnx.Einsum
+    lin = nn.Einsum((3, 5), "bi,ij->bj", use_bias=False)
+    xs = jax.random.normal(jax.random.key(4), (6, 3))
+    cl = js.calibrate(lin, lin.init(jax.random.key(0), xs), [xs])
+    np.testing.assert_allclose(cl[""], np.asarray(xs.T @ xs) / 6, rtol=1e-5)
+    nx = nnx.Einsum("bi,ij->bj", (3, 5), rngs=nnx.Rngs(0))
+    cn = js.calibrate(nnx.Sequential(nx), None, [xs])
+    np.testing.assert_allclose(cn["layers/0"], np.asarray(xs.T @ xs) / 6, rtol=1e-5)
+    # and a calibrated split of the Gemma tree stays exact
+    cfg = js.SplitConfig(layers=["**/mlp/*", "**/attn/*"], weights=gl.GEMMA_WEIGHTS,
+                         threshold=js.Auto(INT4, candidates=4, max_extra=0.05),
+                         method="compensate")  # fmt: skip
+    hv = gl.heavy_tailed(v)
+    cal = {p: c[p] for p in want}
+    v2 = js.split_params(hv, cfg, calibration=cal)
+    merged = js.merge_params(v2)
+    for path in want:
+        a = js.find_layers(merged, weights=gl.GEMMA_WEIGHTS)[path].array
+        b = js.find_layers(hv, weights=gl.GEMMA_WEIGHTS)[path].array
+        assert np.array_equal(np.asarray(a), np.asarray(b))

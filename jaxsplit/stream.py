@@ -17,8 +17,12 @@ The output is atomic like ``io.save``: written in a temporary sibling directory,
 and renamed; an error or interrupt (e.g. raised from ``progress``) leaves a previous
 output intact and no temporary files.
 
-A later tree-wide search plugs in with ``iter_layers`` (pass 1: per-layer statistics)
-and ``split_checkpoint(plan=...)`` (pass 2: a per-layer ``SplitConfig``).
+``Auto(scope="tree")`` (one budget shared by the tree) and calibrated searches stream
+too: the tree-wide search runs in two passes over the input (pass 1: each layer's
+candidate curve, ``split.tree_curves``, then the allocation, ``split.plan_tree``; pass 2:
+each layer split at its pick, ``split.split_planned``), which gives the in-memory result
+bit for bit. Other tree-wide schemes plug in with ``iter_layers`` (pass 1) and
+``split_checkpoint(plan=...)`` (pass 2: a per-layer ``SplitConfig``).
 """
 
 from __future__ import annotations
@@ -44,11 +48,16 @@ from jaxsplit.errors import ConfigError
 from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
 from jaxsplit.split import (
     SplitReport,
+    TreePlan,
+    check_calibration,
     check_layer,
     match_layers,
     merge_params,
+    plan_tree,
     resolve_selection,
+    split_planned,
     split_with_report,
+    tree_curves,
 )
 from jaxsplit.tree import WEIGHT_NAMES, Weights, find_layers, leaf_items, set_in
 
@@ -432,6 +441,7 @@ def split_checkpoint(
     sparse_below: float | None = DEFAULT_SPARSE_BELOW,
     plan: Plan | None = None,
     progress: Progress | None = None,
+    calibration: Mapping | None = None,
 ) -> StreamReport:
     """Splits a checkpoint file to file, one layer in memory at a time.
 
@@ -443,9 +453,14 @@ def split_checkpoint(
       dst: output path (must differ from ``src``).
       cfg: the ``SplitConfig``; its patterns are matched against every layer path of
         ``src`` before anything is written. Thresholds are per layer (``Auto``
-        included), so streaming gives the same result as splitting the whole tree. A
-        callable ``layers`` predicate is called with placeholder nodes (right shapes
-        and dtypes, zero values): select by path or shape, not by values.
+        included), so streaming gives the same result as splitting the whole tree.
+        ``Auto(scope="tree")`` runs in two passes: pass 1 reads each selected layer
+        once for its candidate curve (``split.tree_curves``, kept on the host, a few
+        KiB a layer) and allocates the shared budget (``split.plan_tree``); pass 2
+        splits each layer at its pick (``split.split_planned``), before anything is
+        written only if pass 1 raised nothing. A callable ``layers`` predicate is
+        called with placeholder nodes (right shapes and dtypes, zero values): select
+        by path or shape, not by values.
       fmt: input format override; ``out_fmt``: output format (default: from ``dst``).
       overwrite: replace an existing ``dst`` (atomically).
       sparse_below: as for ``io.save``.
@@ -454,7 +469,11 @@ def split_checkpoint(
         ``(path, {leaf: array}) -> SplitConfig | None``; the per-layer config's
         ``layers`` is ignored, ``None``/missing paths use ``cfg``.
       progress: called as ``progress(done, total, path)`` after each layer / tensor is
-        written; an exception raised from it aborts the run (nothing is written).
+        written (and, under ``Auto(scope="tree")``, after each layer of pass 1, with
+        ``path`` prefixed ``"search "``); an exception raised from it aborts the run
+        (nothing is written).
+      calibration: ``{layer path: second moment of its inputs}``, as for
+        ``split_params`` (validated against the checkpoint's layers before any read).
 
     Returns:
       A ``StreamReport`` (``.report`` is the ``SplitReport``).
@@ -462,8 +481,8 @@ def split_checkpoint(
     Raises:
       ValueError: unmatched pattern (``cfg.strict``), selected layer already split,
         non-finite values (unless ``allow_nonfinite``), keys a flat format cannot store,
-        ``dst`` is ``src``, ``plan`` names paths ``cfg`` does not select, bad
-        ``sparse_below``.
+        ``dst`` is ``src``, ``plan`` names paths ``cfg`` does not select, ``plan`` with
+        ``Auto(scope="tree")``, bad ``sparse_below``, bad ``calibration`` entries.
       TypeError: ``cfg``/``plan``/``progress`` of the wrong type, non-float kernel.
       FileExistsError, FileNotFoundError, PermissionError, CheckpointError: as
         ``io.load`` / ``io.save``.
@@ -489,6 +508,14 @@ def split_checkpoint(
             f"plan must be None, a mapping {{path: SplitConfig}} or a callable "
             f"(path, layer) -> SplitConfig | None, got {type(plan).__name__}"
         )
+    tree_scope = _tree_scope(cfg)
+    if plan is not None and tree_scope:
+        raise ConfigError(
+            "split_checkpoint",
+            "plan",
+            "plan (per-layer configs) cannot be combined with Auto(scope='tree'), which "
+            "plans every layer itself; pass plan=None",
+        )
     state: dict[str, Any] = {}
 
     def prepare(source: _Source) -> dict[str, Callable[[dict], dict]]:
@@ -507,7 +534,9 @@ def split_checkpoint(
                 )
         for lay in selected:
             check_layer(lay)  # already split / not floating: raise before any write
+        calib = check_calibration(calibration, selected, available)
         state.update(matches=matches, available=available, paths=paths, plans={})
+        tree = _search_tree(source, cfg, paths, calib, progress) if tree_scope else None
 
         def split_one(path: str) -> Callable[[dict], dict]:
             def run(sub: dict) -> dict:
@@ -521,10 +550,21 @@ def split_checkpoint(
                         f"plan({path!r}, ...) must return a jaxsplit.SplitConfig or None, got "
                         f"{type(layer_cfg).__name__}"
                     )
+                elif _tree_scope(layer_cfg):
+                    raise ConfigError(
+                        "split_checkpoint",
+                        "plan",
+                        f"plan's config for {path!r} has Auto(scope='tree'); a per-layer "
+                        f"config needs scope='layer'",
+                    )
                 one = dataclasses.replace(layer_cfg, layers=_exact(path), strict=True)
                 lay = source.layers[path]
                 sub = _with_device_weight(sub, keys if lay.leaf else (*keys, lay.weight))
-                out, rep = split_with_report(sub, one, donate=True)
+                if tree is not None:
+                    out, rep = split_planned(sub, one, tree, donate=True)
+                else:
+                    c = {path: calib[path]} if path in calib else None
+                    out, rep = split_with_report(sub, one, donate=True, calibration=c)
                 state["plans"][path] = rep.layers[0]
                 return out
 
@@ -551,24 +591,50 @@ def split_checkpoint(
 def _check_streamable(cfg) -> None:
     if not isinstance(cfg, SplitConfig):
         raise TypeError(f"cfg must be a jaxsplit.SplitConfig, got {type(cfg).__name__}")
-    th = cfg.threshold
-    if isinstance(th, Auto) and th.scope == "tree":
-        raise ConfigError(
-            "Auto",
-            "scope",
-            "a streamed split sees one layer at a time, so Auto(scope='tree') (one budget "
-            "shared by the tree) cannot stream: split in memory (split_params), or use "
-            "scope='layer'",
-        )
 
 
-def plan_checkpoint(src: str | os.PathLike, cfg: SplitConfig, *, fmt: str | None = None):
+def _tree_scope(cfg: SplitConfig) -> bool:
+    return isinstance(cfg.threshold, Auto) and cfg.threshold.scope == "tree"
+
+
+def _search_tree(
+    source: _Source, cfg: SplitConfig, paths: list[str], calib: Mapping, progress
+) -> TreePlan:
+    """Pass 1 of ``Auto(scope="tree")``: each selected layer read once for its curve
+    (``split.tree_curves``: non-finite kernels raise here, before anything is written),
+    then the shared budget allocated (``split.plan_tree``)."""
+    chosen = set(paths)
+    units = [(p, k, lv) for p, k, lv in source.units if p in chosen]
+    curves = {}
+    for done, (path, _keys, leaves) in enumerate(units, 1):
+        layer = find_layers(source.read_subtree(leaves, path), cfg.weights)[path]
+        if check_layer(layer) is None:  # empty kernels are skipped, as in memory
+            c = {path: calib[path]} if path in calib else None
+            curves[path] = tree_curves([layer], cfg, calibration=c)[0]
+        del layer
+        if progress is not None:
+            progress(done, len(units), f"search {path}")
+    return plan_tree(curves, cfg)
+
+
+def plan_checkpoint(
+    src: str | os.PathLike,
+    cfg: SplitConfig,
+    *,
+    fmt: str | None = None,
+    calibration: Mapping | None = None,
+    progress: Progress | None = None,
+):
     """The dry run of ``split_checkpoint``: the ``SplitReport`` that ``match_layers`` gives
     for the whole checkpoint, reading one selected layer at a time and writing nothing.
 
+    ``Auto(scope="tree")`` reads each selected layer twice (its curve, then its chosen
+    split's counts), as ``split_checkpoint`` does. ``calibration`` and ``progress``: as
+    for ``split_checkpoint``.
+
     Raises:
       As ``split_checkpoint`` (unmatched patterns, split or non-float layers, non-finite
-      values) and ``io.load``.
+      values, calibration entries) and ``io.load``.
 
     Example:
       >>> import tempfile, numpy as np, jaxsplit as js
@@ -580,18 +646,30 @@ def plan_checkpoint(src: str | os.PathLike, cfg: SplitConfig, *, fmt: str | None
       [('Dense_0', 'split', 1), ('Dense_1', 'skip', 0)]
     """
     _check_streamable(cfg)
+    _check_progress(progress)
     with io.open_checkpoint(src, fmt=fmt) as reader:
         source = _Source(reader, cfg.weights)
         selected, matches, available = resolve_selection(source.skel, cfg)
         for lay in selected:
             check_layer(lay)
-        chosen = {lay.path for lay in selected}
+        calib = check_calibration(calibration, selected, available)
+        paths = [lay.path for lay in selected]
+        tree = _search_tree(source, cfg, paths, calib, progress) if _tree_scope(cfg) else None
+        chosen = set(paths)
         plans = []
         for path, _, leaves in source.units:
             if path not in chosen:
                 continue
             one = dataclasses.replace(cfg, layers=_exact(path), strict=True)
-            plans.append(match_layers(source.read_subtree(leaves, path), one).layers[0])
+            sub = source.read_subtree(leaves, path)
+            if tree is not None:
+                plans.append(split_planned(sub, one, tree)[1].layers[0])
+            else:
+                c = {path: calib[path]} if path in calib else None
+                plans.append(match_layers(sub, one, calibration=c).layers[0])
+            del sub
+            if progress is not None:
+                progress(len(plans), len(paths), path)
     return SplitReport(matches, tuple(plans), available)
 
 

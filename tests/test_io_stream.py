@@ -320,14 +320,85 @@ if __name__ == "__main__":
         print(json.dumps(_measure(n, rows, cols, *sys.argv[5:7]), indent=1))
 
 
-def test_tree_scope_auto_does_not_stream(tmp_path):
-    """One budget shared by the tree needs every layer: the stream refuses, by type."""
-    src = tmp_path / "in.safetensors"
-    io.save({"d": {"kernel": np.ones((4, 4), np.float32)}}, src)
-    auto = js.Auto(js.QuantSpec(bits=4), max_extra=0.05, scope="tree")
+def _auto_tree(seed=0, empty=True):
+    """Heavy-tailed layers of several sizes (one above ``screen.MIN_SIZE``: screened), and
+    an empty kernel (skipped; orbax cannot store one)."""
+    rng = np.random.default_rng(seed)
+
+    def t(*shape):
+        return (rng.standard_t(3, shape) * 0.02).astype(np.float32)
+
+    p = {
+        "a": {"kernel": t(64, 32), "bias": np.zeros(32, np.float32)},
+        "b": {"Dense_0": {"kernel": t(32, 16).astype(ml_dtypes.bfloat16)}},
+        "big": {"kernel": t(512, 512)},
+    }
+    if empty:
+        p["e"] = {"kernel": np.zeros((0, 4), np.float32)}
+    return {"params": p}
+
+
+def _calib(tree, seed=1):
+    rng = np.random.default_rng(seed)
+    p = tree["params"]
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    return {"a": x @ x.T / 64, "big": rng.uniform(0.1, 3.0, 512).astype(np.float32),
+            "b/Dense_0": rng.uniform(0.5, 2.0, p["b"]["Dense_0"]["kernel"].shape[0])}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("src_fmt", "scope", "calibrated"),
+    [("safetensors", "tree", False), ("orbax", "tree", True), ("safetensors", "tree", True),
+     ("orbax", "layer", True)],
+)  # fmt: skip
+def test_tree_scope_and_calibrated_auto_stream_equal_in_memory(
+    tmp_path, src_fmt, scope, calibrated
+):
+    """Two passes (curves, allocation, splits): the streamed output, report and dry run equal
+    ``split_with_report`` on the whole tree, bit for bit; calibration from an .npz."""
+    tree = _auto_tree(empty=src_fmt != "orbax")
+    src = io.save(tree, tmp_path / f"src_{NAMES[src_fmt]}")
+    calib = None
+    if calibrated:
+        np.savez(tmp_path / "calib.npz", **_calib(tree))
+        with np.load(tmp_path / "calib.npz") as z:
+            calib = {k: z[k] for k in z.files}
+    budget = 0.03 if scope == "tree" else 0.02
+    auto = js.Auto(js.QuantSpec(bits=4), candidates=16, max_extra=budget, scope=scope)
+    cfg = js.SplitConfig(layers=["**"], threshold=auto, method="auto")
+    seen = []
+    rep = stream.split_checkpoint(
+        src, tmp_path / "out.safetensors", cfg, calibration=calib,
+        progress=lambda *a: seen.append(a),
+    )  # fmt: skip
+    ref_tree, ref = js.split_with_report(io.load(src), cfg, calibration=calib)
+    ref_path = io.save(ref_tree, tmp_path / "ref.safetensors")
+    _assert_same(io.load(tmp_path / "out.safetensors"), io.load(ref_path))
+    assert rep.report.to_dict() == ref.to_dict()
+    assert stream.plan_checkpoint(src, cfg, calibration=calib).to_dict() == ref.to_dict()
+    assert len(rep.report.split_paths) >= 2
+    if scope == "tree":
+        searched = sorted(s[2] for s in seen if s[2].startswith("search "))
+        assert searched == sorted(f"search {p}" for p in js.tree.find_layers(tree))
+        chosen = [p.auto for p in ref.layers if p.auto is not None]
+        total = sum(p.n_total for p in ref.layers if p.auto is not None)
+        assert sum(c.extra_nonzero for c in chosen) <= budget * total
+    merged = js.merge_params(io.load(tmp_path / "out.safetensors"))
+    _assert_same(merged, io.load(src))
+
+
+def test_tree_scope_stream_checks_before_writing(tmp_path):
+    t = _auto_tree()
+    t["params"]["big"]["kernel"][3, 3] = np.inf
+    src = io.save(t, tmp_path / "src.safetensors")
+    auto = js.Auto(js.QuantSpec(bits=4), candidates=8, max_extra=0.05, scope="tree")
     cfg = js.SplitConfig(layers=["**"], threshold=auto)
-    with pytest.raises(js.ConfigError, match="scope='tree'.*cannot stream") as e:
+    with pytest.raises(js.errors.NonFiniteError, match="'big'"):
         stream.split_checkpoint(src, tmp_path / "out.safetensors", cfg)
-    assert e.value.field == "scope" and not (tmp_path / "out.safetensors").exists()
-    with pytest.raises(js.ConfigError, match="cannot stream"):
-        stream.plan_checkpoint(src, cfg)
+    with pytest.raises(js.errors.CalibrationError, match="calibration key 'nope'"):
+        stream.split_checkpoint(src, tmp_path / "out.safetensors", cfg,
+                                calibration={"nope": np.ones(3)})  # fmt: skip
+    with pytest.raises(js.ConfigError, match="plan .* cannot be combined") as e:
+        stream.split_checkpoint(src, tmp_path / "out.safetensors", cfg, plan={})
+    assert e.value.field == "plan"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]

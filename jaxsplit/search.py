@@ -357,7 +357,7 @@ def _screened_curve(
     m = screen.measure_picks(
         wf, thr, chosen, methods, spec, branches=branches, key=key, calibration=calibration
     )
-    base = measure(wf, (wf,), spec, calibration=calibration)
+    base = screen.lean(measure(wf, (wf,), spec, calibration=calibration))
     if calibration is None:
         score, score0 = m.mse * w.size, base.mse * w.size
     else:

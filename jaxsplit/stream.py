@@ -27,6 +27,7 @@ bit for bit. Other tree-wide schemes plug in with ``iter_layers`` (pass 1) and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -61,7 +62,17 @@ from jaxsplit.split import (
 )
 from jaxsplit.tree import WEIGHT_NAMES, Weights, find_layers, leaf_items, set_in
 
-__all__ = ["plan_checkpoint", "StreamReport", "iter_layers", "merge_checkpoint", "split_checkpoint"]
+__all__ = [
+    "LayerSource",
+    "open_layers",
+    "one_layer",
+    "iter_split",
+    "plan_checkpoint",
+    "StreamReport",
+    "iter_layers",
+    "merge_checkpoint",
+    "split_checkpoint",
+]
 
 logger = logging.getLogger("jaxsplit")
 
@@ -116,8 +127,17 @@ def _placeholder(shape: tuple, dtype: np.dtype) -> np.ndarray:
     return np.broadcast_to(np.zeros((), dtype), shape)
 
 
-class _Source:
-    """An open input: its skeleton tree (placeholder leaves), layers and units."""
+class LayerSource:
+    """An open checkpoint seen as layers (``open_layers``): read one layer at a time.
+
+    Attributes:
+      reader: the ``io.CheckpointReader``.
+      skel: the tree with zero-stride placeholder leaves (right shapes and dtypes, no
+        memory): match patterns and check layers against it.
+      layers: ``{path: Layer}`` of ``skel``.
+      units: ``(layer path or None, keys, leaf keys)`` in stored order: each layer, and
+        each leaf outside a layer.
+    """
 
     def __init__(self, reader: io.CheckpointReader, weights: Weights = WEIGHT_NAMES):
         self.reader = reader
@@ -158,7 +178,15 @@ class _Source:
             else:
                 self.units.append((None, ck, [ck]))
 
+    def subtree(self, path: str) -> dict:
+        """The layer at ``path`` alone, at its full keys (``find_layers`` finds it at
+        ``path``), numpy leaves (sparse twins dense)."""
+        keys = self.layer_keys[path]
+        leaves = [k for k in self.reader.tensors if k[: len(keys)] == keys]
+        return self.read_subtree(leaves, path)
+
     def read_subtree(self, leaves: list[tuple], path: str | None = None) -> dict:
+        """The tensors at ``leaves`` as a nested dict (``path``: the layer they form)."""
         arrays = self.reader.read_many(leaves)
         sub: dict = {}
         for keys in leaves:
@@ -166,11 +194,15 @@ class _Source:
         layer = self.layers.get(path) if path is not None else None
         if layer is not None and layer.leaf:
             # the leaf's sibling weights as placeholders (never written), so the node
-            # still holds several weights and the leaf keeps its path ``node/leaf``
+            # still holds several weights and the leaf keeps its path ``node/leaf``;
+            # split siblings (leaf layers holding branches) too, so that a split and an
+            # unsplit checkpoint give subtrees of the same layers
             pkeys = self.layer_keys[path][:-1]
             parent = _get(sub, pkeys)
+            base = path.rpartition("/")[0]
             for k, v in _get(self.skel, pkeys).items():
-                if k not in parent and not isinstance(v, Mapping):
+                sib = self.layers.get(f"{base}/{k}" if base else k)
+                if k not in parent and (not isinstance(v, Mapping) or (sib and sib.leaf)):
                     parent[k] = v
         return sub
 
@@ -209,10 +241,89 @@ def iter_layers(
       [('d', ['bias', 'kernel'])]
     """
     with io.open_checkpoint(src, fmt=fmt) as reader:
-        source = _Source(reader)
+        source = LayerSource(reader)
         for path, keys, leaves in source.units:
             if path is not None:
                 yield path, _get(source.read_subtree(leaves), keys)
+
+
+@contextlib.contextmanager
+def open_layers(
+    src: str | os.PathLike, *, fmt: str | None = None, weights: Weights = WEIGHT_NAMES
+) -> Iterator[LayerSource]:
+    """Opens a checkpoint as a ``LayerSource`` (only the header is read).
+
+    Raises:
+      FileNotFoundError, PermissionError, ValueError, CheckpointError: as ``io.load``.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> out = io.save({"a": {"kernel": np.ones((2, 2))}, "b": {"kernel": np.zeros(3)}},
+      ...               f"{tempfile.mkdtemp()}/w.npz")
+      >>> with open_layers(out) as s:
+      ...     sorted(s.layers), s.subtree("b")["b"]["kernel"].tolist()
+      (['a', 'b'], [0.0, 0.0, 0.0])
+    """
+    with io.open_checkpoint(src, fmt=fmt) as reader:
+        yield LayerSource(reader, weights)
+
+
+def one_layer(cfg: SplitConfig, path: str) -> SplitConfig:
+    """``cfg`` selecting exactly the layer at ``path`` (strict).
+
+    Example:
+      >>> cfg = one_layer(SplitConfig(layers=["*"], strict=False), "a.b")
+      >>> cfg.layers[0].startswith("re:"), cfg.strict
+      (True, True)
+    """
+    return dataclasses.replace(cfg, layers=_exact(path), strict=True)
+
+
+def iter_split(
+    source: LayerSource,
+    cfg: SplitConfig,
+    *,
+    calibration: Mapping | None = None,
+    progress: Progress | None = None,
+) -> Iterator[tuple[str, dict, Mapping, Any]]:
+    """Yields ``(path, subtree, split subtree, LayerPlan | None)`` for every layer of
+    ``source`` in stored order, the split computed as ``split_with_report`` of the whole
+    tree would (``Auto(scope="tree")``: pass 1 runs first, before the first yield).
+    Unselected layers come back as they are (``subtree`` twice, plan ``None``).
+    Nothing is donated: the caller compares both.
+
+    Raises:
+      As ``split_checkpoint``, before the first yield for every check but non-finite
+      values of layer-scope thresholds (raised at that layer).
+
+    Example:
+      >>> import tempfile, numpy as np, jaxsplit as js
+      >>> out = io.save({"a": {"kernel": np.array([0.5, 4.0])}, "b": {"kernel": np.ones(2)}},
+      ...               f"{tempfile.mkdtemp()}/w.npz")
+      >>> with open_layers(out) as s:
+      ...     rows = [(p, sorted(s2[p]), q and q.action)
+      ...             for p, _, s2, q in iter_split(s, js.SplitConfig(layers=["a"], threshold=1.0))]
+      >>> rows
+      [('a', ['branch_0', 'branch_1'], 'split'), ('b', ['kernel'], None)]
+    """
+    _check_streamable(cfg)
+    _check_progress(progress)
+    _, paths, calib, tree = _searched(source, cfg, calibration, progress)
+    chosen = set(paths)
+    for path, _keys, leaves in source.units:
+        if path is None:
+            continue
+        sub = source.read_subtree(leaves, path)
+        if path not in chosen:
+            yield path, sub, sub, None
+            continue
+        one = one_layer(cfg, path)
+        if tree is not None:
+            sub2, rep = split_planned(sub, one, tree)
+        else:
+            c = {path: calib[path]} if path in calib else None
+            sub2, rep = split_with_report(sub, one, calibration=c)
+        yield path, sub, sub2, rep.layers[0]
 
 
 # --- outputs -------------------------------------------------------------------------------
@@ -292,7 +403,7 @@ class _TreeSink:
         set_in(self.tree, keys, a)
 
 
-def _header_bound(source: _Source, branches: dict[str, int]) -> int:
+def _header_bound(source: LayerSource, branches: dict[str, int]) -> int:
     """An upper bound on the output's safetensors header (keys, shapes, offsets)."""
 
     def entry(key: str, ndim_digits: int) -> int:
@@ -309,7 +420,7 @@ def _header_bound(source: _Source, branches: dict[str, int]) -> int:
     return total
 
 
-def _check_flat_keys(source: _Source, out_fmt: str) -> None:
+def _check_flat_keys(source: LayerSource, out_fmt: str) -> None:
     if out_fmt not in ("safetensors", "npz"):
         return
     for keys in source.reader.tensors:
@@ -347,8 +458,8 @@ def _run(
     overwrite: bool,
     sparse_below: float,
     progress: Progress | None,
-    prepare: Callable[[_Source], dict[str, Callable[[dict], dict]]],
-    branches: Callable[[_Source], dict[str, int]],
+    prepare: Callable[[LayerSource], dict[str, Callable[[dict], dict]]],
+    branches: Callable[[LayerSource], dict[str, int]],
     weights: Weights = WEIGHT_NAMES,
 ) -> tuple[pathlib.Path, str, int, int, bool, bool, float]:
     t0 = time.perf_counter()
@@ -357,7 +468,7 @@ def _run(
     with io.open_checkpoint(src, fmt=fmt) as reader:
         if out.exists() and out.resolve() == reader.path.resolve():
             raise ValueError(f"output {str(dst)!r} is the input; write to another path")
-        source = _Source(reader, weights)
+        source = LayerSource(reader, weights)
         _check_flat_keys(source, out_fmt)
         work = prepare(source)  # checks: raises before anything touches the disk
         streamed_write = out_fmt in ("safetensors", "npz")
@@ -518,7 +629,7 @@ def split_checkpoint(
         )
     state: dict[str, Any] = {}
 
-    def prepare(source: _Source) -> dict[str, Callable[[dict], dict]]:
+    def prepare(source: LayerSource) -> dict[str, Callable[[dict], dict]]:
         selected, matches, available = resolve_selection(source.skel, cfg)
         paths = [lay.path for lay in selected]
         if isinstance(plan, Mapping):
@@ -572,7 +683,7 @@ def split_checkpoint(
 
         return {p: split_one(p) for p in paths}
 
-    def branches(source: _Source) -> dict[str, int]:
+    def branches(source: LayerSource) -> dict[str, int]:
         return {p: 8 for p in state["paths"]}  # an upper bound for any plan
 
     out, out_fmt, n, largest, sr, sw, secs = _run(
@@ -598,7 +709,7 @@ def _tree_scope(cfg: SplitConfig) -> bool:
 
 
 def _search_tree(
-    source: _Source, cfg: SplitConfig, paths: list[str], calib: Mapping, progress
+    source: LayerSource, cfg: SplitConfig, paths: list[str], calib: Mapping, progress
 ) -> TreePlan:
     """Pass 1 of ``Auto(scope="tree")``: each selected layer read once for its curve
     (``split.tree_curves``: non-finite kernels raise here, before anything is written),
@@ -615,6 +726,18 @@ def _search_tree(
         if progress is not None:
             progress(done, len(units), f"search {path}")
     return plan_tree(curves, cfg)
+
+
+def _searched(source: LayerSource, cfg: SplitConfig, calibration, progress):
+    """Selection, checks, calibration and (``Auto(scope="tree")``) pass 1:
+    ``((matches, available), selected paths, calibration by path, TreePlan | None)``."""
+    selected, matches, available = resolve_selection(source.skel, cfg)
+    for lay in selected:
+        check_layer(lay)  # already split / not floating: raise before any read
+    calib = check_calibration(calibration, selected, available)
+    paths = [lay.path for lay in selected]
+    tree = _search_tree(source, cfg, paths, calib, progress) if _tree_scope(cfg) else None
+    return (matches, available), paths, calib, tree
 
 
 def plan_checkpoint(
@@ -648,13 +771,8 @@ def plan_checkpoint(
     _check_streamable(cfg)
     _check_progress(progress)
     with io.open_checkpoint(src, fmt=fmt) as reader:
-        source = _Source(reader, cfg.weights)
-        selected, matches, available = resolve_selection(source.skel, cfg)
-        for lay in selected:
-            check_layer(lay)
-        calib = check_calibration(calibration, selected, available)
-        paths = [lay.path for lay in selected]
-        tree = _search_tree(source, cfg, paths, calib, progress) if _tree_scope(cfg) else None
+        source = LayerSource(reader, cfg.weights)
+        (matches, available), paths, calib, tree = _searched(source, cfg, calibration, progress)
         chosen = set(paths)
         plans = []
         for path, _, leaves in source.units:
@@ -720,7 +838,7 @@ def merge_checkpoint(
     _check_progress(progress)
     merged: list[str] = []
 
-    def prepare(source: _Source) -> dict[str, Callable[[dict], dict]]:
+    def prepare(source: LayerSource) -> dict[str, Callable[[dict], dict]]:
         paths = [p for p, lay in source.layers.items() if lay.branches]
         merged.extend(paths)
         return {p: merge_params for p in paths}

@@ -402,3 +402,44 @@ def test_tree_scope_stream_checks_before_writing(tmp_path):
         stream.split_checkpoint(src, tmp_path / "out.safetensors", cfg, plan={})
     assert e.value.field == "plan"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
+
+
+def test_report_sweep_inspect_stream_the_in_memory_figures(tmp_path, capsys):
+    """``report``/``sweep``/``inspect`` read one layer at a time (a tree budget: two passes)
+    and print what the in-memory library gives for the whole tree."""
+    from cli_helpers import run_cli
+
+    tree = _auto_tree(empty=False)  # (quant_error has no figure for an empty kernel)
+    src = io.save(tree, tmp_path / "src.safetensors")
+    np.savez(tmp_path / "calib.npz", **_calib(tree))
+    auto = ["--threshold", "auto", "--bits", "4", "--candidates", "16"]
+    cfg = js.SplitConfig(
+        layers=["**"], threshold=js.Auto(js.QuantSpec(bits=4), candidates=16, max_extra=0.03,
+                                         scope="tree"),
+    )  # fmt: skip
+
+    def cli_json(*argv):
+        code, out, err = run_cli(capsys, *argv, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+    rep = cli_json("report", src, "--layers", "**", *auto, "--budget", "0.03")
+    lib = js.quant_error(tree, js.split_params(tree, cfg), js.QuantSpec(bits=4))
+    assert sorted(json.dumps(r, sort_keys=True) for r in rep["layers"]) == sorted(
+        json.dumps(r, sort_keys=True) for r in lib.to_dict()["layers"]
+    )
+    rows = cli_json("sweep", src, "--thresholds", "auto", "--bits", "4", "--candidates", "16",
+                    "--budget", "0.03", "--calibration", tmp_path / "calib.npz")["rows"]  # fmt: skip
+    calib = dict(np.load(tmp_path / "calib.npz"))
+    want = js.sweeps.auto_sweep(
+        tree,
+        js.SplitConfig(layers=("**",)),
+        autos=[cfg.threshold],
+        methods=["balance"],
+        calibration=calib,
+    ).to_dict()["rows"]
+    key = lambda r: r["layer"]  # noqa: E731
+    assert sorted(rows, key=key) == sorted(want, key=key)
+    ins = cli_json("inspect", src, "--bits", "4")
+    assert sorted(r["path"] for r in ins["layers"]) == sorted(js.tree.find_layers(tree))
+    assert {r["path"] for r in ins["recommendations"]} == set(js.tree.find_layers(tree))

@@ -428,8 +428,9 @@ def test_report_sweep_inspect_stream_the_in_memory_figures(tmp_path, capsys):
     assert sorted(json.dumps(r, sort_keys=True) for r in rep["layers"]) == sorted(
         json.dumps(r, sort_keys=True) for r in lib.to_dict()["layers"]
     )
-    rows = cli_json("sweep", src, "--thresholds", "auto", "--bits", "4", "--candidates", "16",
-                    "--budget", "0.03", "--calibration", tmp_path / "calib.npz")["rows"]  # fmt: skip
+    flags = ["--bits", "4", "--candidates", "16", "--budget", "0.03"]
+    rows = cli_json("sweep", src, "--thresholds", "auto", *flags,
+                    "--calibration", tmp_path / "calib.npz")["rows"]  # fmt: skip
     calib = dict(np.load(tmp_path / "calib.npz"))
     want = js.sweeps.auto_sweep(
         tree,

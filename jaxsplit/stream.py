@@ -28,6 +28,7 @@ bit for bit. Other tree-wide schemes plug in with ``iter_layers`` (pass 1) and
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import gc
 import json
@@ -516,9 +517,7 @@ def _run(
                         n_out += 1
                     del items, a
                     if path in work:
-                        # split_params' tree rebuild leaves a reference cycle holding the
-                        # layer's arrays; collect it now rather than at the GC's leisure
-                        gc.collect()
+                        _release()
                     if progress is not None:
                         progress(done, total, path or "/".join(keys))
                 if streamed_write:
@@ -531,6 +530,24 @@ def _run(
                 raise
     seconds = time.perf_counter() - t0
     return (out, out_fmt, n_out, largest, reader.streamed, streamed_write, seconds)
+
+
+def _release() -> None:
+    """Frees what one layer's work left behind, before the next layer is read.
+
+    ``split_params``' tree rebuild leaves a reference cycle holding the layer's arrays
+    (collected now rather than at the GC's leisure), and glibc keeps freed heap memory
+    (XLA's temporaries, the compiler's working memory) mapped: ``malloc_trim`` hands it
+    back, so that the peak RSS is one layer's work over the runtime, not the sum of
+    every shape's high-water mark (measured: 885 -> 534 MiB after the first 2048x8192
+    bf16 ``Auto`` curve). A no-op where libc has no ``malloc_trim``.
+    """
+    gc.collect()
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return
+    trim(0)
 
 
 def _structure(tree: Mapping) -> dict:
@@ -723,6 +740,7 @@ def _search_tree(
             c = {path: calib[path]} if path in calib else None
             curves[path] = tree_curves([layer], cfg, calibration=c)[0]
         del layer
+        _release()
         if progress is not None:
             progress(done, len(units), f"search {path}")
     return plan_tree(curves, cfg)

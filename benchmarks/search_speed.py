@@ -141,6 +141,23 @@ def main(argv=None) -> list[dict]:
             f"\nsweep, 64 Relative thresholds, clip, int{args.bits}: {s_ms:.0f} ms = "
             f"{s_ms / f_ms:.0f}× the floor ({f_ms:.0f} ms)"
         )
+        from jaxsplit.sweeps import auto_sweep
+
+        for scope in ("layer", "tree"):
+            a = Auto(spec, max_extra=args.budget, scope=scope)
+            for m in args.methods.split(","):
+                run = lambda a=a, m=m: auto_sweep(params, cfg, autos=[a], methods=[m])  # noqa: E731
+                run()
+                tf, ts = [], []
+                for _ in range(args.reps):
+                    tf.append(_time(lambda: floor_fake_quant(wn, spec.qmax)))
+                    ts.append(_time(run))
+                f_ms, s_ms = float(np.median(tf)) * 1e3, float(np.median(ts)) * 1e3
+                print(
+                    f"sweep --thresholds auto ({scope} scope, screened), {m}, int{args.bits}: "
+                    f"{s_ms:.0f} ms = {s_ms / f_ms:.1f}× the floor ({f_ms:.0f} ms; includes "
+                    f"the split and quant_error's report of the choice)"
+                )
     if args.gap_size:
         g = gaps(args.gap_size, args.budget)
         print(f"\nMSE gap, screened vs exhaustive, {args.gap_size}² layers, budget {args.budget}:")

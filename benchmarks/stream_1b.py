@@ -7,6 +7,7 @@ runs as the command a user types (`jaxsplit split ... --layers '**' ...`) in a s
 
     python -m benchmarks.stream_1b [--blocks 16] [--dir D] [--reuse] [SPLIT ARGS ...]
     python -m benchmarks.stream_1b --scaling 2 4 8 16 --plot stream_scaling.png [SPLIT ARGS]
+    python -m benchmarks.stream_1b --replot a.json b.json --plot stream_scaling.png
 
 SPLIT ARGS default to `--threshold rel:0.5 --method clip`; e.g. `-- --threshold auto --bits 4
 --budget 0.05`. `--scaling` runs each block count in turn (fresh checkpoints, deleted after
@@ -116,24 +117,28 @@ def run(blocks: int, split_args: list[str], d: str, reuse: bool = False) -> dict
     return res
 
 
-def plot(results: list[dict], path: str, title: str) -> None:
-    """Wall time and peak RSS against weights, log-log."""
+def plot(runs: dict[str, list[dict]], path: str) -> None:
+    """Wall time and peak RSS against weights, log-log, one line per run (label: split args)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["weights"] for r in results]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.loglog(x, [r["wall_s"] for r in results], "o-", color="tab:blue", label="wall (s)")
-    ax.set_xlabel("weights")
-    ax.set_ylabel("wall (s)", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.loglog(x, [r["peak_rss_bytes"] / 2**30 for r in results], "s--", color="tab:red")
-    ax2.set_ylabel("peak RSS (GiB)", color="tab:red")
-    ax.set_title(title, fontsize=9)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, results in runs.items():
+        x = [r["weights"] for r in results]
+        ax.loglog(x, [r["wall_s"] for r in results], "o-", label=label)
+        ax2.loglog(x, [r["peak_rss_bytes"] / 2**30 for r in results], "s-", label=label)
+    ax.set(xlabel="weights", ylabel="wall (s)", title="wall time (2-core box, shared)")
+    ax2.set(xlabel="weights", ylabel="peak RSS (GiB)", title="peak RSS (/usr/bin/time -v)")
+    ax2.set_ylim(0.1, 4)
+    ax2.axhline(1.5, color="grey", ls=":", lw=1)
+    ax.axhline(120, color="grey", ls=":", lw=1)
+    for a in (ax, ax2):
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None) -> int:
@@ -144,15 +149,26 @@ def main(argv=None) -> int:
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     ap.add_argument("--reuse", action="store_true", help="keep/reuse the scratch checkpoints")
+    ap.add_argument(
+        "--replot", nargs="+", metavar="JSON", help="only draw --plot from --json files"
+    )
     ap.add_argument("split_args", nargs="*", default=["--threshold", "rel:0.5", "--method", "clip"])
     args = ap.parse_args(argv)
+    if args.replot:
+        runs = {}
+        for f in args.replot:
+            with open(f) as fh:
+                d = json.load(fh)
+            runs[" ".join(d["split_args"])] = sorted(d["results"], key=lambda r: r["weights"])
+        plot(runs, args.plot)
+        return 0
     d = args.dir or tempfile.mkdtemp(prefix="jaxsplit_1b_")
     results = [run(b, args.split_args, d, args.reuse) for b in (args.scaling or [args.blocks])]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"split_args": args.split_args, "results": results}, f, indent=1)
     if args.plot:
-        plot(results, args.plot, "jaxsplit split " + " ".join(args.split_args))
+        plot({" ".join(args.split_args): results}, args.plot)
     return 0 if all(r["merge_bit_exact"] for r in results) else 1
 
 

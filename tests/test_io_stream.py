@@ -444,3 +444,47 @@ def test_report_sweep_inspect_stream_the_in_memory_figures(tmp_path, capsys):
     ins = cli_json("inspect", src, "--bits", "4")
     assert sorted(r["path"] for r in ins["layers"]) == sorted(js.tree.find_layers(tree))
     assert {r["path"] for r in ins["recommendations"]} == set(js.tree.find_layers(tree))
+
+
+@pytest.mark.parametrize("at", ["search a", "b/Dense_0"])
+def test_killed_two_pass_run_keeps_previous_output(tmp_path, at):
+    """Interrupted in pass 1 (a curve) or pass 2 (a split): the previous output is intact."""
+    src = io.save(_auto_tree(), tmp_path / "src.safetensors")
+    out = io.save({"old": np.ones(2)}, tmp_path / "out.safetensors")
+    before = _snapshot(tmp_path)
+    auto = js.Auto(js.QuantSpec(bits=4), candidates=8, max_extra=0.05, scope="tree")
+    cfg = js.SplitConfig(layers=["**"], threshold=auto, method="clip")
+
+    def kill(done, total, path):
+        if path == at:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt, match="killed"):
+        stream.split_checkpoint(src, out, cfg, overwrite=True, progress=kill)
+    assert _snapshot(tmp_path) == before
+
+
+def test_sigkilled_process_leaves_previous_output_intact(tmp_path):
+    """A process killed outright (SIGKILL, no cleanup runs) mid-write: the previous output is
+    byte for byte what it was; only the staging directory beside it is left behind."""
+    src = io.save(_tree(), tmp_path / "src.safetensors")
+    out = io.save({"old": np.arange(5.0)}, tmp_path / "out.safetensors")
+    old = out.read_bytes()
+    code = (
+        "import os, signal, sys; import jaxsplit as js; from jaxsplit import stream\n"
+        "cfg = js.SplitConfig(layers=['**'], threshold=js.Relative(0.5), method='clip')\n"
+        "def kill(done, total, path):\n"
+        "    if done == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"stream.split_checkpoint({str(src)!r}, {str(out)!r}, cfg, overwrite=True, progress=kill)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert out.read_bytes() == old
+    debris = sorted(
+        p.name for p in tmp_path.iterdir() if p.name not in ("src.safetensors", "out.safetensors")
+    )
+    assert (
+        len(debris) == 1
+        and debris[0].startswith(".out.safetensors.")
+        and debris[0].endswith(".tmp")
+    )

@@ -127,9 +127,11 @@ def plot(runs: dict[str, list[dict]], path: str) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for label, results in runs.items():
         x = [r["weights"] for r in results]
-        ax.loglog(x, [r["wall_s"] for r in results], "o-", label=label)
+        (line,) = ax.loglog(x, [r["wall_s"] for r in results], "o-", label=f"{label}: wall")
+        ax.loglog(x, [r["cpu_s"] for r in results], "x--", color=line.get_color(),
+                  label=f"{label}: CPU")  # fmt: skip
         ax2.loglog(x, [r["peak_rss_bytes"] / 2**30 for r in results], "s-", label=label)
-    ax.set(xlabel="weights", ylabel="wall (s)", title="wall time (2-core box, shared)")
+    ax.set(xlabel="weights", ylabel="seconds", title="wall and CPU time (2 cores, shared)")
     ax2.set(xlabel="weights", ylabel="peak RSS (GiB)", title="peak RSS (/usr/bin/time -v)")
     ax2.set_ylim(0.1, 4)
     ax2.axhline(1.5, color="grey", ls=":", lw=1)

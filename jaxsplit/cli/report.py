@@ -105,6 +105,8 @@ def _run(args: argparse.Namespace, ui: UI) -> int:
                 rep = quant_error(a, b, spec, weights=names, twin_spec=tw)
                 # a leaf layer's subtree holds its sibling weights as placeholders: skip them
                 rows += [r for r in rep.layers if r.path == path]
+                del a, b, rep
+                stream.release()
                 advance()
     report = Report(spec, tuple(rows))
     if ui.json:

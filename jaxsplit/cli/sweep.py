@@ -105,6 +105,7 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
                         src.subtree(path), stream.one_layer(cfg, path), thresholds=thresholds,
                         methods=fixed, specs=specs,
                     ).rows  # fmt: skip
+                    stream.release()
                     advance()
         if use_auto:
             with ui.progress(f"searching {len(paths)} layers") as advance:

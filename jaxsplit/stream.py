@@ -247,6 +247,7 @@ def iter_layers(
         for path, keys, leaves in source.units:
             if path is not None:
                 yield path, _get(source.read_subtree(leaves), keys)
+                release()
 
 
 @contextlib.contextmanager
@@ -814,6 +815,7 @@ def plan_checkpoint(
                 c = {path: calib[path]} if path in calib else None
                 plans.append(match_layers(sub, one, calibration=c).layers[0])
             del sub
+            release()
             if progress is not None:
                 progress(len(plans), len(paths), path)
     return SplitReport(matches, tuple(plans), available)

@@ -130,12 +130,14 @@ def _inspect_run(args: argparse.Namespace, ui: UI) -> int:
     names = weights(args)
     with open_input(args.ckpt, args.format, names) as src:  # one layer at a time
         layers = src.layers
-        rows = [
-            r
-            for path in layers
-            for r in layer_stats(src.subtree(path), names)
-            if r.path == path or r.path.startswith(f"{path}/branch_")  # not leaf siblings
-        ]
+        rows = []
+        for path in layers:
+            rows += [
+                r
+                for r in layer_stats(src.subtree(path), names)
+                if r.path == path or r.path.startswith(f"{path}/branch_")  # not leaf siblings
+            ]
+            stream.release()
     for r in rows:
         logger.info("%s: %s %s max|w|=%s max/std=%s", r.path, r.kind, r.dtype, r.max_abs,
                     r.max_over_std)  # fmt: skip

@@ -32,6 +32,16 @@ def floor_fake_quant(w: np.ndarray, qmax: int) -> np.ndarray:
     return np.clip(np.rint(w / s), -qmax, qmax) * s
 
 
+def _vs_floor(run, floor, reps: int) -> tuple[float, float]:
+    """Median ms of ``floor`` and ``run``, interleaved ``reps`` times after a warm-up."""
+    run()
+    tf, ts = [], []
+    for _ in range(reps):
+        tf.append(_time(floor))
+        ts.append(_time(run))
+    return float(np.median(tf)) * 1e3, float(np.median(ts)) * 1e3
+
+
 def _time(fn) -> float:
     return _timed(fn)[0]
 
@@ -131,16 +141,23 @@ def main(argv=None) -> list[dict]:
         cfg = SplitConfig(layers=["d"])
         thr = [Relative(j / 64) for j in range(64)]
         run = lambda: sweep(params, cfg, thresholds=thr, methods=["clip"], specs=[spec])  # noqa: E731
-        run()
-        tf, ts = [], []
-        for _ in range(2):
-            tf.append(_time(lambda: floor_fake_quant(wn, spec.qmax)))
-            ts.append(_time(run))
-        f_ms, s_ms = float(np.median(tf)) * 1e3, float(np.median(ts)) * 1e3
+        f_ms, s_ms = _vs_floor(run, lambda: floor_fake_quant(wn, spec.qmax), 2)
         print(
             f"\nsweep, 64 Relative thresholds, clip, int{args.bits}: {s_ms:.0f} ms = "
             f"{s_ms / f_ms:.0f}× the floor ({f_ms:.0f} ms)"
         )
+        from jaxsplit.sweeps import auto_sweep
+
+        for scope in ("layer", "tree"):
+            a = Auto(spec, max_extra=args.budget, scope=scope)
+            for m in args.methods.split(","):
+                run = lambda a=a, m=m: auto_sweep(params, cfg, autos=[a], methods=[m])  # noqa: E731
+                f_ms, s_ms = _vs_floor(run, lambda: floor_fake_quant(wn, spec.qmax), args.reps)
+                print(
+                    f"sweep --thresholds auto ({scope} scope, screened), {m}, int{args.bits}: "
+                    f"{s_ms:.0f} ms = {s_ms / f_ms:.1f}× the floor ({f_ms:.0f} ms; includes "
+                    f"the split and quant_error's report of the choice)"
+                )
     if args.gap_size:
         g = gaps(args.gap_size, args.budget)
         print(f"\nMSE gap, screened vs exhaustive, {args.gap_size}² layers, budget {args.budget}:")

@@ -5,12 +5,19 @@
 runs as the command a user types (`jaxsplit split ... --layers '**' ...`) in a subprocess under
 `/usr/bin/time -v`; then `merge_params(load(out)) == load(ckpt)` is checked tensor by tensor.
 
-    python -m benchmarks.stream_1b [--blocks 16] [--threshold auto --bits 4 --budget 0.05]
+    python -m benchmarks.stream_1b [--blocks 16] [--dir D] [--reuse] [SPLIT ARGS ...]
+    python -m benchmarks.stream_1b --scaling 2 4 8 16 --plot stream_scaling.png [SPLIT ARGS]
+    python -m benchmarks.stream_1b --replot a.json b.json --plot stream_scaling.png
+
+SPLIT ARGS default to `--threshold rel:0.5 --method clip`; e.g. `-- --threshold auto --bits 4
+--budget 0.05`. `--scaling` runs each block count in turn (fresh checkpoints, deleted after
+each run unless `--reuse`) and draws wall time and peak RSS against weights, log-log.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -29,10 +36,11 @@ SHAPES = {
     "up_proj": (2048, 8192),
     "down_proj": (8192, 2048),
 }
+LARGEST = max(int(np.prod(s)) for s in SHAPES.values()) * 2  # bytes (bf16)
 
 
 def write_checkpoint(path: str, blocks: int) -> int:
-    """Writes the checkpoint one tensor at a time (safetensors, bf16); returns its bytes."""
+    """Writes the checkpoint (safetensors, bf16); returns its bytes."""
     import ml_dtypes
     from safetensors.numpy import save_file
 
@@ -46,45 +54,124 @@ def write_checkpoint(path: str, blocks: int) -> int:
     return os.path.getsize(path)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blocks", type=int, default=16)
-    ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
-    ap.add_argument("split_args", nargs="*", default=["--threshold", "rel:0.5", "--method", "clip"])
-    args = ap.parse_args(argv)
-    d = args.dir or tempfile.mkdtemp(prefix="jaxsplit_1b_")
-    src, dst = os.path.join(d, "ckpt.safetensors"), os.path.join(d, "out.safetensors")
+def merged_equal(src: str, dst: str) -> bool:
+    """``merge_params(load(dst)) == load(src)``, bit for bit, one layer at a time."""
+    import jaxsplit as js
+    from jaxsplit import io, stream
+
+    with io.open_checkpoint(src) as r:
+        orig = {"/".join(k[1:-1]): k for k in r.tensors}
+        for path, node in stream.iter_layers(dst):
+            w = js.merge_params({"x": node})["x"]["kernel"]
+            ref = r.read(orig.pop(path))
+            if not np.array_equal(w.view(np.uint16), ref.view(np.uint16)):
+                return False
+    return not orig
+
+
+def run(blocks: int, split_args: list[str], d: str, reuse: bool = False) -> dict:
+    """One streamed split in a subprocess: wall, peak RSS (``/usr/bin/time -v``), sizes."""
+    src = os.path.join(d, f"ckpt_{blocks}.safetensors")
+    dst = os.path.join(d, f"out_{blocks}.safetensors")
     t0 = time.perf_counter()
-    size = write_checkpoint(src, args.blocks)
-    print(f"checkpoint: {size / 1e9:.2f} GB ({time.perf_counter() - t0:.0f} s to write)")
+    if not (reuse and os.path.exists(src)):
+        write_checkpoint(src, blocks)
+    size = os.path.getsize(src)
+    print(f"checkpoint: {blocks} blocks, {size / 1e9:.2f} GB ({time.perf_counter() - t0:.0f} s)")
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "jaxsplit", "split", src, dst,
-           "--layers", "**", "--overwrite", *args.split_args]  # fmt: skip
-    print("command:", " ".join(cmd[2:]))
+           "--layers", "**", "--overwrite", *split_args]  # fmt: skip
+    print("command:", " ".join(cmd[2:]), flush=True)
+    load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:])
-        return proc.returncode
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
+        raise SystemExit(proc.returncode)
+    err = proc.stderr
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", err).group(1)) * 1024
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", err).group(1))
+              for k in ("User", "System"))  # fmt: skip
     out = os.path.getsize(dst)
-    largest = max(np.prod(s) for s in SHAPES.values()) * 2
-    print(f"wall {wall:.1f} s, peak RSS {rss / 2**20:.2f} GiB, output {out / 1e9:.2f} GB "
-          f"({out / size:.3f}x), largest tensor {largest / 2**20:.0f} MiB")  # fmt: skip
-    import jaxsplit as js
-    from jaxsplit import io
+    same = merged_equal(src, dst)
+    res = {
+        "blocks": blocks,
+        "weights": blocks * sum(int(np.prod(s)) for s in SHAPES.values()),
+        "in_bytes": size,
+        "out_bytes": out,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "peak_rss_bytes": rss,
+        "largest_tensor_bytes": LARGEST,
+        "load_before": load0,
+        "load_after": os.getloadavg()[0],
+        "merge_bit_exact": same,
+    }
+    print(f"wall {wall:.1f} s (cpu {cpu:.0f} s), peak RSS {rss / 2**30:.2f} GiB, output "
+          f"{out / 1e9:.2f} GB ({out / size:.3f}x), largest tensor {LARGEST / 2**20:.0f} MiB, "
+          f"load {load0:.1f} -> {res['load_after']:.1f}")  # fmt: skip
+    print(f"merge_params(load(out)) == load(ckpt) bit for bit: {same}", flush=True)
+    os.remove(dst)
+    if not reuse:
+        os.remove(src)
+    return res
 
-    merged = js.merge_params(io.load(dst))
-    orig = io.load(src)
-    same = all(
-        np.array_equal(
-            js.tree.find_layers(merged)[p].array.view(np.uint16),
-            lay.array.view(np.uint16),
-        )
-        for p, lay in js.tree.find_layers(orig).items()
+
+def plot(runs: dict[str, list[dict]], path: str) -> None:
+    """Wall time and peak RSS against weights, log-log, one line per run (label: split args)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, results in runs.items():
+        x = [r["weights"] for r in results]
+        (line,) = ax.loglog(x, [r["wall_s"] for r in results], "o-", label=f"{label}: wall")
+        ax.loglog(x, [r["cpu_s"] for r in results], "x--", color=line.get_color(),
+                  label=f"{label}: CPU")  # fmt: skip
+        ax2.loglog(x, [r["peak_rss_bytes"] / 2**30 for r in results], "s-", label=label)
+    ax.set(xlabel="weights", ylabel="seconds", title="wall and CPU time (2 cores, shared)")
+    ax2.set(xlabel="weights", ylabel="peak RSS (GiB)", title="peak RSS (/usr/bin/time -v)")
+    ax2.set_ylim(0.1, 4)
+    ax2.axhline(1.5, color="grey", ls=":", lw=1)
+    ax.axhline(120, color="grey", ls=":", lw=1)
+    for a in (ax, ax2):
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=16)
+    ap.add_argument("--scaling", type=int, nargs="+", metavar="BLOCKS", help="block counts")
+    ap.add_argument("--plot", metavar="PNG", help="with --scaling: the log-log figure")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    ap.add_argument("--reuse", action="store_true", help="keep/reuse the scratch checkpoints")
+    ap.add_argument(
+        "--replot", nargs="+", metavar="JSON", help="only draw --plot from --json files"
     )
-    print(f"merge_params(load(out)) == load(ckpt) bit for bit: {same}")
-    return 0 if same else 1
+    ap.add_argument("split_args", nargs="*", default=["--threshold", "rel:0.5", "--method", "clip"])
+    args = ap.parse_args(argv)
+    if args.replot:
+        runs = {}
+        for f in args.replot:
+            with open(f) as fh:
+                d = json.load(fh)
+            runs[" ".join(d["split_args"])] = sorted(d["results"], key=lambda r: r["weights"])
+        plot(runs, args.plot)
+        return 0
+    d = args.dir or tempfile.mkdtemp(prefix="jaxsplit_1b_")
+    results = [run(b, args.split_args, d, args.reuse) for b in (args.scaling or [args.blocks])]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"split_args": args.split_args, "results": results}, f, indent=1)
+    if args.plot:
+        plot({" ".join(args.split_args): results}, args.plot)
+    return 0 if all(r["merge_bit_exact"] for r in results) else 1
 
 
 if __name__ == "__main__":

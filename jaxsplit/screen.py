@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit import kernels, quant
-from jaxsplit.measure import measure
+from jaxsplit.measure import Measurement, measure
 
 __all__ = [
     "MIN_SIZE",
@@ -50,7 +50,14 @@ __all__ = [
     "applies",
     "sample",
     "order_stats",
+    "TREE_LEVELS",
     "predict",
+    "row_weights",
+    "predictions",
+    "picks",
+    "tree_picks",
+    "lean",
+    "measure_picks",
     "screen",
 ]
 
@@ -60,6 +67,9 @@ MIN_SIZE = 2**18
 TAIL = 256
 #: Target size of the strided part of the sample.
 SAMPLE = 2**16
+#: Multiples of the layer budget at which the tree-scope screen also measures its best
+#: prediction (``tree_picks``): where a budget shared by the tree may move a layer.
+TREE_LEVELS = (0.25, 0.5, 2.0, 4.0, 16.0)
 _LEAF = 4096  # the tournament stops when this few block maxima remain
 _BLOCK = 64
 
@@ -74,6 +84,7 @@ class Sample(NamedTuple):
       tail_abs: the ``tail`` largest ``|w|``, descending.
       rest_abs: the strided part's ``|w|``, sorted descending.
       size: the kernel's size.
+      index: each sample value's flat (C-order) position in the kernel.
     """
 
     values: jax.Array
@@ -81,6 +92,7 @@ class Sample(NamedTuple):
     tail_abs: jax.Array
     rest_abs: jax.Array
     size: int
+    index: jax.Array
 
 
 def applies(shape: tuple[int, ...], spec: quant.QuantSpec, methods: tuple[str, ...]) -> bool:
@@ -99,21 +111,21 @@ def applies(shape: tuple[int, ...], spec: quant.QuantSpec, methods: tuple[str, .
     )
 
 
-def _top_abs(a: jax.Array, w: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """The ``k`` largest of ``a`` (flat, ``>= 0``), descending, and ``w`` at those places."""
+def _top_abs(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` largest of ``a`` (flat, ``>= 0``), descending, and their flat positions
+    (a position past the end stands for a padding zero)."""
     if a.size <= _LEAF:
-        vals, idx = jax.lax.top_k(a, k)
-        return vals, w[idx]
+        return jax.lax.top_k(a, k)
     pad = (-a.size) % _BLOCK
     if pad:
-        a, w = jnp.pad(a, (0, pad)), jnp.pad(w, (0, pad))
-    ab, wb = a.reshape(-1, _BLOCK), w.reshape(-1, _BLOCK)
+        a = jnp.pad(a, (0, pad))
+    ab = a.reshape(-1, _BLOCK)
     kb = min(k, ab.shape[0])
     # the top k values lie in the kb blocks whose maxima are largest (each such value's
     # block has a maximum at least that value, and at most k blocks do)
-    _, bi = _top_abs(jnp.max(ab, axis=1), jnp.arange(ab.shape[0]), kb)
-    vals, idx = jax.lax.top_k(ab[bi].reshape(-1), k)
-    return vals, wb[bi].reshape(-1)[idx]
+    _, bi = _top_abs(jnp.max(ab, axis=1), kb)
+    vals, j = jax.lax.top_k(ab[bi].reshape(-1), k)
+    return vals, bi[j // _BLOCK] * _BLOCK + j % _BLOCK
 
 
 def sample(w: jax.Array, tail: int = TAIL, n: int = SAMPLE) -> Sample:
@@ -133,9 +145,11 @@ def sample(w: jax.Array, tail: int = TAIL, n: int = SAMPLE) -> Sample:
     a = jnp.abs(wf).astype(jnp.float32)
     size = int(wf.size)
     tail = min(tail, size)
-    tail_abs, tail_w = _top_abs(a, wf, tail)
+    tail_abs, tail_at = _top_abs(a, tail)
+    tail_w = jnp.where(tail_at < size, wf[jnp.minimum(tail_at, size - 1)], 0).astype(wf.dtype)
     stride = max(1, size // max(n, 1)) | 1
     rest = wf[::stride]
+    rest_at = jnp.arange(0, size, stride, dtype=tail_at.dtype)
     rest_a = jnp.abs(rest).astype(jnp.float32)
     keep = rest_a < tail_abs[-1]
     weight = (size - tail) / jnp.maximum(jnp.sum(keep), 1)
@@ -143,7 +157,8 @@ def sample(w: jax.Array, tail: int = TAIL, n: int = SAMPLE) -> Sample:
         [jnp.ones(tail, jnp.float32), jnp.where(keep, weight, 0.0).astype(jnp.float32)]
     )
     rest_sorted = -jnp.sort(-rest_a)
-    return Sample(jnp.concatenate([tail_w, rest]), weights, tail_abs, rest_sorted, size)
+    index = jnp.minimum(jnp.concatenate([tail_at, rest_at]), size - 1)
+    return Sample(jnp.concatenate([tail_w, rest]), weights, tail_abs, rest_sorted, size, index)
 
 
 def order_stats(s: Sample, ks) -> jax.Array:
@@ -172,13 +187,17 @@ def predict(
     *,
     branches: int = 2,
     key: jax.Array | None = None,
+    row_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Predicted ``(mse, extra_nonzero)`` of ``method`` at each threshold, from the sample.
 
     Each candidate splits the sample with ``kernels.split`` and quantizes every branch
     with ``quant.quantize`` (max-abs scales of the sample's branches, which hold the
     kernel's largest values); the squared errors and the non-zeros are summed with the
-    sample's weights. Float32 arrays of shape ``(n,)``.
+    sample's weights. Float32 arrays of shape ``(n,)``. With ``row_weights`` (one per
+    sample value, e.g. the calibration's diagonal at each value's input row) every
+    squared error is weighted too: ``mse × size`` then predicts the output error
+    ``trace(Eᵀ diag(C) E)``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -193,15 +212,190 @@ def predict(
     x = s.values
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     nz0 = jnp.sum(s.weights * (x != 0))
+    wt = s.weights if row_weights is None else s.weights * row_weights.astype(jnp.float32)
 
     def one(t):
         bs = kernels.split(method, x, t, key, branches=branches, spec=spec)
         recon = sum(quant.quantize(b, spec).astype(xf.dtype) for b in bs)
-        err = jnp.sum(s.weights * jnp.square(recon - xf)) / s.size
+        err = jnp.sum(wt * jnp.square(recon - xf)) / s.size
         nz = sum(jnp.sum(s.weights * (b != 0)) for b in bs)
         return err.astype(jnp.float32), (nz - nz0).astype(jnp.float32)
 
     return jax.lax.map(one, thresholds)
+
+
+def row_weights(s: Sample, shape: tuple[int, ...], calibration: jax.Array) -> jax.Array:
+    """The calibration's diagonal at each sample value's input row (``predict``'s
+    ``row_weights``): ``E`` is ``(d_in, d_out)``, ``d_out = shape[-1]`` (``jaxsplit.measure``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s = sample(jnp.arange(6.0).reshape(3, 2), tail=2, n=6)
+      >>> row_weights(s, (3, 2), jnp.array([1.0, 2.0, 3.0])).tolist()
+      [3.0, 3.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
+    """
+    c = jnp.asarray(calibration)
+    diag = c if c.ndim == 1 else jnp.diagonal(c)
+    d_out = shape[-1] if len(shape) >= 2 else s.size
+    return diag.astype(jnp.float32)[s.index // max(d_out, 1)]
+
+
+def predictions(
+    w: jax.Array,
+    thresholds: jax.Array,
+    methods: tuple[str, ...],
+    spec: quant.QuantSpec,
+    *,
+    branches: int = 2,
+    key: jax.Array | None = None,
+    calibration: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Predicted ``(score, extra)`` of every candidate, flat ``(len(methods) * n,)``.
+
+    ``score`` is the predicted total squared error (``mse × size``) or, with
+    ``calibration``, the predicted output error (its diagonal, see ``row_weights``).
+
+    Example:
+      >>> import numpy as np, jax.numpy as jnp
+      >>> w = jnp.asarray(np.random.default_rng(0).standard_t(3, 2**12), jnp.float32)
+      >>> score, extra = predictions(w, jnp.array([1.0, 4.0]), ("clip",), quant.QuantSpec(bits=4))
+      >>> score.shape, bool(extra[0] > extra[1])
+      ((2,), True)
+    """
+    s = sample(w)
+    rw = None if calibration is None else row_weights(s, w.shape, calibration)
+    preds = [
+        predict(s, thresholds, m, spec, branches=branches, key=key, row_weights=rw) for m in methods
+    ]
+    p_mse = jnp.stack([p[0] for p in preds]).reshape(-1)
+    return p_mse * w.size, jnp.stack([p[1] for p in preds]).reshape(-1)
+
+
+def picks(p_score: jax.Array, p_extra: jax.Array, allowed, size: int, top: int) -> jax.Array:
+    """The ``top`` best predictions within ``allowed`` extra non-zeros (then the
+    cheapest over it, so that ``top`` indices always come back), flat indices.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> picks(jnp.array([3.0, 1.0, 2.0, 0.5]), jnp.array([1.0, 2.0, 2.0, 9.0]), 2, 10, 2).tolist()
+      [1, 2]
+    """
+    within = p_extra <= allowed
+    score = jnp.where(jnp.isfinite(p_score) & within, p_score, jnp.inf)
+    top = max(1, min(top, score.size))
+    fits = jnp.isfinite(score)
+    # best predicted within the budget first (ranks in [0, 1]), then the cheapest over it
+    worst = jnp.max(jnp.where(fits, score, 0.0))
+    rank = jnp.where(fits, score / jnp.maximum(worst, 1e-30), 2.0 + p_extra / size)
+    return jax.lax.top_k(-rank, top)[1]
+
+
+def tree_picks(
+    p_score: jax.Array,
+    p_extra: jax.Array,
+    budget,
+    size: int,
+    *,
+    top: int,
+    levels: tuple[float, ...] = TREE_LEVELS,
+) -> jax.Array:
+    """What the tree-scope screen measures: the ``top`` best predictions within the
+    layer's own budget (``budget × size``, exactly what the layer-scope screen measures),
+    then the best one within ``level × budget × size`` for each of ``levels`` (the points
+    of the curve a shared budget may move the layer to). Flat indices; may repeat.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> s, x = jnp.array([3.0, 1.0, 2.0, 0.5]), jnp.array([1.0, 2.0, 2.0, 9.0])
+      >>> tree_picks(s, x, 0.2, 10, top=1, levels=(0.5, 5.0)).tolist()
+      [1, 0, 3]
+    """
+    out = [picks(p_score, p_extra, budget * size, size, top)]
+    out += [picks(p_score, p_extra, lv * budget * size, size, 1) for lv in levels]
+    return jnp.concatenate(out)
+
+
+def lean(m: Measurement) -> Measurement:
+    """``m`` without Widrow's predictions (``nan``), so that under ``jit`` XLA drops
+    their computation: a choice needs the measured error and the counts only, and the
+    predictions cost more than the measurement itself on CPU (2.5x for a 2048x8192
+    bf16 ``clip`` candidate, load ~7).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.array([0.1, -0.2, 4.0])
+      >>> m = lean(measure(w, (w,), quant.QuantSpec(bits=4)))
+      >>> bool(jnp.isnan(m.mse_widrow)), bool(m.mse > 0)
+      (True, True)
+    """
+    nan = jnp.full((), jnp.nan, m.mse_widrow.dtype)
+    return m._replace(mse_widrow=nan, mse_widrow_correlated=nan)
+
+
+def measure_picks(
+    w: jax.Array,
+    thresholds: jax.Array,
+    chosen: jax.Array,
+    methods: tuple[str, ...],
+    spec: quant.QuantSpec,
+    *,
+    branches: int = 2,
+    key: jax.Array | None = None,
+    calibration: jax.Array | None = None,
+) -> Measurement:
+    """``measure`` of the ``chosen`` flat candidates (each once), ``(len(methods), n)``.
+
+    Candidates not chosen get ``mse = output_error = inf`` (so no choice takes them),
+    zero counts and ``nan`` predictions. A repeated index is measured once. Widrow's
+    predictions are not computed (``lean``): nothing chooses by them.
+
+    Example:
+      >>> import numpy as np, jax.numpy as jnp
+      >>> w = jnp.asarray(np.random.default_rng(0).standard_t(3, 64), jnp.float32)
+      >>> m = measure_picks(w, jnp.array([1.0, 2.0]), jnp.array([1, 1]), ("clip",),
+      ...                   quant.QuantSpec(bits=4))
+      >>> np.isfinite(np.asarray(m.mse)).tolist()
+      [[False, True]]
+    """
+    n = thresholds.shape[0]
+    total = len(methods) * n
+    k = chosen.shape[0]
+    dup = jnp.any((chosen[None, :] == chosen[:, None]) & jnp.tril(jnp.ones((k, k), bool), -1), 1)
+    ft = jnp.promote_types(w.dtype, jnp.float32)
+
+    def run(m):
+        def f(t):
+            bs = kernels.split(m, w, t, key, branches=branches, spec=spec, calibration=calibration)
+            return lean(measure(w, bs, spec, calibration=calibration))
+
+        return f
+
+    fs = [run(m) for m in methods]
+    proto = jax.eval_shape(fs[0], thresholds[0])
+
+    def exact(args):
+        flat, skip = args
+        mi, ti = flat // n, flat % n
+        t = thresholds[ti]
+        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), proto)
+
+        def go():
+            return jax.lax.switch(mi, fs, t) if len(fs) > 1 else fs[0](t)
+
+        return jax.lax.cond(skip, lambda: zero, go)
+
+    got = jax.lax.map(exact, (chosen, dup))
+    at = jnp.where(dup, total, chosen)  # repeats dropped from the scatter
+    fill = {"mse": jnp.inf, "output_error": jnp.inf}
+    fields = {}
+    for name, v in got._asdict().items():
+        init = fill.get(name, jnp.nan if jnp.issubdtype(v.dtype, jnp.floating) else 0)
+        if name == "output_error" and calibration is None:
+            init = jnp.nan
+        full = jnp.full((total,), init, v.dtype).at[at].set(v, mode="drop")
+        fields[name] = full.reshape(len(methods), n)
+    m = Measurement(**fields)
+    return m._replace(mse=m.mse.astype(ft))
 
 
 def screen(
@@ -241,37 +435,7 @@ def screen(
       >>> int(jnp.sum(jnp.isfinite(mse)))
       1
     """
-    s = sample(w)
-    preds = [predict(s, thresholds, m, spec, branches=branches, key=key) for m in methods]
-    p_mse = jnp.stack([p[0] for p in preds]).reshape(-1)
-    p_extra = jnp.stack([p[1] for p in preds]).reshape(-1)
-    n = thresholds.shape[0]
-    within = p_extra <= budget * w.size
-    score = jnp.where(jnp.isfinite(p_mse) & within, p_mse, jnp.inf)
-    top = max(1, min(top, score.size))
-    fits = jnp.isfinite(score)
-    # best predicted within the budget first (ranks in [0, 1]), then the cheapest over it
-    worst = jnp.max(jnp.where(fits, score, 0.0))
-    rank = jnp.where(fits, score / jnp.maximum(worst, 1e-30), 2.0 + p_extra / w.size)
-    _, picks = jax.lax.top_k(-rank, top)
-    ft = jnp.promote_types(w.dtype, jnp.float32)
-
-    def exact(flat):
-        mi, ti = flat // n, flat % n
-        t = thresholds[ti]
-
-        def run(m):
-            def f():
-                m_ = measure(w, kernels.split(m, w, t, key, branches=branches, spec=spec), spec)
-                return m_.mse.astype(ft), m_.extra_nonzero
-
-            return f
-
-        fs = [run(m) for m in methods]
-        return jax.lax.switch(mi, fs) if len(fs) > 1 else fs[0]()
-
-    mse_c, extra_c = jax.lax.map(exact, picks)
-    mse = jnp.full(score.shape, jnp.inf, ft).at[picks].set(mse_c)
-    extra = jnp.zeros(score.shape, jnp.int32).at[picks].set(extra_c)
-    shape = (len(methods), n)
-    return mse.reshape(shape), extra.reshape(shape)
+    p_score, p_extra = predictions(w, thresholds, methods, spec, branches=branches, key=key)
+    chosen = picks(p_score, p_extra, budget * w.size, w.size, top)
+    m = measure_picks(w, thresholds, chosen, methods, spec, branches=branches, key=key)
+    return m.mse, m.extra_nonzero

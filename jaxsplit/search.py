@@ -12,8 +12,11 @@ would materialise all of them (and was measured 3-4x slower on CPU).
 On large per-tensor kernels (``jaxsplit.screen``) every candidate is first *predicted*
 on a sample of the kernel (its largest values exactly, a strided rest), and only the
 ``top`` best predictions within the budget are measured on the whole kernel; the others
-count as unmeasured. ``exhaustive=True`` measures them all (per-channel and per-group
-specs, small kernels and ``random`` always are).
+count as unmeasured. ``Auto(scope="tree")`` curves (``screened_curve``) also measure the
+best prediction at a few multiples of the layer's budget, where a shared budget may move
+it; calibrated searches are screened too (prediction weighted by the calibration's
+diagonal, the exact output error measured). ``exhaustive=True`` measures them all
+(per-channel and per-group specs, small kernels and ``random`` always are).
 
 The choice is the lowest measured MSE within the ``max_extra`` budget, and only if it is
 below the MSE of not splitting (``Q(W)`` alone); otherwise the layer stays untouched. So
@@ -44,6 +47,8 @@ __all__ = [
     "search",
     "choice",
     "curve",
+    "screened_curve",
+    "screens",
     "allocate",
     "measure_all",
     "layer_choice",
@@ -253,8 +258,9 @@ def search(
       exhaustive: measure every candidate on the whole kernel (static). By default
         candidates are scored on a sample and only the ``top`` best are measured
         (``jaxsplit.screen``) where the screen applies (per-tensor specs, kernels of
-        ``screen.MIN_SIZE`` values or more, no ``random``, no calibration, no twin
-        spec); elsewhere the search is exhaustive anyway.
+        ``screen.MIN_SIZE`` values or more, no ``random``, no twin spec; with a
+        calibration the prediction is weighted by its diagonal and the measured
+        figure is the exact output error); elsewhere the search is exhaustive anyway.
       top: candidates the screen measures exactly (static).
 
     Returns:
@@ -348,15 +354,77 @@ def curve(
     )  # fmt: skip
 
 
-def _screened(w, key, budget, *, spec, candidates, methods, branches, top):
-    """The screened curve (``jaxsplit.screen``): only the ``top`` best predicted
-    candidates are measured (``mse``, ``extra_nonzero``), the others are ``inf``."""
+def _screened_curve(
+    w, key, calibration, budget, *, spec, candidates, method, branches, top, levels
+):  # fmt: skip
+    """``_curve``'s dict from the screen (``jaxsplit.screen``): every candidate predicted
+    on a sample, only ``screen.tree_picks`` measured (the others score ``inf``)."""
+    methods = search_methods(method, spec)
     wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
     thr = candidate_thresholds(wf, spec, candidates)
-    mse, extra = screen.screen(wf, thr, methods, spec, budget, top=top, branches=branches, key=key)
-    base = measure(wf, (wf,), spec)
-    score = jnp.where(jnp.isfinite(mse), mse * w.size, jnp.inf)
-    return thr, mse, extra, base, score, base.mse * w.size
+    p_score, p_extra = screen.predictions(
+        wf, thr, methods, spec, branches=branches, key=key, calibration=calibration
+    )
+    chosen = screen.tree_picks(p_score, p_extra, budget, w.size, top=top, levels=levels)
+    m = screen.measure_picks(
+        wf, thr, chosen, methods, spec, branches=branches, key=key, calibration=calibration
+    )
+    base = screen.lean(measure(wf, (wf,), spec, calibration=calibration))
+    if calibration is None:
+        score, score0 = m.mse * w.size, base.mse * w.size
+    else:  # as ``_curve``: per unit of mean input power
+        unit = _input_power(calibration)
+        score, score0 = m.output_error / unit, base.output_error / unit
+    score = jnp.where(jnp.isfinite(score), score, jnp.inf)
+    return {"thresholds": thr, "m": m, "base": base, "score": score, "score0": score0}
+
+
+def screens(shape: tuple[int, ...], auto: Auto, method: str) -> bool:
+    """Whether ``Auto`` curves of a kernel of ``shape`` come from the screen (static):
+    per-tensor specs on kernels of ``screen.MIN_SIZE`` values or more, no ``random``,
+    no ``twin_spec``; elsewhere every candidate is measured.
+
+    Example:
+      >>> screens((1024, 1024), Auto(quant.QuantSpec(bits=4)), "clip"), screens((8, 8),
+      ...     Auto(quant.QuantSpec(bits=4)), "clip")
+      (True, False)
+    """
+    methods = search_methods(method, auto.spec)
+    return auto.twin_spec is None and screen.applies(tuple(shape), auto.spec, methods)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("spec", "candidates", "method", "branches", "top", "levels")
+)
+def screened_curve(
+    w, key, calibration=None, budget=0.0, *, spec, candidates: int, method: str,
+    branches: int = 2, top: int = 4, levels: tuple[float, ...] = screen.TREE_LEVELS,
+):  # fmt: skip
+    """``curve`` from the screen: every candidate predicted on a sample of ``w``, only a
+    few measured on the whole kernel (the rest score ``inf``, so no choice takes them).
+
+    Measured: the ``top`` best predictions within ``budget × w.size`` extra non-zeros
+    (what ``search`` measures for ``scope="layer"``, so a tree-wide allocation over these
+    curves is never worse than the per-layer choice), and the best prediction within
+    ``level × budget × w.size`` for each of ``levels`` (``screen.tree_picks``). Use it
+    where ``screens`` holds; with ``calibration`` the prediction weights each value by
+    the calibration's diagonal and the measured figure is the exact output error.
+
+    Returns:
+      As ``curve``.
+
+    Example:
+      >>> import numpy as np, jax.numpy as jnp
+      >>> w = jnp.asarray(np.random.default_rng(0).standard_t(3, 2**18), jnp.float32)
+      >>> c = screened_curve(w, None, None, 0.01, spec=quant.QuantSpec(bits=4),
+      ...                    candidates=16, method="clip", top=2, levels=(4.0,))
+      >>> int(np.isfinite(np.asarray(c["score"])).sum()) <= 3, bool(c["score"].min() < c["score0"])
+      (True, True)
+    """
+    return _screened_curve(
+        w, key, calibration, jnp.float32(budget), spec=spec, candidates=candidates,
+        method=method, branches=branches, top=top, levels=levels,
+    )  # fmt: skip
 
 
 @functools.partial(
@@ -369,26 +437,20 @@ def _search(
 ):  # fmt: skip
     """``search`` with the budget as data, so budgets share one compilation."""
     methods = search_methods(method, spec)
-    screened = (
-        top > 0
-        and calibration is None
-        and twin_spec is None
-        and screen.applies(w.shape, spec, methods)
-    )
+    screened = top > 0 and twin_spec is None and screen.applies(w.shape, spec, methods)
     if screened:
-        thr, mse, extra, base, score, score0 = _screened(
-            w, key, budget, spec=spec, candidates=candidates, methods=methods,
-            branches=branches, top=top,
+        c = _screened_curve(
+            w, key, calibration, budget, spec=spec, candidates=candidates, method=method,
+            branches=branches, top=top, levels=(),
         )  # fmt: skip
-        score = jnp.where(extra <= budget * w.size, score, jnp.inf)
     else:
         c = _curve(
             w, key, calibration, spec=spec, candidates=candidates, method=method,
             branches=branches, twin_spec=twin_spec,
         )  # fmt: skip
-        m, base, thr, score0 = c["m"], c["base"], c["thresholds"], c["score0"]
-        spent = m.twin_nonzero if cost == "twin" else m.extra_nonzero
-        score = jnp.where(spent <= budget * w.size, c["score"], jnp.inf)
+    m, base, thr, score0 = c["m"], c["base"], c["thresholds"], c["score0"]
+    spent = m.twin_nonzero if cost == "twin" else m.extra_nonzero
+    score = jnp.where(spent <= budget * w.size, c["score"], jnp.inf)
     best = jnp.argmin(score.reshape(-1))
     mi, ti = best // candidates, best % candidates
     do_split = score.reshape(-1)[best] < score0
@@ -403,11 +465,6 @@ def _search(
     ws = jax.lax.switch(mi, [apply(n) for n in methods]) if len(methods) > 1 else apply(method)()
     zero = jnp.zeros_like(w)
     ws = (jnp.where(do_split, ws[0], w), *(jnp.where(do_split, b, zero) for b in ws[1:]))
-    if screened:  # the chosen candidate was measured; its other figures come from here
-        wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
-        chosen = measure(wf, tuple(jnp.where(jnp.isfinite(b), b, 0) for b in ws), spec)
-        m = Measurement(*(jnp.broadcast_to(f, score.shape) for f in chosen))
-        m = m._replace(mse=mse, extra_nonzero=extra)
     info = {
         "split": do_split,
         "method": mi,

@@ -59,6 +59,13 @@ __all__ = [
     "check_layer",
     "resolve_selection",
     "check_calibration",
+    "LayerCurve",
+    "tree_curves",
+    "tree_picks",
+    "tree_splits",
+    "TreePlan",
+    "plan_tree",
+    "split_planned",
 ]
 
 logger = logging.getLogger("jaxsplit")
@@ -449,10 +456,9 @@ def _run_auto(todo: list[Layer], cfg: SplitConfig, *, donate: bool = False, cali
 
 
 def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration: dict):
-    """``Auto(scope="tree")``: every layer's candidate curve (one program each), the
-    allocation of the shared budget on the host (``search.allocate``), then one program
-    per chosen split (``programs.apply``)."""
-    a = cfg.threshold
+    """``Auto(scope="tree")``: every layer's candidate curve (``tree_curves``), the
+    allocation of the shared budget on the host (``tree_picks``), then one program per
+    chosen split (``tree_splits``)."""
     if any(is_traced(layer.array) for layer in todo):
         raise ConfigError(
             "Auto",
@@ -460,38 +466,147 @@ def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration:
             "Auto.scope='tree' chooses on the host and needs concrete arrays; inside "
             "jax.jit use scope='layer'",
         )
-    _host_stats(todo, [_stats(lay.array, "absolute", jnp.inf, None) for lay in todo], cfg)
-    methods = search.search_methods(cfg.method, a.spec)
-    curves = []
-    for layer in todo:
+    curves = tree_curves(todo, cfg, calibration=calibration)
+    plan = plan_tree({lay.path: c for lay, c in zip(todo, curves, strict=True)}, cfg)
+    picks = [plan.picks[lay.path] for lay in todo]
+    yield from tree_splits(todo, curves, picks, cfg, donate=donate, budget_total=plan.budget)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCurve:
+    """One layer's ``Auto`` candidates on the host: pass 1 of ``Auto(scope="tree")``.
+
+    Attributes:
+      thresholds: ``(candidates, ...)`` the candidate thresholds (numpy).
+      m: the ``Measurement`` of every candidate, arrays ``(methods, candidates)``
+        (screened curves: ``inf`` errors where a candidate was not measured).
+      base: the ``Measurement`` of not splitting.
+      score: ``(methods, candidates)`` the figure minimised (``search.curve``).
+      score0: the score of not splitting.
+      size: the kernel's size.
+    """
+
+    thresholds: np.ndarray
+    m: Any
+    base: Any
+    score: np.ndarray
+    score0: float
+    size: int
+
+
+def tree_curves(
+    layers: list[Layer], cfg: SplitConfig, *, calibration: Mapping | None = None
+) -> list[LayerCurve]:
+    """Every layer's candidate curve under ``cfg.threshold`` (an ``Auto``), one host sync.
+
+    Non-finite kernels raise first (unless ``cfg.allow_nonfinite``). Kernels where
+    ``search.screens`` holds get ``search.screened_curve`` (a few candidates measured at
+    the layer's own budget and at ``screen.TREE_LEVELS`` multiples of it), the others
+    ``search.curve`` (all measured). The streamed split calls it one layer at a time:
+    the curves are the same either way.
+
+    Raises:
+      NonFiniteError: a kernel holds NaN/inf (unless ``allow_nonfinite``).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit import Auto, QuantSpec
+      >>> lay = find_layers({"d": {"kernel": np.array([0.01, -0.02, 4.0], np.float32)}})["d"]
+      >>> cfg = SplitConfig(layers=["d"], threshold=Auto(QuantSpec(bits=4), candidates=4,
+      ...                   max_extra=0.5, scope="tree"), method="clip")
+      >>> c, = tree_curves([lay], cfg)
+      >>> c.score.shape, c.size, bool(c.score.min() < c.score0)
+      ((1, 4), 3, True)
+    """
+    a = cfg.threshold
+    calibration = calibration or {}
+    _host_stats(layers, [_stats(lay.array, "absolute", jnp.inf, None) for lay in layers], cfg)
+    budget = jnp.inf if a.max_extra is None else a.max_extra
+    out = []
+    for layer in layers:
         w = layer.array
+        kw = {"spec": a.spec, "candidates": a.candidates, "method": cfg.method,
+              "branches": cfg.branches}  # fmt: skip
         with x64(w.dtype):
-            curves.append(
-                programs.curve(
-                    w, _key(cfg, layer), calibration.get(layer.path), spec=a.spec,
-                    candidates=a.candidates, method=cfg.method, branches=cfg.branches,
-                    twin_spec=a.twin_spec,
+            if search.screens(tuple(w.shape), a, cfg.method):
+                c = search.screened_curve(
+                    w, _key(cfg, layer), calibration.get(layer.path), budget, **kw
                 )
-            )  # fmt: skip
-    host = jax.device_get([{k: v for k, v in c.items() if k != "thresholds"} for c in curves])
-    sizes = [int(layer.array.size) for layer in todo]
-    budget = a.max_extra * sum(sizes)
-    picks = search.allocate(
-        [_spent(h["m"], a.cost) for h in host],
-        [h["score"] for h in host],
-        [float(h["score0"]) for h in host],
+            else:
+                c = programs.curve(
+                    w, _key(cfg, layer), calibration.get(layer.path), twin_spec=a.twin_spec,
+                    **kw,
+                )  # fmt: skip
+        out.append(c)
+    host = jax.device_get(out)
+    return [
+        LayerCurve(
+            np.asarray(h["thresholds"]),
+            h["m"],
+            h["base"],
+            np.asarray(h["score"]),
+            float(h["score0"]),
+            int(lay.array.size),
+        )  # fmt: skip
+        for h, lay in zip(host, layers, strict=True)
+    ]
+
+
+def tree_picks(curves: list[LayerCurve], cfg: SplitConfig) -> list[int]:
+    """Each layer's candidate (flat index into its curve, ``-1``: not split) under the
+    tree's budget, ``cfg.threshold.max_extra`` × the layers' total size (``search.allocate``,
+    never worse than each layer within its own share).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit import Auto, QuantSpec
+      >>> w = np.array([0.01, -0.02, 0.03, 4.0], np.float32)
+      >>> lays = list(find_layers({"a": {"kernel": w}, "b": {"kernel": w / 100}}).values())
+      >>> auto = Auto(QuantSpec(bits=4), candidates=4, max_extra=0.125, scope="tree")
+      >>> cfg = SplitConfig(layers=["*"], threshold=auto, method="clip")
+      >>> [i >= 0 for i in tree_picks(tree_curves(lays, cfg), cfg)]  # one extra value: 'a'
+      [True, False]
+    """
+    a = cfg.threshold
+    budget = a.max_extra * sum(c.size for c in curves)
+    return search.allocate(
+        [_spent(c.m, a.cost) for c in curves],
+        [c.score for c in curves],
+        [c.score0 for c in curves],
         budget,
-        layer_budgets=[a.max_extra * n for n in sizes],
+        layer_budgets=[a.max_extra * c.size for c in curves],
     )
-    seen = _usage(todo)
+
+
+def tree_splits(
+    layers: list[Layer],
+    curves: list[LayerCurve],
+    picks: list[int],
+    cfg: SplitConfig,
+    *,
+    donate: bool = False,
+    budget_total: int | None = None,
+):
+    """Yields ``(layer, branches, n_split, threshold, AutoChoice)``: each layer split at
+    its pick (``tree_picks``), one program each, one host sync.
+
+    ``budget_total`` is the tree's budget in extra non-zeros for ``budget_share``
+    (default: ``max_extra`` × the given layers' total size; the streamed split, which
+    passes one layer at a time, gives the whole tree's).
+    """
+    a = cfg.threshold
+    methods = search.search_methods(cfg.method, a.spec)
+    if budget_total is None:
+        budget_total = a.max_extra * sum(c.size for c in curves)
+    seen = _usage(layers)
     outs = []
-    for layer, c, pick in zip(todo, curves, picks, strict=True):
+    for layer, c, pick in zip(layers, curves, picks, strict=True):
         w = layer.array
         if pick < 0:
             outs.append((None, None, None))
             continue
         mi, ti = divmod(pick, a.candidates)
-        thr = c["thresholds"][ti]
+        thr = c.thresholds[ti]
         fn = programs.apply_donated if donate and _donatable(w, seen) else programs.apply
         with x64(w.dtype):
             ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
@@ -499,11 +614,9 @@ def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration:
                     calibration=calibration.get(layer.path))  # fmt: skip
             n = programs.counts(ws[0], thr, ws)  # non-finite values stay on branch_0
         outs.append((ws, n, thr))
-    fetched = jax.device_get([(n, t) for _, n, t in outs])
-    for layer, h, pick, (ws, _, _), (n, t), size in zip(
-        todo, host, picks, outs, fetched, sizes, strict=True
-    ):
-        m, base = h["m"], h["base"]
+    fetched = jax.device_get([n for _, n, _ in outs])
+    for layer, c, pick, (ws, _, t), n in zip(layers, curves, picks, outs, fetched, strict=True):
+        m, base, size = c.m, c.base, c.size
         if pick < 0:
             info = {"split": False, "method": 0, "threshold": 0.0, "mse": base.mse,
                     "mse_unsplit": base.mse, "extra_nonzero": 0,
@@ -520,9 +633,98 @@ def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration:
                 "output_error": m.output_error[mi, ti],
                 "output_error_unsplit": base.output_error,
                 "effective_bits": m.effective_bits[mi, ti]}  # fmt: skip
-        share = spent / budget if budget > 0 else 0.0
+        share = spent / budget_total if budget_total > 0 else 0.0
         ch = search.choice(info, methods, a.candidates, size=size, budget_share=share)
         yield layer, ws, int(n[0]), _host_threshold(np.asarray(t)), ch
+
+
+@dataclasses.dataclass(frozen=True)
+class TreePlan:
+    """The outcome of pass 1 of ``Auto(scope="tree")``: every layer's curve and pick.
+
+    Attributes:
+      curves: ``{layer path: LayerCurve}``.
+      picks: ``{layer path: flat candidate index}`` (``-1``: not split).
+      budget: the tree's budget (what ``Auto.cost`` counts), for ``budget_share``.
+    """
+
+    curves: Mapping[str, LayerCurve]
+    picks: Mapping[str, int]
+    budget: float
+
+
+def plan_tree(curves: Mapping[str, LayerCurve], cfg: SplitConfig) -> TreePlan:
+    """Allocates the tree's budget over ``curves`` (``tree_picks``), taken in path
+    order so that the choice does not depend on the order the layers were read in.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit import Auto, QuantSpec
+      >>> auto = Auto(QuantSpec(bits=4), candidates=4, max_extra=0.5, scope="tree")
+      >>> cfg = SplitConfig(layers=["*"], threshold=auto, method="clip")
+      >>> lay = find_layers({"d": {"kernel": np.array([0.5, -0.25, 8.0], np.float32)}})["d"]
+      >>> plan = plan_tree({"d": tree_curves([lay], cfg)[0]}, cfg)
+      >>> plan.picks["d"] >= 0, plan.budget
+      (True, 1.5)
+    """
+    paths = sorted(curves)
+    picks = tree_picks([curves[p] for p in paths], cfg)
+    budget = cfg.threshold.max_extra * sum(curves[p].size for p in paths)
+    return TreePlan(dict(curves), dict(zip(paths, picks, strict=True)), budget)
+
+
+def split_planned(
+    params: Mapping, cfg: SplitConfig, plan: TreePlan, *, donate: bool = False
+) -> tuple[Mapping, SplitReport]:
+    """Pass 2 of ``Auto(scope="tree")``: ``split_with_report`` with the choices taken
+    from ``plan`` (``plan_tree`` over ``tree_curves``) instead of searched.
+
+    ``params`` may hold any part of the tree the plan was made for (the streamed split
+    gives one layer at a time); each selected, splittable layer must be in the plan. The
+    result equals ``split_with_report(whole tree, cfg)``'s for those layers, bit for bit.
+
+    Raises:
+      ConfigError: ``cfg.threshold`` is not ``Auto(scope="tree")``.
+      KeyError: a selected layer has no curve in ``plan``.
+      As ``split_with_report`` otherwise.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit import Auto, QuantSpec
+      >>> p = {"d": {"kernel": np.array([0.01, -0.02, 4.0], np.float32)}}
+      >>> cfg = SplitConfig(layers=["d"], threshold=Auto(QuantSpec(bits=4), candidates=4,
+      ...                   max_extra=0.5, scope="tree"), method="clip")
+      >>> plan = plan_tree({"d": tree_curves([find_layers(p)["d"]], cfg)[0]}, cfg)
+      >>> p2, rep = split_planned(p, cfg, plan)
+      >>> rep.split_paths, np.array_equal(merge_params(p2)["d"]["kernel"], p["d"]["kernel"])
+      (('d',), True)
+    """
+    a = cfg.threshold if isinstance(cfg, SplitConfig) else None
+    if not (isinstance(a, Auto) and a.scope == "tree"):
+        raise ConfigError(
+            "split_planned", "cfg", f"cfg.threshold must be Auto(scope='tree'), got {a!r}"
+        )
+    selected, matches, available = resolve_selection(params, cfg)
+    plans, todo = _checked(selected)
+    missing = [lay.path for lay in todo if lay.path not in plan.curves]
+    if missing:
+        raise KeyError(f"plan has no curve for layer(s) {missing}; planned: {list(plan.curves)}")
+    curves = [plan.curves[lay.path] for lay in todo]
+    picks = [plan.picks[lay.path] for lay in todo]
+    replacements = {}
+    for layer, ws, n, thr, ch in tree_splits(
+        todo, curves, picks, cfg, donate=donate, budget_total=plan.budget
+    ):
+        plans[layer.path] = p = _result_plan(layer, n, thr, ch)
+        if p.action == "split":
+            replacements[layer.keys] = make_branches(
+                layer, [keep_sharding(w, layer.array) for w in ws]
+            )
+    report = SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
+    if cfg.verbose:
+        for q in report.layers:
+            logger.info("%s", _log_line(q))
+    return rebuild(params, replacements), report
 
 
 def _spent(m, cost: str):

@@ -63,20 +63,35 @@ def weight_stats(w) -> tuple[float | None, float | None, float | None, float | N
     a = np.asarray(w)
     if not np.issubdtype(a.dtype, np.floating) and a.dtype.kind != "V":
         return None, None, None, None, 0
-    x = a.astype(np.float64).ravel()
-    finite = np.isfinite(x)
-    bad = int(x.size - np.count_nonzero(finite))
-    x = x[finite]
-    if x.size == 0:
+    flat = a.reshape(-1)
+    blocks = [flat[i : i + _BLOCK] for i in range(0, flat.size, _BLOCK)]
+    # two passes over float64 blocks: memory stays O(block) whatever the kernel's size
+    n, total, max_abs = 0, 0.0, 0.0
+    for b in blocks:
+        x = b.astype(np.float64)
+        x = x[np.isfinite(x)]
+        if x.size:
+            n, total = n + x.size, total + float(np.sum(x))
+            max_abs = max(max_abs, float(np.max(np.abs(x))))
+    bad = int(flat.size - n)
+    if n == 0:
         return None, None, None, None, bad
-    max_abs = float(np.max(np.abs(x)))
-    d = x - x.mean()
-    var = float(np.mean(d * d))
+    mean = total / n
+    m2 = m4 = 0.0
+    for b in blocks:
+        x = b.astype(np.float64)
+        d = x[np.isfinite(x)] - mean
+        d *= d
+        m2, m4 = m2 + float(np.sum(d)), m4 + float(np.sum(d * d))
+    var = m2 / n
     if var == 0.0:
         return max_abs, 0.0, None, None, bad
     std = math.sqrt(var)
-    kurt = float(np.mean(d**4) / var**2 - 3.0)
+    kurt = float(m4 / n / var**2 - 3.0)
     return max_abs, std, max_abs / std, kurt, bad
+
+
+_BLOCK = 1 << 20  # values per float64 block of ``weight_stats`` (8 MiB)
 
 
 def _kind(path: str, weight: str, ndim: int) -> str:

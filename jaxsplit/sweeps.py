@@ -37,7 +37,7 @@ from jaxsplit.split import check_layer, resolve_selection, split_with_report
 from jaxsplit.thresholds import as_threshold, channel_axis, resolve_rule
 from jaxsplit.tree import x64
 
-__all__ = ["SweepRow", "SweepResult", "sweep", "auto_sweep", "spec_label"]
+__all__ = ["SweepRow", "SweepResult", "sweep", "auto_sweep", "auto_rows", "spec_label"]
 
 logger = logging.getLogger("jaxsplit")
 
@@ -375,39 +375,54 @@ def auto_sweep(
         for m in methods:
             c = dataclasses.replace(cfg, threshold=a, method=m, spec=None)
             p2, rep = split_with_report(params, c, calibration=calibration)
-            err = {r.path: r for r in quant_error(params, p2, a.spec, twin_spec=a.twin_spec).layers}
-            label = "auto" if a.scope == "layer" else "auto:tree"
-            for plan in rep.layers:
-                e, ch = err[plan.path], plan.auto
-                if ch is None:
-                    continue
-                t = ch.threshold
-                t_abs = (
-                    float("nan")
-                    if t is None
-                    else float(sum(t) / len(t) if isinstance(t, tuple) else t)
-                )
-                rows.append(
-                    SweepRow(
-                        layer=plan.path,
-                        shape=plan.shape,
-                        threshold=label,
-                        threshold_abs=t_abs,
-                        method=ch.method or "none",
-                        bits=a.spec.bits,
-                        granularity=a.spec.granularity,
-                        spec=spec_label(a.spec),
-                        n_split=int(plan.n_split or 0),
-                        frac_split=int(plan.n_split or 0) / max(plan.n_total, 1),
-                        extra_nonzero=e.extra_nonzero,
-                        extra_fraction=e.extra_fraction,
-                        mse_before=e.mse_before,
-                        mse=e.mse_after,
-                        predicted_mse=e.pred_after,
-                        predicted_mse_correlated=e.pred_after_corr,
-                        reduction=e.reduction,
-                        sqnr_before_db=e.sqnr_before,
-                        sqnr_db=e.sqnr_after,
-                    )
-                )
+            err = quant_error(params, p2, a.spec, twin_spec=a.twin_spec)
+            rows += auto_rows(rep.layers, err.layers, a)
     return SweepResult(tuple(rows))
+
+
+def auto_rows(plans: Sequence, errors: Sequence, auto: Auto) -> list[SweepRow]:
+    """``auto_sweep``'s rows from a split's ``LayerPlan``s and ``quant_error``'s rows
+    (matched by path; the streamed sweep builds them one layer at a time).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit.split import split_with_report
+      >>> p = {"d": {"kernel": np.array([[0.1, -0.2], [0.3, 4.0]], np.float32)}}
+      >>> a = Auto(QuantSpec(bits=4), candidates=8)
+      >>> p2, rep = split_with_report(p, SplitConfig(layers="d", threshold=a))
+      >>> [r.layer for r in auto_rows(rep.layers, quant_error(p, p2, a.spec).layers, a)]
+      ['d']
+    """
+    err = {r.path: r for r in errors}
+    label = "auto" if auto.scope == "layer" else "auto:tree"
+    rows = []
+    for plan in plans:
+        e, ch = err[plan.path], plan.auto
+        if ch is None:
+            continue
+        t = ch.threshold
+        t_abs = float("nan") if t is None else float(sum(t) / len(t) if isinstance(t, tuple) else t)
+        rows.append(
+            SweepRow(
+                layer=plan.path,
+                shape=plan.shape,
+                threshold=label,
+                threshold_abs=t_abs,
+                method=ch.method or "none",
+                bits=auto.spec.bits,
+                granularity=auto.spec.granularity,
+                spec=spec_label(auto.spec),
+                n_split=int(plan.n_split or 0),
+                frac_split=int(plan.n_split or 0) / max(plan.n_total, 1),
+                extra_nonzero=e.extra_nonzero,
+                extra_fraction=e.extra_fraction,
+                mse_before=e.mse_before,
+                mse=e.mse_after,
+                predicted_mse=e.pred_after,
+                predicted_mse_correlated=e.pred_after_corr,
+                reduction=e.reduction,
+                sqnr_before_db=e.sqnr_before,
+                sqnr_db=e.sqnr_after,
+            )
+        )
+    return rows

@@ -320,14 +320,171 @@ if __name__ == "__main__":
         print(json.dumps(_measure(n, rows, cols, *sys.argv[5:7]), indent=1))
 
 
-def test_tree_scope_auto_does_not_stream(tmp_path):
-    """One budget shared by the tree needs every layer: the stream refuses, by type."""
-    src = tmp_path / "in.safetensors"
-    io.save({"d": {"kernel": np.ones((4, 4), np.float32)}}, src)
-    auto = js.Auto(js.QuantSpec(bits=4), max_extra=0.05, scope="tree")
+def _auto_tree(seed=0, empty=True):
+    """Heavy-tailed layers of several sizes (one above ``screen.MIN_SIZE``: screened), and
+    an empty kernel (skipped; orbax cannot store one)."""
+    rng = np.random.default_rng(seed)
+
+    def t(*shape):
+        return (rng.standard_t(3, shape) * 0.02).astype(np.float32)
+
+    p = {
+        "a": {"kernel": t(64, 32), "bias": np.zeros(32, np.float32)},
+        "b": {"Dense_0": {"kernel": t(32, 16).astype(ml_dtypes.bfloat16)}},
+        "big": {"kernel": t(512, 512)},
+    }
+    if empty:
+        p["e"] = {"kernel": np.zeros((0, 4), np.float32)}
+    return {"params": p}
+
+
+def _calib(tree, seed=1):
+    rng = np.random.default_rng(seed)
+    p = tree["params"]
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    return {"a": x @ x.T / 64, "big": rng.uniform(0.1, 3.0, 512).astype(np.float32),
+            "b/Dense_0": rng.uniform(0.5, 2.0, p["b"]["Dense_0"]["kernel"].shape[0])}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("src_fmt", "scope", "calibrated"),
+    [("safetensors", "tree", False), ("orbax", "tree", True), ("safetensors", "tree", True),
+     ("orbax", "layer", True)],
+)  # fmt: skip
+def test_tree_scope_and_calibrated_auto_stream_equal_in_memory(
+    tmp_path, src_fmt, scope, calibrated
+):
+    """Two passes (curves, allocation, splits): the streamed output, report and dry run equal
+    ``split_with_report`` on the whole tree, bit for bit; calibration from an .npz."""
+    tree = _auto_tree(empty=src_fmt != "orbax")
+    src = io.save(tree, tmp_path / f"src_{NAMES[src_fmt]}")
+    calib = None
+    if calibrated:
+        np.savez(tmp_path / "calib.npz", **_calib(tree))
+        with np.load(tmp_path / "calib.npz") as z:
+            calib = {k: z[k] for k in z.files}
+    budget = 0.03 if scope == "tree" else 0.02
+    auto = js.Auto(js.QuantSpec(bits=4), candidates=16, max_extra=budget, scope=scope)
+    cfg = js.SplitConfig(layers=["**"], threshold=auto, method="auto")
+    seen = []
+    rep = stream.split_checkpoint(
+        src, tmp_path / "out.safetensors", cfg, calibration=calib,
+        progress=lambda *a: seen.append(a),
+    )  # fmt: skip
+    ref_tree, ref = js.split_with_report(io.load(src), cfg, calibration=calib)
+    ref_path = io.save(ref_tree, tmp_path / "ref.safetensors")
+    _assert_same(io.load(tmp_path / "out.safetensors"), io.load(ref_path))
+    assert rep.report.to_dict() == ref.to_dict()
+    assert stream.plan_checkpoint(src, cfg, calibration=calib).to_dict() == ref.to_dict()
+    assert len(rep.report.split_paths) >= 2
+    if scope == "tree":
+        searched = sorted(s[2] for s in seen if s[2].startswith("search "))
+        assert searched == sorted(f"search {p}" for p in js.tree.find_layers(tree))
+        chosen = [p.auto for p in ref.layers if p.auto is not None]
+        total = sum(p.n_total for p in ref.layers if p.auto is not None)
+        assert sum(c.extra_nonzero for c in chosen) <= budget * total
+    merged = js.merge_params(io.load(tmp_path / "out.safetensors"))
+    _assert_same(merged, io.load(src))
+
+
+def test_tree_scope_stream_checks_before_writing(tmp_path):
+    t = _auto_tree()
+    t["params"]["big"]["kernel"][3, 3] = np.inf
+    src = io.save(t, tmp_path / "src.safetensors")
+    auto = js.Auto(js.QuantSpec(bits=4), candidates=8, max_extra=0.05, scope="tree")
     cfg = js.SplitConfig(layers=["**"], threshold=auto)
-    with pytest.raises(js.ConfigError, match="scope='tree'.*cannot stream") as e:
+    with pytest.raises(js.errors.NonFiniteError, match="'big'"):
         stream.split_checkpoint(src, tmp_path / "out.safetensors", cfg)
-    assert e.value.field == "scope" and not (tmp_path / "out.safetensors").exists()
-    with pytest.raises(js.ConfigError, match="cannot stream"):
-        stream.plan_checkpoint(src, cfg)
+    with pytest.raises(js.errors.CalibrationError, match="calibration key 'nope'"):
+        stream.split_checkpoint(src, tmp_path / "out.safetensors", cfg,
+                                calibration={"nope": np.ones(3)})  # fmt: skip
+    with pytest.raises(js.ConfigError, match="plan .* cannot be combined") as e:
+        stream.split_checkpoint(src, tmp_path / "out.safetensors", cfg, plan={})
+    assert e.value.field == "plan"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
+
+
+def test_report_sweep_inspect_stream_the_in_memory_figures(tmp_path, capsys):
+    """``report``/``sweep``/``inspect`` read one layer at a time (a tree budget: two passes)
+    and print what the in-memory library gives for the whole tree."""
+    from cli_helpers import run_cli
+
+    tree = _auto_tree(empty=False)  # (quant_error has no figure for an empty kernel)
+    src = io.save(tree, tmp_path / "src.safetensors")
+    np.savez(tmp_path / "calib.npz", **_calib(tree))
+    auto = ["--threshold", "auto", "--bits", "4", "--candidates", "16"]
+    cfg = js.SplitConfig(
+        layers=["**"], threshold=js.Auto(js.QuantSpec(bits=4), candidates=16, max_extra=0.03,
+                                         scope="tree"),
+    )  # fmt: skip
+
+    def cli_json(*argv):
+        code, out, err = run_cli(capsys, *argv, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+    rep = cli_json("report", src, "--layers", "**", *auto, "--budget", "0.03")
+    lib = js.quant_error(tree, js.split_params(tree, cfg), js.QuantSpec(bits=4))
+    assert sorted(json.dumps(r, sort_keys=True) for r in rep["layers"]) == sorted(
+        json.dumps(r, sort_keys=True) for r in lib.to_dict()["layers"]
+    )
+    flags = ["--bits", "4", "--candidates", "16", "--budget", "0.03"]
+    rows = cli_json("sweep", src, "--thresholds", "auto", *flags,
+                    "--calibration", tmp_path / "calib.npz")["rows"]  # fmt: skip
+    calib = dict(np.load(tmp_path / "calib.npz"))
+    want = js.sweeps.auto_sweep(
+        tree,
+        js.SplitConfig(layers=("**",)),
+        autos=[cfg.threshold],
+        methods=["balance"],
+        calibration=calib,
+    ).to_dict()["rows"]
+    key = lambda r: r["layer"]  # noqa: E731
+    assert sorted(rows, key=key) == sorted(want, key=key)
+    ins = cli_json("inspect", src, "--bits", "4")
+    assert sorted(r["path"] for r in ins["layers"]) == sorted(js.tree.find_layers(tree))
+    assert {r["path"] for r in ins["recommendations"]} == set(js.tree.find_layers(tree))
+
+
+@pytest.mark.parametrize("at", ["search a", "b/Dense_0"])
+def test_killed_two_pass_run_keeps_previous_output(tmp_path, at):
+    """Interrupted in pass 1 (a curve) or pass 2 (a split): the previous output is intact."""
+    src = io.save(_auto_tree(), tmp_path / "src.safetensors")
+    out = io.save({"old": np.ones(2)}, tmp_path / "out.safetensors")
+    before = _snapshot(tmp_path)
+    auto = js.Auto(js.QuantSpec(bits=4), candidates=8, max_extra=0.05, scope="tree")
+    cfg = js.SplitConfig(layers=["**"], threshold=auto, method="clip")
+
+    def kill(done, total, path):
+        if path == at:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt, match="killed"):
+        stream.split_checkpoint(src, out, cfg, overwrite=True, progress=kill)
+    assert _snapshot(tmp_path) == before
+
+
+def test_sigkilled_process_leaves_previous_output_intact(tmp_path):
+    """A process killed outright (SIGKILL, no cleanup runs) mid-write: the previous output is
+    byte for byte what it was; only the staging directory beside it is left behind."""
+    src = io.save(_tree(), tmp_path / "src.safetensors")
+    out = io.save({"old": np.arange(5.0)}, tmp_path / "out.safetensors")
+    old = out.read_bytes()
+    code = (
+        "import os, signal, sys; import jaxsplit as js; from jaxsplit import stream\n"
+        "cfg = js.SplitConfig(layers=['**'], threshold=js.Relative(0.5), method='clip')\n"
+        "def kill(done, total, path):\n"
+        "    if done == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"stream.split_checkpoint({str(src)!r}, {str(out)!r}, cfg, overwrite=True, progress=kill)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert out.read_bytes() == old
+    debris = sorted(
+        p.name for p in tmp_path.iterdir() if p.name not in ("src.safetensors", "out.safetensors")
+    )
+    assert (
+        len(debris) == 1
+        and debris[0].startswith(".out.safetensors.")
+        and debris[0].endswith(".tmp")
+    )

@@ -1,5 +1,7 @@
 """jaxsplit.screen: sampled candidate scores, exact confirmation, same choice as exhaustive."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +112,60 @@ def test_screened_search_runs_inside_a_user_jit_with_a_traced_budget():
         ws, info = f(w, budget)
         assert int(info["extra_nonzero"]) <= budget * w.size
         assert np.array_equal(kernels.branch_sum(ws), w)
+
+
+def _tree_totals(curves, picks):
+    """(total score, total extra) of one pick per layer (``-1``: not split)."""
+    pairs = list(zip(curves, picks, strict=True))
+    score = sum(c.score0 if i < 0 else float(c.score.reshape(-1)[i]) for c, i in pairs)
+    extra = sum(0 if i < 0 else int(c.m.extra_nonzero.reshape(-1)[i]) for c, i in pairs)
+    return score, extra
+
+
+@pytest.mark.parametrize(
+    ("method", "calibrated"), [("clip", False), ("auto", False), ("clip", True)]
+)
+def test_tree_scope_screen_within_two_percent_of_exhaustive(method, calibrated):
+    """Screened tree-scope curves (a few candidates measured per layer): the allocation
+    stays within 2% of the one over exhaustive curves, never exceeds the budget, and is
+    never worse than scope='layer' at the same total budget."""
+    from jaxsplit import split
+    from jaxsplit.tree import find_layers
+
+    tree = {f"l{i}": {"kernel": _student_t(SHAPE, 20 + i, df)} for i, df in enumerate((3, 5, 8))}
+    rng = np.random.default_rng(3)
+    calib = (
+        {p: rng.uniform(0.2, 4.0, SHAPE[0]).astype(np.float32) for p in tree} if calibrated else {}
+    )
+    a = js.Auto(QuantSpec(bits=4), candidates=32, max_extra=0.01, scope="tree")
+    cfg = js.SplitConfig(layers=["*"], threshold=a, method=method)
+    lays = list(find_layers(tree).values())
+    assert all(auto.screens(lay.array.shape, a, method) for lay in lays)
+    scr = split.tree_curves(lays, cfg, calibration=calib)
+    n_measured = [int(np.isfinite(c.score).sum()) for c in scr]
+    assert max(n_measured) <= 4 + len(screen.TREE_LEVELS), n_measured
+    exh = []
+    for lay in lays:
+        c = auto.curve(lay.array, None, calib.get(lay.path), spec=a.spec, candidates=32,
+                       method=method)  # fmt: skip
+        c = jax.device_get(c)
+        thr, score = np.asarray(c["thresholds"]), np.asarray(c["score"])
+        exh.append(
+            split.LayerCurve(thr, c["m"], c["base"], score, float(c["score0"]), lay.array.size)
+        )
+    budget = a.max_extra * sum(lay.array.size for lay in lays)
+    s_score, s_extra = _tree_totals(scr, split.tree_picks(scr, cfg))
+    e_score, e_extra = _tree_totals(exh, split.tree_picks(exh, cfg))
+    assert s_extra <= budget and e_extra <= budget
+    assert s_score <= e_score * 1.02, (s_score, e_score)
+    # the screened tree choice is never worse than the (screened) per-layer choice
+    layer_cfg = dataclasses.replace(cfg, threshold=dataclasses.replace(a, scope="layer"))
+    _, rep = js.split_with_report(tree, layer_cfg, calibration=calib or None)
+    fig = (lambda c: c.output_error) if calibrated else (lambda c: c.mse)
+    per_layer = sum(fig(p.auto) * (1 if calibrated else p.n_total) for p in rep.layers)
+    assert s_score <= per_layer * (1 + 1e-6), (s_score, per_layer)
+    # and split_params applies exactly these picks
+    p2, rep_tree = js.split_with_report(tree, cfg, calibration=calib or None)
+    assert sum(p.auto.extra_nonzero for p in rep_tree.layers) == s_extra
+    for lay in lays:
+        assert np.array_equal(js.merge_params(p2)[lay.path]["kernel"], tree[lay.path]["kernel"])

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
 
 import numpy as np
 
-from jaxsplit import io
+from jaxsplit import io, stream
 from jaxsplit.cli.ui import UsageError
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import ConfigError, ConfigTypeError, UnmatchedPatternError
@@ -130,6 +131,28 @@ def load_checkpoint(path: str, fmt: str | None, what: str = "CKPT") -> dict:
     tree = io.load(path, fmt=fmt)
     logger.info("loaded %s (%s)", path, fmt)
     return tree
+
+
+@contextlib.contextmanager
+def open_input(path: str, fmt: str | None, names=WEIGHT_NAMES, what: str = "CKPT"):
+    """Opens an input checkpoint layer by layer for a command (``stream.open_layers``):
+    only its header is read; it must hold at least one layer.
+
+    Raises:
+      UsageError: the path does not exist or its format cannot be told (exit 2).
+      ValueError: it holds no layers; OSError, io.CheckpointError: unreadable (exit 1).
+
+    Example:
+      >>> import numpy as np, tempfile
+      >>> f = io.save({"d": {"kernel": np.ones(2)}}, f"{tempfile.mkdtemp()}/w.npz")
+      >>> with open_input(str(f), None) as src:
+      ...     list(src.layers)
+      ['d']
+    """
+    with stream.open_layers(path, fmt=input_format(path, fmt, what), weights=names) as src:
+        require_layers(src.skel, path, names)
+        logger.info("opened %s (%s), %d layers", path, src.reader.fmt, len(src.layers))
+        yield src
 
 
 def input_format(path: str, fmt: str | None, what: str = "CKPT") -> str:

@@ -3,7 +3,8 @@
 With ``--bits B`` (and any other ``QuantSpec`` flag, ``--budget F``), every unsplit layer
 goes through the ``Auto`` search (``jaxsplit.search``, measured by ``jaxsplit.measure``:
 what ``--threshold auto`` would do) as a dry run (``match_layers``), and layers are ranked
-by the squared error a split removes per extra non-zero parameter.
+by the squared error a split removes per extra non-zero parameter. The checkpoint is read
+one layer at a time (``jaxsplit.stream``).
 """
 
 from __future__ import annotations
@@ -11,18 +12,19 @@ from __future__ import annotations
 import argparse
 import logging
 
+from jaxsplit import stream
 from jaxsplit.cli.common import (
     add_input_arguments,
     add_quant_options,
-    load_checkpoint,
+    input_format,
+    open_input,
     quant_spec,
-    require_layers,
     weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import ConfigError, ConfigTypeError
-from jaxsplit.split import LayerPlan, match_layers
+from jaxsplit.split import LayerPlan
 from jaxsplit.stats import layer_stats, rank_by_outliers
 
 __all__ = ["COMMAND", "recommendation", "rank_recommendations"]
@@ -90,7 +92,7 @@ def rank_recommendations(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: (not r["split"], -r["gain_per_param"]))
 
 
-def _recommend(args, tree, layers, names) -> tuple[list[dict], str]:
+def _recommend(args, layers, names) -> tuple[list[dict], str]:
     spec = quant_spec(args)
     try:
         auto = Auto(spec, max_extra=args.budget)
@@ -100,7 +102,8 @@ def _recommend(args, tree, layers, names) -> tuple[list[dict], str]:
     if not unsplit:
         return [], "every layer is already split"
     cfg = SplitConfig(layers=lambda path, node: path in unsplit, threshold=auto, weights=names)
-    rows = rank_recommendations([recommendation(p) for p in match_layers(tree, cfg).layers])
+    report = stream.plan_checkpoint(args.ckpt, cfg, fmt=input_format(args.ckpt, args.format))
+    rows = rank_recommendations([recommendation(p) for p in report.layers])
     chosen = [r for r in rows if r["split"]]
     extra = sum(r["extra_nonzero"] for r in chosen)
     size = sum(int(layers[p].array.size) for p in unsplit)
@@ -125,13 +128,20 @@ def _inspect_run(args: argparse.Namespace, ui: UI) -> int:
     if args.budget is not None and args.bits is None:
         raise UsageError("--budget needs --bits (the search scores splits under a QuantSpec)")
     names = weights(args)
-    tree = load_checkpoint(args.ckpt, args.format)
-    layers = require_layers(tree, args.ckpt, names)
-    rows = layer_stats(tree, names)
+    with open_input(args.ckpt, args.format, names) as src:  # one layer at a time
+        layers = src.layers
+        rows = []
+        for path in layers:
+            rows += [
+                r
+                for r in layer_stats(src.subtree(path), names)
+                if r.path == path or r.path.startswith(f"{path}/branch_")  # not leaf siblings
+            ]
+            stream.release()
     for r in rows:
         logger.info("%s: %s %s max|w|=%s max/std=%s", r.path, r.kind, r.dtype, r.max_abs,
                     r.max_over_std)  # fmt: skip
-    recs, summary = _recommend(args, tree, layers, names) if args.bits is not None else (None, "")
+    recs, summary = _recommend(args, layers, names) if args.bits is not None else (None, "")
     if recs is None:
         ranked = [r.path for r in rank_by_outliers(rows) if r.max_over_std is not None]
     else:

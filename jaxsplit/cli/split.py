@@ -1,7 +1,8 @@
 """``jaxsplit split``: split a checkpoint's layers into twin branches (or ``--dry-run``).
 
 Streamed (``jaxsplit.stream``): one layer in memory at a time, the output written
-incrementally and atomically; sparse twins are stored as indices + values."""
+incrementally and atomically; sparse twins are stored as indices + values. A tree-wide
+``--budget`` reads the input twice (curves, then splits); ``--calibration`` streams too."""
 
 from __future__ import annotations
 
@@ -16,16 +17,13 @@ from jaxsplit.cli.common import (
     add_split_options,
     input_format,
     load_calibration,
-    load_checkpoint,
     quant_spec,
     split_config,
     unmatched_usage,
     weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
-from jaxsplit.config import Auto
 from jaxsplit.errors import UnmatchedPatternError
-from jaxsplit.split import match_layers, split_with_report
 
 __all__ = ["COMMAND"]
 
@@ -70,27 +68,16 @@ def _split_run(args: argparse.Namespace, ui: UI) -> int:
     cfg = split_config(args, quant_spec(args))
     out_fmt = _check_output(args)
     calibration = load_calibration(args.calibration)
-    tree_scope = isinstance(cfg.threshold, Auto) and cfg.threshold.scope == "tree"
-    if calibration is not None or tree_scope:
-        # an output-aware search, or a budget shared by the whole tree: in memory (the
-        # stream sees one layer at a time)
-        tree = load_checkpoint(args.ckpt, args.format)
-        if args.dry_run:
-            report = match_layers(tree, cfg, calibration=calibration)
-        else:
-            with ui.progress(f"splitting {args.ckpt}"):
-                tree2, report = split_with_report(tree, cfg, calibration=calibration)
-            with ui.progress(f"saving {args.out}"):
-                io.save(
-                    tree2, args.out, fmt=out_fmt, overwrite=args.overwrite,
-                    sparse_below=args.sparse_below,
-                )  # fmt: skip
-        _print_split(args, ui, cfg, report, out_fmt)
-        return 0
     fmt = input_format(args.ckpt, args.format)
     try:
         if args.dry_run:
-            report = stream.plan_checkpoint(args.ckpt, cfg, fmt=fmt)
+            with ui.progress(f"planning {args.ckpt}") as advance:
+                report = stream.plan_checkpoint(
+                    args.ckpt, cfg, fmt=fmt, calibration=calibration,
+                    progress=lambda done, total, path: advance(
+                        completed=done, total=total, description=path
+                    ),
+                )  # fmt: skip
         else:
             with ui.progress(f"splitting {args.ckpt}") as advance:
                 report = stream.split_checkpoint(
@@ -101,7 +88,10 @@ def _split_run(args: argparse.Namespace, ui: UI) -> int:
                     out_fmt=out_fmt,
                     overwrite=args.overwrite,
                     sparse_below=args.sparse_below,
-                    progress=lambda done, total, path: advance(),
+                    progress=lambda done, total, path: advance(
+                        completed=done, total=total, description=path
+                    ),
+                    calibration=calibration,
                 ).report
     except UnmatchedPatternError as e:
         raise unmatched_usage(e, args.ckpt) from None

@@ -1,26 +1,32 @@
-"""``jaxsplit sweep``: quantization error over thresholds x methods x bit widths."""
+"""``jaxsplit sweep``: quantization error over thresholds x methods x bit widths.
+
+The checkpoint is read one layer at a time (``jaxsplit.stream``): a grid per layer, then
+each ``--thresholds auto`` search streamed (a tree-wide ``--budget`` reads it twice)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
+from jaxsplit import stream
 from jaxsplit.cli.common import (
     add_input_arguments,
     add_quant_options,
     load_calibration,
-    load_checkpoint,
+    open_input,
     parse_threshold,
     quant_spec,
-    require_layers,
     twin_spec,
     weights,
 )
 from jaxsplit.cli.ui import UI, Command, UsageError, add_json_flag, table
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import ConfigError, ConfigTypeError
+from jaxsplit.evaluate import quant_error
 from jaxsplit.plot import pareto, pareto_points
 from jaxsplit.render import sweep_csv
-from jaxsplit.sweeps import SweepResult, auto_sweep, sweep
+from jaxsplit.split import resolve_selection
+from jaxsplit.sweeps import SweepResult, auto_rows, sweep
 
 __all__ = ["COMMAND"]
 
@@ -86,29 +92,35 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
         ]
     except (ConfigError, ConfigTypeError) as e:
         raise UsageError(f"--{e.field}: {e}") from None
-    tree = load_checkpoint(args.ckpt, args.format)
-    n = len(require_layers(tree, args.ckpt, cfg.weights))
-    rows = ()
+    calibration = load_calibration(args.calibration) if use_auto else None
     fixed = [m for m in args.methods if m != "auto"]
-    if thresholds and fixed:
-        with ui.progress(f"sweeping {n} layers", n) as advance:
-            rows = sweep(
-                tree,
-                cfg,
-                thresholds=thresholds,
-                methods=fixed,
-                specs=specs,
-                on_layer=lambda path: advance(),
-            ).rows
-    if use_auto:
-        with ui.progress(f"searching {n} layers"):
-            rows += auto_sweep(
-                tree,
-                cfg,
-                autos=autos,
-                methods=args.methods,
-                calibration=load_calibration(args.calibration),
-            ).rows
+    rows: list = []
+    with open_input(args.ckpt, args.format, cfg.weights) as src:
+        selected, _, _ = resolve_selection(src.skel, cfg)  # unmatched patterns raise here
+        paths = [lay.path for lay in selected]
+        if thresholds and fixed:
+            with ui.progress(f"sweeping {len(paths)} layers", len(paths)) as advance:
+                for path in paths:
+                    rows += sweep(
+                        src.subtree(path), stream.one_layer(cfg, path), thresholds=thresholds,
+                        methods=fixed, specs=specs,
+                    ).rows  # fmt: skip
+                    stream.release()
+                    advance()
+        if use_auto:
+            with ui.progress(f"searching {len(paths)} layers") as advance:
+                for a in autos:
+                    for m in args.methods:
+                        c = dataclasses.replace(cfg, threshold=a, method=m, spec=None)
+                        for _, sub, sub2, plan in stream.iter_split(
+                            src, c, calibration=calibration
+                        ):
+                            if plan is None:
+                                continue
+                            err = quant_error(sub, sub2, a.spec, weights=cfg.weights,
+                                              twin_spec=a.twin_spec)  # fmt: skip
+                            rows += auto_rows([plan], err.layers, a)
+                            advance()
     result = SweepResult(tuple(rows))
     if args.csv:
         sweep_csv(result, args.csv)

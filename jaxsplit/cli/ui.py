@@ -42,7 +42,9 @@ class UI:
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Callable]:
-        """A transient rich progress bar on stderr (only on a terminal); yields ``advance()``."""
+        """A transient rich progress bar on stderr (only on a terminal); yields
+        ``advance(n=1, *, completed=None, total=None, description=None)`` (``completed``,
+        ``total``, ``description``, when given, replace the bar's)."""
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 
         with Progress(
@@ -55,7 +57,14 @@ class UI:
             disable=not self.err.is_terminal,
         ) as bar:
             task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
+
+            def advance(n: int = 1, *, completed=None, total=None, description=None):
+                if completed is None:
+                    bar.update(task, advance=n, total=total, description=description)
+                else:
+                    bar.update(task, completed=completed, total=total, description=description)
+
+            yield advance
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import kernels, programs, search
+from jaxsplit import host, kernels, programs, search
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import (
     AlreadySplitError,
@@ -551,19 +551,27 @@ def _stats(w, kind, value, axis, key=None, **method):
 
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
     """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched as one
-    program before the single host sync; counts are ``None`` when traced."""
-    outs = []
-    for layer in todo:
+    program before the single host sync; counts are ``None`` when traced. Concrete
+    CPU-resident kernels that ``host`` covers are split there instead (same bits, outputs
+    in huge pages), after the compiled programs are dispatched."""
+    outs, on_host = [None] * len(todo), []
+    for i, layer in enumerate(todo):
         w = layer.array
         kind, value, axis = _rule(cfg, w)
+        if host.supports(w, value, kind=kind, axis=axis, method=cfg.method, branches=cfg.branches):
+            on_host.append(i)
+            continue
         with x64(w.dtype):
-            outs.append(
-                programs.fused(
-                    w, value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
-                )
+            outs[i] = programs.fused(
+                w, value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
             )
-    host = _host_stats(todo, [(counts, thr) for _, counts, thr in outs], cfg)
-    for layer, (ws, _, _), (n, thr) in zip(todo, outs, host, strict=True):
+    if on_host:
+        kernels = [todo[i].array for i in on_host]
+        done = host.split(kernels, [_rule(cfg, w)[1] for w in kernels], cfg.method)
+        for i, out in zip(on_host, done, strict=True):
+            outs[i] = out
+    host_stats = _host_stats(todo, [(counts, thr) for _, counts, thr in outs], cfg)
+    for layer, (ws, _, _), (n, thr) in zip(todo, outs, host_stats, strict=True):
         yield layer, ws, n, thr
 
 

@@ -7,7 +7,8 @@ each on an idle VM and several µs under load). Numpy asks the kernel for transp
 pages (``madvise``) on the arrays it allocates, so its fresh arrays fault 2 MiB at a time.
 This module computes a split with numpy, one cache-sized block at a time (one read of
 ``w``, one write of each branch), into numpy-allocated, 64-byte aligned outputs, and wraps
-them as ``jax.Array`` without a copy (``jax.device_put(..., may_alias=True)``).
+them as ``jax.Array`` without a copy (``jax.device_put(..., may_alias=True)``, one
+batched call).
 
 It covers what the benchmarks need and what its arithmetic is proven for, and returns
 ``None`` for everything else (``split`` then runs the compiled program):
@@ -44,10 +45,18 @@ import numpy as np
 
 from jaxsplit.tree import x64
 
-__all__ = ["BLOCK", "supports", "split"]
+__all__ = ["BLOCK", "MIN_BYTES", "supports", "split"]
 
 #: Elements per block: the block's input, temporaries and outputs stay in a core's L2.
 BLOCK = 1 << 15
+#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``). Below,
+#: glibc's allocator (``malloc``'s dynamic ``mmap`` threshold rises to 32 MiB) serves
+#: XLA's outputs from memory the process already touched, often enough that the compiled
+#: program (vectorised, multi-threaded) is faster than numpy's passes; above, every XLA
+#: output is a fresh ``mmap`` faulted in 4 KiB pages. Measured: 4 MiB kernels (64 × 1024²)
+#: 111 ms compiled vs 511 ms here; 16 MiB (16 × 2048²) 322 vs 247; 64 MiB 106 vs 56
+#: (``benchmarks/RESULTS.md``).
+MIN_BYTES = 16 << 20
 _ALIGN = 64  # jax wraps a numpy buffer without copying iff it is 64-byte aligned
 
 
@@ -101,8 +110,10 @@ def _threshold_bits(value, dtype: np.dtype, method: str) -> int | None:
     return tb if low << fmt.mant <= tb < fmt.inf else None
 
 
-def supports(w, value, *, kind: str, axis, method: str, branches: int) -> bool:
+def supports(w, value, *, kind: str, axis, method: str, branches: int, min_bytes: int = 0) -> bool:
     """Whether ``split`` handles this kernel and rule (else the compiled program runs).
+
+    ``min_bytes``: smaller kernels are declined (``jaxsplit.split`` passes ``MIN_BYTES``).
 
     Example:
       >>> import numpy as np
@@ -114,7 +125,7 @@ def supports(w, value, *, kind: str, axis, method: str, branches: int) -> bool:
     """
     if kind != "absolute" or axis is not None or branches != 2 or np.ndim(value) != 0:
         return False
-    if method not in _METHOD_DTYPES:
+    if method not in _METHOD_DTYPES or getattr(w, "nbytes", 0) < min_bytes:
         return False
     x = _host_array(w)
     if x is None or x.size == 0 or np.dtype(x.dtype) not in _METHOD_DTYPES[method]:
@@ -123,7 +134,9 @@ def supports(w, value, *, kind: str, axis, method: str, branches: int) -> bool:
 
 
 def _empty(shape, dtype: np.dtype) -> np.ndarray:
-    """A new, untouched, 64-byte aligned array (numpy madvises huge pages from 4 MiB)."""
+    """A new, untouched, 64-byte aligned array, allocated as numpy allocates any array
+    (so the allocator treats it like the floor's: huge pages from 4 MiB on, freed
+    blocks reused)."""
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(n + _ALIGN, np.uint8)
     off = (-raw.ctypes.data) % _ALIGN
@@ -131,7 +144,7 @@ def _empty(shape, dtype: np.dtype) -> np.ndarray:
 
 
 class _Scratch:
-    """One thread's block temporaries."""
+    """The block temporaries of one dtype (two integer blocks and a mask)."""
 
     def __init__(self, fmt: _Format, dtype: np.dtype):
         self.a = np.empty(BLOCK, fmt.int)
@@ -199,15 +212,13 @@ def _clip_slow(w, o1, o2, t) -> tuple[int, int]:
 _BLOCKS = {"balance": _balance_block, "clip": _clip_block}
 
 
-def _run(jobs, method: str) -> list[list[int]]:
+def _run(jobs, method: str, scratch: dict) -> list[list[int]]:
     """Runs ``jobs`` (``(x, o1, o2, fmt, tb, dtype)``) block by block, on this thread;
     returns the summed ``[n_split, n_nonfinite]`` of each job."""
     fn = _BLOCKS[method]
-    scratch, totals = {}, []
+    totals = []
     with np.errstate(all="ignore"):  # ``clip``'s masked-out lanes may divide by 0
         for x, o1, o2, fmt, tb, dtype in jobs:
-            if dtype not in scratch:
-                scratch[dtype] = _Scratch(fmt, dtype)
             n = bad = 0
             for i in range(0, x.size, BLOCK):
                 e = min(i + BLOCK, x.size)
@@ -237,21 +248,30 @@ def split(kernels, values, method: str):
       >>> w1.tolist(), w2.tolist(), n.tolist()
       ([[0.5, -2.0]], [[0.0, -2.0]], [1, 0])
     """
-    jobs, outs = [], []
+    jobs, outs, scratch = [], [], {}
     for w, value in zip(kernels, values, strict=True):
         x = np.ascontiguousarray(_host_array(w))
         dtype = np.dtype(x.dtype)
         fmt = _FORMATS[dtype]
-        tb = _threshold_bits(value, dtype, method)
+        if dtype not in scratch:
+            scratch[dtype] = _Scratch(fmt, dtype)
         o1, o2 = _empty(x.shape, dtype), _empty(x.shape, dtype)
         flat = [y.reshape(-1).view(fmt.int) for y in (x, o1, o2)]
-        jobs.append((*flat, fmt, tb, dtype))
+        jobs.append((*flat, fmt, _threshold_bits(value, dtype, method), dtype))
         outs.append((w, o1, o2, value))
-    totals = _run(jobs, method)
-    result = []
-    for (w, o1, o2, value), counts in zip(outs, totals, strict=True):
-        device = w.sharding if isinstance(w, jax.Array) else None
-        with x64(o1.dtype):  # else jax would store a float64 branch as float32
-            ws = tuple(jax.device_put(o, device, may_alias=True) for o in (o1, o2))
-        result.append((ws, np.asarray(counts, np.int32), np.float32(value)))
-    return result
+    totals = _run(jobs, method, scratch)
+    groups: dict = {}  # one batched, zero-copy device_put per target (jax's per-call cost
+    for k, (w, *_) in enumerate(outs):  # is ~0.1 ms: 200 small layers pay it once)
+        target = w.sharding if isinstance(w, jax.Array) else None
+        groups.setdefault(target, []).append(k)
+    ws: list = [None] * len(outs)
+    wide = any(o1.dtype == np.float64 for _, o1, _, _ in outs)
+    with x64(np.float64 if wide else np.float32):  # else jax would store float64 as float32
+        for target, ks in groups.items():
+            put = jax.device_put([(outs[k][1], outs[k][2]) for k in ks], target, may_alias=True)
+            for k, pair in zip(ks, put, strict=True):
+                ws[k] = tuple(pair)
+    return [
+        (pair, np.asarray(counts, np.int32), np.float32(value))
+        for pair, counts, (_, _, _, value) in zip(ws, totals, outs, strict=True)
+    ]

@@ -549,30 +549,64 @@ def _stats(w, kind, value, axis, key=None, **method):
         return programs.stats(w, value, key, kind=kind, axis=axis, **method)
 
 
+#: Same-shape kernels of at most this many bytes are split ``GROUP`` at a time by one
+#: program (``programs.fused_group``): for them the per-call dispatch is the cost.
+GROUP_MAX_BYTES = 256 * 1024
+GROUP = 32
+
+
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
-    """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched as one
-    program before the single host sync; counts are ``None`` when traced. Concrete
-    CPU-resident kernels that ``host`` covers are split there instead (same bits, outputs
-    in huge pages), after the compiled programs are dispatched."""
-    outs, on_host = [None] * len(todo), []
-    for i, layer in enumerate(todo):
-        w = layer.array
+    """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched before the
+    single host sync; counts are ``None`` when traced. Concrete CPU kernels that ``host``
+    covers (``host.MIN_BYTES`` and up) are split there (same bits, outputs in numpy's
+    memory); runs of ``GROUP`` small same-shape kernels share one program."""
+    ws = [layer.array for layer in todo]
+    outs, on_host, groups = [None] * len(todo), [], {}
+    for i, (layer, w) in enumerate(zip(todo, ws, strict=True)):
         kind, value, axis = _rule(cfg, w)
-        if host.supports(w, value, kind=kind, axis=axis, method=cfg.method, branches=cfg.branches):
+        if host.supports(
+            w, value, kind=kind, axis=axis, method=cfg.method, branches=cfg.branches,
+            min_bytes=host.MIN_BYTES,
+        ):  # fmt: skip
             on_host.append(i)
+            continue
+        if not is_traced(w) and w.nbytes <= GROUP_MAX_BYTES:
+            sharding = getattr(w, "sharding", None)
+            groups.setdefault((w.shape, w.dtype, sharding, kind, axis), []).append(i)
             continue
         with x64(w.dtype):
             outs[i] = programs.fused(
                 w, value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
             )
+    grouped = []
+    for (_, dtype, _, kind, axis), idx in groups.items():
+        full = len(idx) - len(idx) % GROUP
+        for i in idx[full:]:  # the rest of a run: one program per kernel
+            with x64(dtype):
+                outs[i] = programs.fused(
+                    ws[i], _rule(cfg, ws[i])[1], _key(cfg, todo[i]), kind=kind, axis=axis,
+                    **_method_args(cfg),
+                )  # fmt: skip
+        for s in range(0, full, GROUP):
+            part = idx[s : s + GROUP]
+            with x64(dtype):
+                res = programs.fused_group(
+                    tuple(ws[i] for i in part), _rule(cfg, ws[part[0]])[1],
+                    tuple(_key(cfg, todo[i]) for i in part), kind=kind, axis=axis,
+                    **_method_args(cfg),
+                )  # fmt: skip
+            grouped.append((part, res))
     if on_host:
-        kernels = [todo[i].array for i in on_host]
+        kernels = [ws[i] for i in on_host]
         done = host.split(kernels, [_rule(cfg, w)[1] for w in kernels], cfg.method)
         for i, out in zip(on_host, done, strict=True):
             outs[i] = out
-    host_stats = _host_stats(todo, [(counts, thr) for _, counts, thr in outs], cfg)
-    for layer, (ws, _, _), (n, thr) in zip(todo, outs, host_stats, strict=True):
-        yield layer, ws, n, thr
+    for part, (branches, counts, thrs) in grouped:
+        for j, i in enumerate(part):  # the group's arrays, and this layer's row of them
+            outs[i] = (branches[j], counts, thrs, j)
+    host_stats = _host_stats(todo, [out[1:] for out in outs], cfg)
+    for layer, out, (n, thr) in zip(todo, outs, host_stats, strict=True):
+        yield layer, out[0], n, thr
 
 
 def _run_donated(todo: list[Layer], cfg: SplitConfig):
@@ -607,7 +641,8 @@ def _dispatch_stats(todo: list[Layer], cfg: SplitConfig) -> list:
 
 def _host_stats(todo: list[Layer], stats: list, cfg: SplitConfig) -> list[tuple]:
     """``[(n_split, threshold)]`` fetched in one transfer (``(None, None)`` if traced);
-    raises for non-finite kernels unless ``cfg.allow_nonfinite``."""
+    raises for non-finite kernels unless ``cfg.allow_nonfinite``. An entry ``(counts,
+    thresholds, j)`` is row ``j`` of a group's stacked arrays (fetched once)."""
     concrete = [s for s in stats if not is_traced(s[0])]
     fetched = iter(jax.device_get(concrete))
     host = []
@@ -615,7 +650,9 @@ def _host_stats(todo: list[Layer], stats: list, cfg: SplitConfig) -> list[tuple]
         if is_traced(s[0]):
             host.append((None, None))
             continue
-        counts, thr = next(fetched)
+        counts, thr, *row = next(fetched)
+        if row:
+            counts, thr = counts[row[0]], thr[row[0]]
         n_split, n_bad = (int(x) for x in counts)
         if n_bad and not cfg.allow_nonfinite:
             raise NonFiniteError(

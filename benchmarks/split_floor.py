@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import pathlib
 import resource
 import statistics
 import tempfile
@@ -231,8 +232,7 @@ def main(argv=None) -> list[dict]:
         )
         print(f"{name}: {cells} | load {os.getloadavg()[0]:.2f}", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
 
 

@@ -56,7 +56,7 @@ BLOCK = 1 << 15
 #: output is a fresh ``mmap`` faulted in 4 KiB pages. Measured: 4 MiB kernels (64 × 1024²)
 #: 111 ms compiled vs 511 ms here; 16 MiB (16 × 2048²) 322 vs 247; 64 MiB 106 vs 56
 #: (``benchmarks/RESULTS.md``).
-MIN_BYTES = 16 << 20
+MIN_BYTES = 32 << 20
 _ALIGN = 64  # jax wraps a numpy buffer without copying iff it is 64-byte aligned
 
 

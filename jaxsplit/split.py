@@ -177,8 +177,9 @@ def resolve_selection(params: Mapping, cfg: SplitConfig):
         )
     if cfg.layers is None or (not callable(cfg.layers) and len(cfg.layers) == 0):
         logger.warning("SplitConfig.layers is %r: nothing is split", cfg.layers)
-    selected, matches = select_layers(params, cfg.layers, cfg.weights)
-    available = tuple(find_layers(params, cfg.weights))
+    found = find_layers(params, cfg.weights)
+    selected, matches = select_layers(params, cfg.layers, cfg.weights, found=found)
+    available = tuple(found)
     unmatched = [k for k, v in matches.items() if not v]
     if unmatched:
         err = UnmatchedPatternError(unmatched, available)
@@ -537,9 +538,10 @@ def _usage(todo: list[Layer]) -> dict[int, int]:
     return seen
 
 
-def _rule(cfg: SplitConfig, w) -> tuple[str, float, int | None]:
-    """``(kind, value, axis)``: the threshold's static rule and its data, for kernel ``w``."""
-    t = cfg.rule
+def _rule(cfg: SplitConfig, w, t=None) -> tuple[str, float, int | None]:
+    """``(kind, value, axis)``: the threshold's static rule and its data, for kernel ``w``
+    (``t``: ``cfg.rule`` if the caller has it already; it is rebuilt on each access)."""
+    t = cfg.rule if t is None else t
     axis = channel_axis(w.ndim, cfg.channel_axis) if t.per_channel and w.ndim else None
     return t.kind, t.value, axis
 
@@ -561,9 +563,10 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
     covers (``host.MIN_BYTES`` and up) are split there (same bits, outputs in numpy's
     memory); runs of ``GROUP`` small same-shape kernels share one program."""
     ws = [layer.array for layer in todo]
+    rule = cfg.rule
     outs, on_host, groups = [None] * len(todo), [], {}
     for i, (layer, w) in enumerate(zip(todo, ws, strict=True)):
-        kind, value, axis = _rule(cfg, w)
+        kind, value, axis = _rule(cfg, w, rule)
         if host.supports(
             w, value, kind=kind, axis=axis, method=cfg.method, branches=cfg.branches,
             min_bytes=host.MIN_BYTES,
@@ -584,21 +587,21 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
         for i in idx[full:]:  # the rest of a run: one program per kernel
             with x64(dtype):
                 outs[i] = programs.fused(
-                    ws[i], _rule(cfg, ws[i])[1], _key(cfg, todo[i]), kind=kind, axis=axis,
+                    ws[i], rule.value, _key(cfg, todo[i]), kind=kind, axis=axis,
                     **_method_args(cfg),
                 )  # fmt: skip
         for s in range(0, full, GROUP):
             part = idx[s : s + GROUP]
             with x64(dtype):
                 res = programs.fused_group(
-                    tuple(ws[i] for i in part), _rule(cfg, ws[part[0]])[1],
+                    tuple(ws[i] for i in part), rule.value,
                     tuple(_key(cfg, todo[i]) for i in part), kind=kind, axis=axis,
                     **_method_args(cfg),
                 )  # fmt: skip
             grouped.append((part, res))
     if on_host:
         kernels = [ws[i] for i in on_host]
-        done = host.split(kernels, [_rule(cfg, w)[1] for w in kernels], cfg.method)
+        done = host.split(kernels, [rule.value] * len(kernels), cfg.method)
         for i, out in zip(on_host, done, strict=True):
             outs[i] = out
     for part, (branches, counts, thrs) in grouped:
@@ -643,16 +646,16 @@ def _host_stats(todo: list[Layer], stats: list, cfg: SplitConfig) -> list[tuple]
     """``[(n_split, threshold)]`` fetched in one transfer (``(None, None)`` if traced);
     raises for non-finite kernels unless ``cfg.allow_nonfinite``. An entry ``(counts,
     thresholds, j)`` is row ``j`` of a group's stacked arrays (fetched once)."""
-    concrete = [s for s in stats if not is_traced(s[0])]
-    fetched = iter(jax.device_get(concrete))
+    unique = {id(s[0]): s[:2] for s in stats if not is_traced(s[0])}  # a group's once
+    fetched = dict(zip(unique, jax.device_get(list(unique.values())), strict=True))
     host = []
     for layer, s in zip(todo, stats, strict=True):
         if is_traced(s[0]):
             host.append((None, None))
             continue
-        counts, thr, *row = next(fetched)
-        if row:
-            counts, thr = counts[row[0]], thr[row[0]]
+        counts, thr = fetched[id(s[0])]
+        if len(s) == 3:
+            counts, thr = counts[s[2]], thr[s[2]]
         n_split, n_bad = (int(x) for x in counts)
         if n_bad and not cfg.allow_nonfinite:
             raise NonFiniteError(
@@ -731,6 +734,11 @@ def _sum(*ws):
     return total
 
 
+@functools.cache
+def _dtype_name(dtype) -> str:
+    return str(dtype)  # numpy's dtype __str__ costs ~10 µs: once per dtype, not per layer
+
+
 def _plan(layer: Layer, action, reason, n_split, thr, choice=None) -> LayerPlan:
     w = layer.array
     return LayerPlan(
@@ -741,7 +749,7 @@ def _plan(layer: Layer, action, reason, n_split, thr, choice=None) -> LayerPlan:
         int(w.size),
         thr,
         tuple(w.shape),
-        str(w.dtype),
+        _dtype_name(w.dtype),
         choice,
     )
 

@@ -49,13 +49,13 @@ __all__ = ["BLOCK", "MIN_BYTES", "supports", "split"]
 
 #: Elements per block: the block's input, temporaries and outputs stay in a core's L2.
 BLOCK = 1 << 15
-#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``). Below,
-#: glibc's allocator (``malloc``'s dynamic ``mmap`` threshold rises to 32 MiB) serves
-#: XLA's outputs from memory the process already touched, often enough that the compiled
-#: program (vectorised, multi-threaded) is faster than numpy's passes; above, every XLA
-#: output is a fresh ``mmap`` faulted in 4 KiB pages. Measured: 4 MiB kernels (64 × 1024²)
-#: 111 ms compiled vs 511 ms here; 16 MiB (16 × 2048²) 322 vs 247; 64 MiB 106 vs 56
-#: (``benchmarks/RESULTS.md``).
+#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``). From
+#: 32 MiB on, glibc's ``malloc`` maps every block afresh (its ``mmap`` threshold never rises
+#: above 32 MiB), so each XLA output is faulted in 4 KiB pages and this path wins (64 MiB:
+#: 41 ms vs 82 ms compiled, same process, interleaved). Below, freed blocks are often
+#: reused, and the compiled program (vectorised, multi-threaded) is faster than numpy's
+#: passes more often than not (16 MiB: 442 vs 176 ms in one run, 293 vs 320 in another; 4 MiB:
+#: 116 vs 79 ms; ``benchmarks/RESULTS.md``).
 MIN_BYTES = 32 << 20
 _ALIGN = 64  # jax wraps a numpy buffer without copying iff it is 64-byte aligned
 

@@ -555,6 +555,9 @@ def _stats(w, kind, value, axis, key=None, **method):
 #: program (``programs.fused_group``): for them the per-call dispatch is the cost.
 GROUP_MAX_BYTES = 256 * 1024
 GROUP = 32
+#: Methods grouped: plain elementwise programs, which compile in ~10 ms a kernel (``random``'s
+#: Threefry takes ~1 s a kernel to compile on CPU: 32 of them in one program would not pay).
+GROUP_METHODS = ("balance", "clip")
 
 
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
@@ -573,7 +576,7 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
         ):  # fmt: skip
             on_host.append(i)
             continue
-        if not is_traced(w) and w.nbytes <= GROUP_MAX_BYTES:
+        if cfg.method in GROUP_METHODS and not is_traced(w) and w.nbytes <= GROUP_MAX_BYTES:
             sharding = getattr(w, "sharding", None)
             groups.setdefault((w.shape, w.dtype, sharding, kind, axis), []).append(i)
             continue

@@ -40,6 +40,7 @@ __all__ = [
     "apply",
     "apply_donated",
     "fused",
+    "fused_group",
     "auto_fused",
     "auto_fused_donated",
     "counts",
@@ -183,6 +184,25 @@ def fused(
     thr = resolve_rule(kind, value, w, axis)
     ws = _branches(w, thr, key, method, branches, spec, twin_spec)
     return ws, count_codes(w, thr, ws), thr
+
+
+def _fused_group(
+    ws, value, keys, *, kind, axis=None, method, branches=2, spec=None, twin_spec=None
+):
+    out, counts, thrs = [], [], []
+    for w, key in zip(ws, keys, strict=True):
+        thr = resolve_rule(kind, value, w, axis)
+        b = _branches(w, thr, key, method, branches, spec, twin_spec)
+        out.append(b)
+        counts.append(count_codes(w, thr, b))
+        thrs.append(thr)
+    return tuple(out), jnp.stack(counts), jnp.stack(thrs)
+
+
+#: ``fused_group(ws, value, keys, kind=..., axis=None, method=..., ...)``: ``fused`` over a
+#: tuple of same-shape kernels in one program (one dispatch for many small layers, whose
+#: cost is the dispatch): ``(branches per kernel, int32[G, 2] counts, stacked thresholds)``.
+fused_group = jax.jit(_fused_group, static_argnames=("kind", "axis", *_STATIC))
 
 
 def _auto(w, key, budget, calibration=None, *, auto_cfg, method: str, branches: int = 2):

@@ -71,12 +71,13 @@ def compile_patterns(layers) -> list[tuple[str, Callable[[str, Any], bool]]]:
 
 
 def select_layers(
-    tree: Mapping, layers, weights: Weights = WEIGHT_NAMES
+    tree: Mapping, layers, weights: Weights = WEIGHT_NAMES, *, found: dict | None = None
 ) -> tuple[list[Layer], dict[str, tuple[str, ...]]]:
     """The layers a pattern set selects, and per pattern the paths it matched.
 
-    ``weights`` says which leaves are weights (``jaxsplit.tree.find_layers``). Raises
-    nothing for unmatched patterns; the caller decides (``strict``).
+    ``weights`` says which leaves are weights (``jaxsplit.tree.find_layers``); ``found``:
+    that function's result when the caller has it already. Raises nothing for unmatched
+    patterns; the caller decides (``strict``).
 
     Example:
       >>> import numpy as np
@@ -85,7 +86,7 @@ def select_layers(
       >>> [lay.path for lay in sel]
       ['attn/q', 'mlp/a', 'mlp/b']
     """
-    found = find_layers(tree, weights)
+    found = find_layers(tree, weights) if found is None else found
     preds = compile_patterns(layers)
     matches: dict[str, list[str]] = {name: [] for name, _ in preds}
     selected: list[Layer] = []

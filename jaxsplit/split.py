@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import kernels, programs, search
+from jaxsplit import host, kernels, programs, search
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import (
     AlreadySplitError,
@@ -184,8 +184,9 @@ def resolve_selection(params: Mapping, cfg: SplitConfig):
         )
     if cfg.layers is None or (not callable(cfg.layers) and len(cfg.layers) == 0):
         logger.warning("SplitConfig.layers is %r: nothing is split", cfg.layers)
-    selected, matches = select_layers(params, cfg.layers, cfg.weights)
-    available = tuple(find_layers(params, cfg.weights))
+    found = find_layers(params, cfg.weights)
+    selected, matches = select_layers(params, cfg.layers, cfg.weights, found=found)
+    available = tuple(found)
     unmatched = [k for k, v in matches.items() if not v]
     if unmatched:
         err = UnmatchedPatternError(unmatched, available)
@@ -469,7 +470,9 @@ def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration:
     curves = tree_curves(todo, cfg, calibration=calibration)
     plan = plan_tree({lay.path: c for lay, c in zip(todo, curves, strict=True)}, cfg)
     picks = [plan.picks[lay.path] for lay in todo]
-    yield from tree_splits(todo, curves, picks, cfg, donate=donate, budget_total=plan.budget)
+    yield from tree_splits(
+        todo, curves, picks, cfg, donate=donate, budget_total=plan.budget, calibration=calibration
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -586,15 +589,20 @@ def tree_splits(
     *,
     donate: bool = False,
     budget_total: int | None = None,
+    calibration: Mapping | None = None,
 ):
     """Yields ``(layer, branches, n_split, threshold, AutoChoice)``: each layer split at
     its pick (``tree_picks``), one program each, one host sync.
+
+    ``calibration`` (``{path: C}``, as ``tree_curves``'s) reaches the methods that use it
+    (``compensate``), so the split is the candidate its curve measured.
 
     ``budget_total`` is the tree's budget in extra non-zeros for ``budget_share``
     (default: ``max_extra`` × the given layers' total size; the streamed split, which
     passes one layer at a time, gives the whole tree's).
     """
     a = cfg.threshold
+    calibration = calibration or {}
     methods = search.search_methods(cfg.method, a.spec)
     if budget_total is None:
         budget_total = a.max_extra * sum(c.size for c in curves)
@@ -674,10 +682,18 @@ def plan_tree(curves: Mapping[str, LayerCurve], cfg: SplitConfig) -> TreePlan:
 
 
 def split_planned(
-    params: Mapping, cfg: SplitConfig, plan: TreePlan, *, donate: bool = False
+    params: Mapping,
+    cfg: SplitConfig,
+    plan: TreePlan,
+    *,
+    donate: bool = False,
+    calibration: Mapping | None = None,
 ) -> tuple[Mapping, SplitReport]:
     """Pass 2 of ``Auto(scope="tree")``: ``split_with_report`` with the choices taken
     from ``plan`` (``plan_tree`` over ``tree_curves``) instead of searched.
+
+    Give the ``calibration`` the plan's curves were measured with (``{path: C}``): a
+    method that uses it (``compensate``) splits as its curve measured.
 
     ``params`` may hold any part of the tree the plan was made for (the streamed split
     gives one layer at a time); each selected, splittable layer must be in the plan. The
@@ -713,8 +729,9 @@ def split_planned(
     picks = [plan.picks[lay.path] for lay in todo]
     replacements = {}
     for layer, ws, n, thr, ch in tree_splits(
-        todo, curves, picks, cfg, donate=donate, budget_total=plan.budget
-    ):
+        todo, curves, picks, cfg, donate=donate, budget_total=plan.budget,
+        calibration=calibration,
+    ):  # fmt: skip
         plans[layer.path] = p = _result_plan(layer, n, thr, ch)
         if p.action == "split":
             replacements[layer.keys] = make_branches(
@@ -740,9 +757,10 @@ def _usage(todo: list[Layer]) -> dict[int, int]:
     return seen
 
 
-def _rule(cfg: SplitConfig, w) -> tuple[str, float, int | None]:
-    """``(kind, value, axis)``: the threshold's static rule and its data, for kernel ``w``."""
-    t = cfg.rule
+def _rule(cfg: SplitConfig, w, t=None) -> tuple[str, float, int | None]:
+    """``(kind, value, axis)``: the threshold's static rule and its data, for kernel ``w``
+    (``t``: ``cfg.rule`` if the caller has it already; it is rebuilt on each access)."""
+    t = cfg.rule if t is None else t
     axis = channel_axis(w.ndim, cfg.channel_axis) if t.per_channel and w.ndim else None
     return t.kind, t.value, axis
 
@@ -752,22 +770,68 @@ def _stats(w, kind, value, axis, key=None, **method):
         return programs.stats(w, value, key, kind=kind, axis=axis, **method)
 
 
+#: Same-shape kernels of at most this many bytes are split ``GROUP`` at a time by one
+#: program (``programs.fused_group``): for them the per-call dispatch is the cost.
+GROUP_MAX_BYTES = 256 * 1024
+GROUP = 32
+#: Methods grouped: plain elementwise programs, which compile in ~10 ms a kernel (``random``'s
+#: Threefry takes ~1 s a kernel to compile on CPU: 32 of them in one program would not pay).
+GROUP_METHODS = ("balance", "clip")
+
+
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
-    """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched as one
-    program before the single host sync; counts are ``None`` when traced."""
-    outs = []
-    for layer in todo:
-        w = layer.array
-        kind, value, axis = _rule(cfg, w)
+    """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched before the
+    single host sync; counts are ``None`` when traced. Concrete CPU kernels that ``host``
+    covers (``host.MIN_BYTES`` and up) are split there (same bits, outputs in numpy's
+    memory); runs of ``GROUP`` small same-shape kernels share one program."""
+    ws = [layer.array for layer in todo]
+    rule = cfg.rule
+    outs, on_host, groups = [None] * len(todo), [], {}
+    for i, (layer, w) in enumerate(zip(todo, ws, strict=True)):
+        kind, value, axis = _rule(cfg, w, rule)
+        if host.supports(
+            w, value, kind=kind, axis=axis, method=cfg.method, branches=cfg.branches,
+            min_bytes=host.MIN_BYTES,
+        ):  # fmt: skip
+            on_host.append(i)
+            continue
+        if cfg.method in GROUP_METHODS and not is_traced(w) and w.nbytes <= GROUP_MAX_BYTES:
+            sharding = getattr(w, "sharding", None)
+            groups.setdefault((w.shape, w.dtype, sharding, kind, axis), []).append(i)
+            continue
         with x64(w.dtype):
-            outs.append(
-                programs.fused(
-                    w, value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
-                )
+            outs[i] = programs.fused(
+                w, value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
             )
-    host = _host_stats(todo, [(counts, thr) for _, counts, thr in outs], cfg)
-    for layer, (ws, _, _), (n, thr) in zip(todo, outs, host, strict=True):
-        yield layer, ws, n, thr
+    grouped = []
+    for (_, dtype, _, kind, axis), idx in groups.items():
+        full = len(idx) - len(idx) % GROUP
+        for i in idx[full:]:  # the rest of a run: one program per kernel
+            with x64(dtype):
+                outs[i] = programs.fused(
+                    ws[i], rule.value, _key(cfg, todo[i]), kind=kind, axis=axis,
+                    **_method_args(cfg),
+                )  # fmt: skip
+        for s in range(0, full, GROUP):
+            part = idx[s : s + GROUP]
+            with x64(dtype):
+                res = programs.fused_group(
+                    tuple(ws[i] for i in part), rule.value,
+                    tuple(_key(cfg, todo[i]) for i in part), kind=kind, axis=axis,
+                    **_method_args(cfg),
+                )  # fmt: skip
+            grouped.append((part, res))
+    if on_host:
+        kernels = [ws[i] for i in on_host]
+        done = host.split(kernels, [rule.value] * len(kernels), cfg.method)
+        for i, out in zip(on_host, done, strict=True):
+            outs[i] = out
+    for part, (branches, counts, thrs) in grouped:
+        for j, i in enumerate(part):  # the group's arrays, and this layer's row of them
+            outs[i] = (branches[j], counts, thrs, j)
+    host_stats = _host_stats(todo, [out[1:] for out in outs], cfg)
+    for layer, out, (n, thr) in zip(todo, outs, host_stats, strict=True):
+        yield layer, out[0], n, thr
 
 
 def _run_donated(todo: list[Layer], cfg: SplitConfig):
@@ -802,15 +866,18 @@ def _dispatch_stats(todo: list[Layer], cfg: SplitConfig) -> list:
 
 def _host_stats(todo: list[Layer], stats: list, cfg: SplitConfig) -> list[tuple]:
     """``[(n_split, threshold)]`` fetched in one transfer (``(None, None)`` if traced);
-    raises for non-finite kernels unless ``cfg.allow_nonfinite``."""
-    concrete = [s for s in stats if not is_traced(s[0])]
-    fetched = iter(jax.device_get(concrete))
+    raises for non-finite kernels unless ``cfg.allow_nonfinite``. An entry ``(counts,
+    thresholds, j)`` is row ``j`` of a group's stacked arrays (fetched once)."""
+    unique = {id(s[0]): s[:2] for s in stats if not is_traced(s[0])}  # a group's once
+    fetched = dict(zip(unique, jax.device_get(list(unique.values())), strict=True))
     host = []
     for layer, s in zip(todo, stats, strict=True):
         if is_traced(s[0]):
             host.append((None, None))
             continue
-        counts, thr = next(fetched)
+        counts, thr = fetched[id(s[0])]
+        if len(s) == 3:
+            counts, thr = counts[s[2]], thr[s[2]]
         n_split, n_bad = (int(x) for x in counts)
         if n_bad and not cfg.allow_nonfinite:
             raise NonFiniteError(
@@ -889,6 +956,11 @@ def _sum(*ws):
     return total
 
 
+@functools.cache
+def _dtype_name(dtype) -> str:
+    return str(dtype)  # numpy's dtype __str__ costs ~10 µs: once per dtype, not per layer
+
+
 def _plan(layer: Layer, action, reason, n_split, thr, choice=None) -> LayerPlan:
     w = layer.array
     return LayerPlan(
@@ -899,7 +971,7 @@ def _plan(layer: Layer, action, reason, n_split, thr, choice=None) -> LayerPlan:
         int(w.size),
         thr,
         tuple(w.shape),
-        str(w.dtype),
+        _dtype_name(w.dtype),
         choice,
     )
 

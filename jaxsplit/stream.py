@@ -124,6 +124,11 @@ class StreamReport:
 # --- the input: skeleton, layers, units -------------------------------------------------
 
 
+def _only(calib: Mapping, path: str) -> dict | None:
+    """``{path: calib[path]}``, or ``None`` where ``path`` has no calibration."""
+    return {path: calib[path]} if path in calib else None
+
+
 def _placeholder(shape: tuple, dtype: np.dtype) -> np.ndarray:
     """A zero-stride array of the right shape and dtype (no memory)."""
     return np.broadcast_to(np.zeros((), dtype), shape)
@@ -324,9 +329,9 @@ def iter_split(
             continue
         one = one_layer(cfg, path)
         if tree is not None:
-            sub2, rep = split_planned(sub, one, tree)
+            sub2, rep = split_planned(sub, one, tree, calibration=_only(calib, path))
         else:
-            c = {path: calib[path]} if path in calib else None
+            c = _only(calib, path)
             sub2, rep = split_with_report(sub, one, calibration=c)
         yield path, sub, sub2, rep.layers[0]
         del sub, sub2, rep
@@ -700,9 +705,11 @@ def split_checkpoint(
                 lay = source.layers[path]
                 sub = _with_device_weight(sub, keys if lay.leaf else (*keys, lay.weight))
                 if tree is not None:
-                    out, rep = split_planned(sub, one, tree, donate=True)
+                    out, rep = split_planned(
+                        sub, one, tree, donate=True, calibration=_only(calib, path)
+                    )
                 else:
-                    c = {path: calib[path]} if path in calib else None
+                    c = _only(calib, path)
                     out, rep = split_with_report(sub, one, donate=True, calibration=c)
                 state["plans"][path] = rep.layers[0]
                 return out
@@ -748,7 +755,7 @@ def _search_tree(
     for done, (path, _keys, leaves) in enumerate(units, 1):
         layer = find_layers(source.read_subtree(leaves, path), cfg.weights)[path]
         if check_layer(layer) is None:  # empty kernels are skipped, as in memory
-            c = {path: calib[path]} if path in calib else None
+            c = _only(calib, path)
             curves[path] = tree_curves([layer], cfg, calibration=c)[0]
         del layer
         release()
@@ -810,9 +817,10 @@ def plan_checkpoint(
             one = dataclasses.replace(cfg, layers=_exact(path), strict=True)
             sub = source.read_subtree(leaves, path)
             if tree is not None:
-                plans.append(split_planned(sub, one, tree)[1].layers[0])
+                c = _only(calib, path)
+                plans.append(split_planned(sub, one, tree, calibration=c)[1].layers[0])
             else:
-                c = {path: calib[path]} if path in calib else None
+                c = _only(calib, path)
                 plans.append(match_layers(sub, one, calibration=c).layers[0])
             del sub
             release()

@@ -31,3 +31,19 @@ def test_sparse_forward_quick_runs_and_sparse_equals_dense():
     rows = sparse_forward.run(quick=True, reps=1, percentiles=(99.0,))
     assert [r["case"].split()[0] for r in rows] == ["dense", "conv"]
     assert all(float(r["max abs sparse-dense"]) < 1e-4 and r["sparse/orig"] > 0 for r in rows)
+
+
+def test_split_floor_runs_every_route_on_tiny_trees(tmp_path):
+    from benchmarks import split_floor, split_scaling
+
+    out = tmp_path / "floor.json"
+    rows = split_floor.main(["--trees", "2x64,small3,conv1", "--reps", "1", "--json", str(out)])
+    assert [r["tree"] for r in rows] == ["2x64", "small3", "conv1"]
+    for r in rows:
+        routes = {f"{m}{x}" for m in ("balance", "clip") for x in ("", " compiled", " donate")}
+        assert set(r["ms"]) == {"floor", "floor_fresh", *routes}
+        assert all(v > 0 for v in r["ms"].values()) and r["vs_fresh"]["floor_fresh"] == 1.0
+    res = {"load": 1.0, "size": [{"values": 4096, "layers": 1, "ms": {"balance": 2.0}}],
+           "count": [{"values": 4096, "layers": 1, "ms": {"balance": 2.0}}]}  # fmt: skip
+    split_scaling.plot(res, str(tmp_path / "s.png"))
+    assert (tmp_path / "s.png").stat().st_size > 0

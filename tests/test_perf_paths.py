@@ -238,3 +238,38 @@ def js_split(cfg, w):
     from jaxsplit import split_with_report
 
     return split_with_report({"d": {"kernel": w}}, cfg)
+
+
+@pytest.mark.parametrize(
+    ("method", "threshold"),
+    [("balance", 1.0), ("clip", Relative(0.5, per_channel=True)), ("balance", Sigma(2.0))],
+)
+def test_grouped_small_kernels_match_one_program_per_kernel(method, threshold, monkeypatch):
+    from jaxsplit import split as split_mod
+
+    n = split_mod.GROUP + 3  # one full group and three kernels of their own
+    ws = [_weights((6, 8), seed=i) for i in range(n)]
+    tree = {f"L{i}": {"kernel": jnp.asarray(w)} for i, w in enumerate(ws)}
+    cfg = SplitConfig(layers=["*"], threshold=threshold, method=method, allow_nonfinite=True)
+    sizes, real = [], dispatch.fused_group
+    monkeypatch.setattr(
+        dispatch, "fused_group", lambda ws, *a, **k: sizes.append(len(ws)) or real(ws, *a, **k)
+    )
+    out, rep = split_with_report(tree, cfg)
+    assert sizes == [split_mod.GROUP]
+    kind, value, axis = split_mod._rule(cfg, ws[0])
+    for i, w in enumerate(ws):
+        branches, counts, thr = dispatch.fused(
+            jnp.asarray(w), value, None, kind=kind, axis=axis, method=method
+        )
+        plan = rep.layers[i]
+        assert plan.n_split == int(counts[0])
+        if plan.action == "skip":  # nothing above the threshold: the layer is untouched
+            assert out[f"L{i}"] is tree[f"L{i}"]
+            continue
+        for b, ref in zip(("branch_0", "branch_1"), branches, strict=True):
+            assert np.array_equal(
+                np.asarray(out[f"L{i}"][b]["kernel"]).view(np.uint32),
+                np.asarray(ref).view(np.uint32),
+            )
+        assert plan.threshold == split_mod._host_threshold(np.asarray(thr))

@@ -1,0 +1,277 @@
+"""Host split: numpy kernels for concrete CPU-resident kernels, written into huge pages.
+
+On CPU nearly all of a compiled split's time goes to page faults, not arithmetic: XLA's
+CPU client takes every output from ``malloc``, which hands out large blocks as fresh
+``mmap`` regions faulted in 4 KiB pages (16 384 faults per 64 MiB output, about 1.5 µs
+each on an idle VM and several µs under load). Numpy asks the kernel for transparent huge
+pages (``madvise``) on the arrays it allocates, so its fresh arrays fault 2 MiB at a time.
+This module computes a split with numpy, one cache-sized block at a time (one read of
+``w``, one write of each branch), into numpy-allocated, 64-byte aligned outputs, and wraps
+them as ``jax.Array`` without a copy (``jax.device_put(..., may_alias=True)``, one
+batched call).
+
+It covers what the benchmarks need and what its arithmetic is proven for, and returns
+``None`` for everything else (``split`` then runs the compiled program):
+
+* ``balance`` with 2 branches (float16, bfloat16, float32, float64) and ``clip`` (float32,
+  float64), an absolute scalar threshold;
+* numpy kernels and single-device CPU ``jax.Array`` kernels (never tracers, never sharded
+  or accelerator arrays: those keep the pure-``jnp`` programs);
+* a threshold large enough that every value it splits, and every intermediate result, is
+  a normal number: ``t >= 2 * tiny`` for ``balance``, ``ulp(t) >= tiny`` for ``clip``.
+  There XLA's flush-to-zero on CPU never fires, so numpy's IEEE arithmetic gives the same
+  bits as the compiled program (tested value for value, NaN/inf/huge values included).
+
+Bits, per method (``A = |w|`` as an integer, ``tb`` the threshold's bits):
+
+* ``balance``: a value splits iff ``tb < A < inf`` (one unsigned compare of ``A - tb - 1``,
+  which also rejects NaN and inf); its half is ``w`` with the exponent lowered by one
+  (exact for a normal half), and ``w - w/2 == w/2``, so both branches hold the half.
+* ``clip``: ``e = |w| - t`` rounded to a multiple of ``ulp(w)`` (``rint(e / ulp) * ulp``,
+  round half to even like ``jnp.round``), signed like ``w``; ``branch_0 = w - branch_1``.
+  A value counts as split where its twin is non-zero (as ``programs.count_codes``).
+
+Blocks holding a NaN or inf take an exact slow path (``np.where``) that keeps them whole
+on ``branch_0`` and counts them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from jaxsplit.tree import x64
+
+__all__ = ["BLOCK", "MIN_BYTES", "supports", "split"]
+
+#: Elements per block: the block's input, temporaries and outputs stay in a core's L2.
+BLOCK = 1 << 15
+#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``). From
+#: 32 MiB on, glibc's ``malloc`` maps every block afresh (its ``mmap`` threshold never rises
+#: above 32 MiB), so each XLA output is faulted in 4 KiB pages and this path wins (64 MiB:
+#: 41 ms vs 82 ms compiled, same process, interleaved). Below, freed blocks are often
+#: reused, and the compiled program (vectorised, multi-threaded) is faster than numpy's
+#: passes more often than not (16 MiB: 442 vs 176 ms in one run, 293 vs 320 in another; 4 MiB:
+#: 116 vs 79 ms; ``benchmarks/RESULTS.md``).
+MIN_BYTES = 32 << 20
+_ALIGN = 64  # jax wraps a numpy buffer without copying iff it is 64-byte aligned
+
+
+@dataclasses.dataclass(frozen=True)
+class _Format:
+    """Bit layout of a float dtype: its same-width integer views and field masks."""
+
+    int: np.dtype
+    uint: np.dtype
+    mant: int  # mantissa bits
+    inf: int  # bits of +inf (all exponent bits set)
+
+    @property
+    def absmask(self) -> int:
+        return (1 << (8 * self.int.itemsize - 1)) - 1
+
+
+_FORMATS = {
+    np.dtype(np.float16): _Format(np.dtype(np.int16), np.dtype(np.uint16), 10, 0x7C00),
+    np.dtype(ml_dtypes.bfloat16): _Format(np.dtype(np.int16), np.dtype(np.uint16), 7, 0x7F80),
+    np.dtype(np.float32): _Format(np.dtype(np.int32), np.dtype(np.uint32), 23, 0x7F800000),
+    np.dtype(np.float64): _Format(np.dtype(np.int64), np.dtype(np.uint64), 52, 0x7FF0000000000000),
+}
+_METHOD_DTYPES = {
+    "balance": tuple(_FORMATS),
+    "clip": (np.dtype(np.float32), np.dtype(np.float64)),
+}
+
+
+def _host_array(w):
+    """``w`` as a numpy array (a zero-copy view of a CPU ``jax.Array``), or ``None``."""
+    if isinstance(w, np.ndarray):  # split would put its branches on the default device
+        return w if jax.default_backend() == "cpu" else None
+    if not isinstance(w, jax.Array) or isinstance(w, jax.core.Tracer) or w.is_deleted():
+        return None
+    devices = w.sharding.device_set
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return None
+    return np.asarray(w)
+
+
+def _threshold_bits(value, dtype: np.dtype, method: str) -> int | None:
+    """The threshold's bits in ``dtype`` (cast through float32 as ``resolve_rule``
+    does), or ``None`` when it lies outside the range this module is exact for."""
+    fmt = _FORMATS[dtype]
+    t = np.asarray(np.float32(value)).astype(dtype)
+    if not np.isfinite(t) or t <= 0:
+        return None
+    tb = int(t.view(fmt.int))
+    low = 2 if method == "balance" else fmt.mant + 1  # exponent field of the smallest t
+    return tb if low << fmt.mant <= tb < fmt.inf else None
+
+
+def supports(w, value, *, kind: str, axis, method: str, branches: int, min_bytes: int = 0) -> bool:
+    """Whether ``split`` handles this kernel and rule (else the compiled program runs).
+
+    ``min_bytes``: smaller kernels are declined (``jaxsplit.split`` passes ``MIN_BYTES``).
+
+    Example:
+      >>> import numpy as np
+      >>> w = np.ones((4, 4), np.float32)
+      >>> supports(w, 1.0, kind="absolute", axis=None, method="balance", branches=2)
+      True
+      >>> supports(w, 1.0, kind="relative", axis=None, method="balance", branches=2)
+      False
+    """
+    if kind != "absolute" or axis is not None or branches != 2 or np.ndim(value) != 0:
+        return False
+    if method not in _METHOD_DTYPES or getattr(w, "nbytes", 0) < min_bytes:
+        return False
+    x = _host_array(w)
+    if x is None or x.size == 0 or np.dtype(x.dtype) not in _METHOD_DTYPES[method]:
+        return False
+    return _threshold_bits(value, np.dtype(x.dtype), method) is not None
+
+
+def _empty(shape, dtype: np.dtype) -> np.ndarray:
+    """A new, untouched, 64-byte aligned array, allocated as numpy allocates any array
+    (so the allocator treats it like the floor's: huge pages from 4 MiB on, freed
+    blocks reused)."""
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + _ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % _ALIGN
+    return raw[off : off + n].view(dtype).reshape(shape)
+
+
+class _Scratch:
+    """The block temporaries of one dtype (two integer blocks and a mask)."""
+
+    def __init__(self, fmt: _Format, dtype: np.dtype):
+        self.a = np.empty(BLOCK, fmt.int)
+        self.b = np.empty(BLOCK, fmt.int)
+        self.m = np.empty(BLOCK, bool)
+        self.dtype = dtype
+
+
+def _balance_block(x, o1, o2, fmt: _Format, tb: int, s: _Scratch) -> tuple[int, int]:
+    """``balance`` of one block of bits ``x`` into ``o1``, ``o2`` (integer views)."""
+    k = x.size
+    a, m = s.a[:k], s.m[:k]
+    np.bitwise_and(x, fmt.absmask, out=a)
+    bad = 0
+    if a.max() >= fmt.inf:  # a NaN or inf in this block: counted, never split
+        bad = int(np.count_nonzero(a >= fmt.inf))
+    np.subtract(a, tb + 1, out=a)
+    np.less(a.view(fmt.uint), fmt.uint.type(fmt.inf - tb - 1), out=m)
+    n = int(np.count_nonzero(m))
+    np.left_shift(m, fmt.mant, out=a, dtype=fmt.int)  # one off the exponent where split
+    np.subtract(x, a, out=o1)
+    np.multiply(o1, m, out=o2)
+    return n, bad
+
+
+def _clip_block(x, o1, o2, fmt: _Format, tb: int, s: _Scratch) -> tuple[int, int]:
+    """``clip`` of one block of bits ``x`` into ``o1``, ``o2`` (integer views)."""
+    k = x.size
+    dt = s.dtype
+    a, b, m = s.a[:k], s.b[:k], s.m[:k]
+    af, bf = a.view(dt), b.view(dt)
+    w = x.view(dt)
+    t = np.asarray(tb, fmt.int).view(dt)
+    np.bitwise_and(x, fmt.absmask, out=a)  # |w|
+    if a.max() >= fmt.inf - 1:  # NaN, inf or the largest finite value (ulp: inf)
+        return _clip_slow(w, o1.view(dt), o2.view(dt), t)
+    np.greater(af, t, out=m)
+    np.bitwise_and(a, fmt.inf, out=b)  # ulp(|w|) = 2**(exponent - mant), as bits
+    np.subtract(b, fmt.mant << fmt.mant, out=b)  # (garbage where |w| <= t: masked below)
+    np.subtract(af, t, out=af)  # excess |w| - t
+    np.divide(af, bf, out=af)
+    np.rint(af, out=af)
+    np.multiply(af, bf, out=af)  # snapped to a multiple of ulp(w)
+    np.copysign(af, w, out=af)
+    np.multiply(a, m, out=o2)  # branch_1: the signed excess where split, +0 elsewhere
+    np.subtract(w, o2.view(dt), out=o1.view(dt))
+    return int(np.count_nonzero(o2.view(dt))), 0
+
+
+def _clip_slow(w, o1, o2, t) -> tuple[int, int]:
+    """``clip`` of a block holding NaN, inf or ``±max``, as ``kernels.clip`` computes it
+    (``np.where`` everywhere; ``ulp(max)`` is inf, so ``exact_or_keep`` keeps it)."""
+    a = np.abs(w)
+    finite = np.isfinite(w)
+    m = (a > t) & finite
+    u = np.spacing(a)
+    e = np.where(m, np.copysign(np.rint((a - t) / u) * u, w), 0).astype(w.dtype)
+    w1 = np.where(m, w - e, w)
+    ok = np.where(e == 0, w1, w1 + e) == w
+    o1[...] = np.where(ok, w1, w)
+    o2[...] = np.where(ok, e, 0)
+    return int(np.count_nonzero(o2)), int(np.count_nonzero(~finite))
+
+
+_BLOCKS = {"balance": _balance_block, "clip": _clip_block}
+
+
+def _run(jobs, method: str, scratch: dict) -> list[list[int]]:
+    """Runs ``jobs`` (``(x, o1, o2, fmt, tb, dtype)``) block by block, on this thread;
+    returns the summed ``[n_split, n_nonfinite]`` of each job."""
+    fn = _BLOCKS[method]
+    totals = []
+    with np.errstate(all="ignore"):  # ``clip``'s masked-out lanes may divide by 0
+        for x, o1, o2, fmt, tb, dtype in jobs:
+            n = bad = 0
+            for i in range(0, x.size, BLOCK):
+                e = min(i + BLOCK, x.size)
+                dn, dbad = fn(x[i:e], o1[i:e], o2[i:e], fmt, tb, scratch[dtype])
+                n, bad = n + dn, bad + dbad
+            totals.append([n, bad])
+    return totals
+
+
+def split(kernels, values, method: str):
+    """The 2-way split of each kernel on the host: ``[(branches, counts, threshold)]``.
+
+    Args:
+      kernels: numpy arrays or single-device CPU ``jax.Array`` s, each one that
+        ``supports`` accepts for its threshold.
+      values: one absolute threshold per kernel.
+      method: ``"balance"`` or ``"clip"``.
+
+    Returns:
+      Per kernel ``((branch_0, branch_1), counts, threshold)`` as ``programs.fused``
+      returns them: two ``jax.Array`` s (on the kernel's device), ``int32[2]`` counts
+      ``[n_split, n_nonfinite]`` and the float32 threshold, all bit-identical to it.
+
+    Example:
+      >>> import numpy as np
+      >>> [((w1, w2), n, t)] = split([np.array([[0.5, -4.0]], np.float32)], [1.0], "balance")
+      >>> w1.tolist(), w2.tolist(), n.tolist()
+      ([[0.5, -2.0]], [[0.0, -2.0]], [1, 0])
+    """
+    jobs, outs, scratch = [], [], {}
+    for w, value in zip(kernels, values, strict=True):
+        x = np.ascontiguousarray(_host_array(w))
+        dtype = np.dtype(x.dtype)
+        fmt = _FORMATS[dtype]
+        if dtype not in scratch:
+            scratch[dtype] = _Scratch(fmt, dtype)
+        o1, o2 = _empty(x.shape, dtype), _empty(x.shape, dtype)
+        flat = [y.reshape(-1).view(fmt.int) for y in (x, o1, o2)]
+        jobs.append((*flat, fmt, _threshold_bits(value, dtype, method), dtype))
+        outs.append((w, o1, o2, value))
+    totals = _run(jobs, method, scratch)
+    groups: dict = {}  # one batched, zero-copy device_put per target (jax's per-call cost
+    for k, (w, *_) in enumerate(outs):  # is ~0.1 ms: 200 small layers pay it once)
+        target = w.sharding if isinstance(w, jax.Array) else None
+        groups.setdefault(target, []).append(k)
+    ws: list = [None] * len(outs)
+    wide = any(o1.dtype == np.float64 for _, o1, _, _ in outs)
+    with x64(np.float64 if wide else np.float32):  # else jax would store float64 as float32
+        for target, ks in groups.items():
+            put = jax.device_put([(outs[k][1], outs[k][2]) for k in ks], target, may_alias=True)
+            for k, pair in zip(ks, put, strict=True):
+                ws[k] = tuple(pair)
+    return [
+        (pair, np.asarray(counts, np.int32), np.float32(value))
+        for pair, counts, (_, _, _, value) in zip(ws, totals, outs, strict=True)
+    ]

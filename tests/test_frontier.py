@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxsplit as js
-from jaxsplit import kernels, measure, search
+from jaxsplit import kernels, measure, screen, search
 from jaxsplit.calibration import input_rows
 
 INT4 = js.QuantSpec(bits=4)
@@ -407,3 +407,24 @@ def test_calibrate_einsum_linen_gemma_and_nnx():
         a = js.find_layers(merged, weights=gl.GEMMA_WEIGHTS)[path].array
         b = js.find_layers(hv, weights=gl.GEMMA_WEIGHTS)[path].array
         assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_screened_compensate_uses_the_calibration_in_both_scopes():
+    """On kernels the screen handles (>= 2**18 values) the measured candidates and the final
+    split get the calibration too: the reported output error is the split's own."""
+    rng = np.random.default_rng(11)
+    w = (rng.standard_t(3, size=(512, 512)) * 0.02).astype("f4")
+    assert screen.applies(w.shape, INT4, ("compensate",))
+    p, cal = {"big": {"kernel": w}}, {"big": _moments(rng, 512)}
+    for scope in ("layer", "tree"):
+        auto = js.Auto(INT4, candidates=16, max_extra=0.02, scope=scope)
+        cfg = js.SplitConfig(layers=["big"], threshold=auto, method="compensate")
+        p2, rep = js.split_with_report(p, cfg, calibration=cal)
+        lay = js.find_layers(p2)["big"]
+        ws = [lay.node[f"branch_{i}"]["kernel"] for i in range(lay.branches)]
+        got = measure.measure(jnp.asarray(w), ws, INT4, calibration=cal["big"])
+        assert rep.layers[0].auto.extra_nonzero > 1000  # enough twin values to compensate
+        assert rep.layers[0].auto.output_error == pytest.approx(float(got.output_error), rel=1e-5)
+        uncal = kernels.compensate(jnp.asarray(w), rep.layers[0].threshold, INT4)
+        plain = measure.measure(jnp.asarray(w), uncal, INT4, calibration=cal["big"])
+        assert float(got.output_error) < float(plain.output_error)

@@ -133,8 +133,13 @@ def to_sparse(w: Any) -> sparse.BCOO:
             "js.sparse_run.sparsify(variables2, sparse_below) on the concrete tree outside "
             "jit and pass the result (BCOO leaves trace with a static size)",
         )
-    w = jnp.asarray(w)
-    return sparse.BCOO.fromdense(w, nse=int(jnp.count_nonzero(w)))
+    # on the host: ``BCOO.fromdense`` run eagerly compiles a handful of XLA programs for
+    # every new shape and number of non-zeros; this is the same array (row-major
+    # ``(nse, ndim)`` int32 indices, sorted and unique) without any compile
+    m = np.asarray(w)
+    mask = m != 0
+    data, indices = jnp.asarray(m[mask]), jnp.asarray(np.argwhere(mask).astype(np.int32))
+    return sparse.BCOO((data, indices), shape=m.shape, indices_sorted=True, unique_indices=True)
 
 
 def sparsify(tree: Mapping, sparse_below: float) -> Mapping:

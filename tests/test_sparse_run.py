@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.experimental import sparse
 
 import jaxsplit as js
 from jaxsplit import sparse_run
@@ -66,6 +67,21 @@ def test_sparse_twins_under_jit(split_model):
     assert n_sparse == len(twins)
     f = jax.jit(lambda v, x: js.linen.apply(model, v, x))
     np.testing.assert_allclose(f(vs, x), js.linen.apply(model, v2, x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_to_sparse_is_bcoo_fromdense(dtype):
+    """The host-side conversion is ``BCOO.fromdense`` exactly: data, indices, flags."""
+    w = np.zeros((3, 2, 4, 5), np.float32)
+    w[0, 1, 2, 3], w[2, 0, 0, 0], w[1, 1, 3, 4], w[0, 0, 0, 1] = 1.5, -2.0, np.nan, -0.0
+    w = jnp.asarray(w, dtype)
+    for a in (w, w[0, 0], w.reshape(-1), jnp.zeros((2, 3), dtype)):
+        got, want = sparse_run.to_sparse(a), sparse.BCOO.fromdense(a, nse=int(jnp.count_nonzero(a)))
+        assert got.shape == want.shape and got.nse == want.nse
+        assert got.data.dtype == want.data.dtype and got.indices.dtype == want.indices.dtype
+        np.testing.assert_array_equal(got.indices, want.indices)
+        assert np.asarray(got.data).tobytes() == np.asarray(want.data).tobytes()
+        assert (got.indices_sorted, got.unique_indices) == (True, True)
 
 
 def test_sparsify_leaves_dense_branches_and_inputs_alone():

@@ -298,7 +298,7 @@ _arrays = hnp.arrays(
 )
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(x=_arrays, spec=specs(), exp=st.integers(-60, 60))
 def test_quantize_bit_identical_to_float32_reference_property(x, spec, exp):
     x = (x * np.float32(2.0**exp)).astype(np.float32)

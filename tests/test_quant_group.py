@@ -204,7 +204,7 @@ def test_vmap_over_stacked_layers_matches_each_layer():
         assert_bit_identical(got[i], ref_quantize_exact(w[i], spec))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     x=hnp.arrays(
         np.float32,

@@ -204,7 +204,8 @@ def _readme_commands(text: str) -> list[list[str]]:
 
 def test_readme_cli_examples_run(tmp_path, monkeypatch, capsys):
     """Every ``jaxsplit`` command the README shows runs (exit 0), on the checkpoints its
-    python examples write; ``jaxsplit demo`` runs as ``--quick`` (the full job is minutes)."""
+    python examples write; ``jaxsplit demo`` runs as ``--quick --epochs 1`` (the full job is
+    minutes)."""
     text = (ROOT / "README.md").read_text()
     monkeypatch.chdir(tmp_path)
     for title in ("## Checkpoints and the command line", "## Real model code"):
@@ -218,7 +219,15 @@ def test_readme_cli_examples_run(tmp_path, monkeypatch, capsys):
     assert {"inspect", "split", "report", "sweep", "demo"} <= set(names)
     for argv in cmds:
         if argv[1] == "demo":
-            argv = [*argv, "--quick", "--no-plot", "--out", str(tmp_path / "demo_out")]
+            argv = [
+                *argv,
+                "--quick",
+                "--epochs",
+                "1",
+                "--no-plot",
+                "--out",
+                str(tmp_path / "demo_out"),
+            ]
         code, out, err = run_cli(capsys, *argv[1:])
         assert code == 0, (argv, err)
         if "--json" in argv:

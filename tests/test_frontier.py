@@ -145,7 +145,7 @@ def test_calibrate_nnx():
     np.testing.assert_allclose(c["layers/0"], np.mean(np.asarray(x) ** 2, axis=0), rtol=1e-6)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     st.lists(st.floats(-1e4, 1e4, width=32, allow_subnormal=True), min_size=1, max_size=40),
     st.floats(0, 50, width=32),

@@ -184,8 +184,10 @@ def accuracy(
       The fraction of correct predictions, a Python float.
 
     Example:
+      >>> import jax, jax.numpy as jnp
       >>> d = load_digits_split()
-      >>> model, v = train(d, epochs=1)
+      >>> model = DigitsCNN()
+      >>> v = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))  # untrained
       >>> isinstance(accuracy(model, v, d.x_test, d.y_test), float)
       True
     """

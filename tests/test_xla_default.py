@@ -1,0 +1,69 @@
+"""The suite compiles with LLVM's optimisation passes off (root ``conftest.py``); users get
+XLA's defaults. This re-checks the core exactness properties in a subprocess with XLA's
+default flags: the quantizer bit-identical to the independent reference (per tensor, per
+channel, per group, bits 2-16, heavy-tailed weights) and every method's split merging back
+bit for bit (float32 and bfloat16, with zeros, ties and huge values)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import conftest
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np, ml_dtypes
+    import jaxsplit as js
+    from jaxsplit import kernels, quant
+    sys.path.insert(0, sys.argv[1])
+    from quant_reference import ref_quantize_exact
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    assert "xla_backend_optimization_level" not in flags, flags
+    rng = np.random.default_rng(5)
+    w = (rng.standard_t(2, size=(96, 40)) * 0.02).astype(np.float32)
+    specs = [quant.QuantSpec(bits=b) for b in (2, 3, 4, 6, 8, 12, 16)]
+    specs += [quant.QuantSpec(bits=4, granularity="per_channel"),
+              quant.QuantSpec(bits=4, granularity="per_group", group_size=32),
+              quant.QuantSpec(bits=8, symmetric=False)]
+    for spec in specs:
+        for x in (w, w * np.float32(3.7e-3)):
+            got, ref = np.asarray(quant.fake_quant(x, spec)), ref_quantize_exact(x, spec)
+            assert np.array_equal(got.view(np.uint32), ref.view(np.uint32)), spec
+    special = w.copy()
+    special.flat[:6] = [0.0, -0.0, 1e30, -1e30, 0.5, -0.5]
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        x = special.astype(dtype)
+        t = float(np.quantile(np.abs(x.astype(np.float32)), 0.9))
+        for method in kernels.METHODS:
+            spec = quant.QuantSpec(bits=4) if method in kernels.QUANT_METHODS else None
+            kw = {"method": method, "threshold": t}
+            if spec is not None:
+                kw["spec"] = spec
+            p2 = js.split_params({"d": {"kernel": x}}, js.SplitConfig(layers=["d"], **kw))
+            back = np.asarray(js.merge_params(p2)["d"]["kernel"])
+            bits = np.uint16 if dtype is not np.float32 else np.uint32
+            assert np.array_equal(back.view(bits), x.view(bits)), (method, dtype)
+    print("ok", len(specs), len(kernels.METHODS))
+    """
+)
+
+
+def test_exactness_under_xla_default_flags():
+    env = dict(os.environ, JAXSPLIT_TEST_XLA_DEFAULT="1")
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if f.split("=", 1)[0] not in {g.split("=", 1)[0] for g in conftest.FAST_COMPILE_FLAGS}
+    ]
+    env["XLA_FLAGS"] = " ".join(flags)
+    tests = Path(__file__).resolve().parent
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tests)],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok"), proc.stdout

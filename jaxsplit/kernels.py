@@ -56,6 +56,8 @@ __all__ = [
     "snap",
     "compensate",
     "COMPENSATE_SLOTS",
+    "COMPENSATE_WINDOW",
+    "window_start",
     "branch_sum",
     "snap_to_ulp",
     "exact_or_keep",
@@ -70,6 +72,9 @@ METHODS = ("balance", "random", "clip", "grid", "residual", "snap", "compensate"
 QUANT_METHODS = ("grid", "residual", "snap", "compensate")
 #: ``compensate``: twin values per output column re-chosen against the calibration.
 COMPENSATE_SLOTS = 32
+#: ``compensate`` tries dense codes within this many steps of ``snap``'s (a full scan of
+#: ``2·qmax + 1`` codes up to int6; int8 would be 255 passes over the kernel, int16 65 535).
+COMPENSATE_WINDOW = 31
 #: Accepted branch counts (``branches > 2`` only for ``balance``).
 BRANCHES = (2, 4, 8)
 
@@ -384,7 +389,9 @@ def compensate(
     scales. On ``S`` the represented value ``Q(w1) + Q(w2)`` is still free: with
     ``w1 = a·s1`` on the dense grid (``a`` in ``[-qmax, qmax]``) and ``w2 = w - w1``,
     ``Q(w2)`` is the twin's grid point nearest ``w - a·s1``, so each value of ``S`` has
-    ``2·qmax + 1`` reachable errors ``a·s1 + k·σ - w`` within half a twin step ``σ``.
+    reachable errors ``a·s1 + k·σ - w`` within half a twin step ``σ``: the codes ``a``
+    within ``COMPENSATE_WINDOW`` steps of ``snap``'s are tried (all ``2·qmax + 1`` codes up
+    to int6; the window spans ``σ`` whenever ``σ < 63·s1``).
     Every value of ``S`` first takes the reachable error nearest zero. With a matrix
     ``calibration`` ``C = E[x xᵀ]`` (``d_in = prod(shape[:-1])``), in each output column
     the ``slots`` values of ``S`` with the largest ``C_ii`` are then re-chosen GPTQ-style,
@@ -448,14 +455,23 @@ def compensate(
 
     e_snap = quant.quantize(b1, spec) + quant.quantize(b2, tspec) - wf
     a_snap = jnp.round(b1 / jnp.where(s1 > 0, s1, 1))
-    a0, e0 = lax.fori_loop(-q1, q1 + 1, lambda a, c: nearest_zero(a, c), (a_snap, e_snap))
+    win = min(q1, COMPENSATE_WINDOW)
+
+    lo = window_start(a_snap, q1, win)
+
+    def scan(d, best):  # codes lo … lo + 2·win (all of -q1 … q1 when win == q1)
+        return nearest_zero(lo + d, best)
+
+    a0, e0 = lax.fori_loop(0, 2 * win + 1, scan, (a_snap, e_snap))
     moved = free & (jnp.abs(e0) < jnp.abs(e_snap))  # otherwise snap's shares stay
     codes = jnp.where(moved, a0, a_snap)
     use = moved
     c = None if calibration is None else jnp.asarray(calibration).astype(ft)
     if c is not None and c.ndim == 2 and w.ndim >= 1 and c.shape[0] > 1:
         e_base = jnp.where(moved, e0, e_snap)
-        codes, changed = _compensate_columns(wf, e_base, codes, free, c, s1, sg, q1, q2, slots)
+        codes, changed = _compensate_columns(
+            wf, e_base, codes, a_snap, free, c, s1, sg, q1, q2, slots, win
+        )
         use = moved | (changed & free)
     v1 = codes * s1
     w1c = snap_to_ulp(v1, wf).astype(w.dtype)
@@ -466,7 +482,20 @@ def compensate(
     return exact_or_keep(w, (w1, w2))
 
 
-def _compensate_columns(wf, e_base, codes, free, c, s1, sg, q1, q2, slots):
+def window_start(a: jax.Array, qmax: int, win: int) -> jax.Array:
+    """The first of the ``2·win + 1`` consecutive codes ``compensate`` tries around code
+    ``a``: centred on ``a``, shifted to stay within ``[-qmax, qmax]`` (``-qmax`` when
+    ``win == qmax``: every code).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> window_start(jnp.array([0.0, 6.0, -7.0]), 7, 2).tolist()
+      [-2.0, 3.0, -7.0]
+    """
+    return jnp.clip(a - win, -qmax, qmax - 2 * win)
+
+
+def _compensate_columns(wf, e_base, codes, a_snap, free, c, s1, sg, q1, q2, slots, win):
     """``compensate``'s per-column step on the twin's support (see its docstring):
     ``(codes, changed)``, the dense codes and where they were re-chosen.
 
@@ -499,10 +528,12 @@ def _compensate_columns(wf, e_base, codes, free, c, s1, sg, q1, q2, slots):
     low = jnp.linalg.cholesky(h)
     g = jax.scipy.linalg.solve_triangular(low, b[..., None], lower=True)[..., 0]
     u = jnp.swapaxes(low, 1, 2)
-    # every reachable error of every slot (codes -q1 … q1), then the slot's current one
+    # every reachable error of every slot (codes within ``win`` of snap's, clipped to
+    # -q1 … q1), then the slot's current one
     w_s, s1_s, sg_s, e_s = (x.T[cols, idx] for x in (w2d, s12, sg2, e_base))
-    a = jnp.arange(-q1, q1 + 1, dtype=wf.dtype)
-    v1 = a[None, None, :] * s1_s[..., None]
+    a_s = as2(jnp.broadcast_to(a_snap, shape)).T[cols, idx]
+    a = window_start(a_s, q1, win)[..., None] + jnp.arange(2 * win + 1, dtype=wf.dtype)
+    v1 = a * s1_s[..., None]
     rest = w_s[..., None] - v1
     k = jnp.clip(jnp.round(rest / jnp.where(sg_s > 0, sg_s, 1)[..., None]), -q2, q2)
     cand = v1 + k * sg_s[..., None] - w_s[..., None]
@@ -519,14 +550,15 @@ def _compensate_columns(wf, e_base, codes, free, c, s1, sg, q1, q2, slots):
         ei = jnp.where(valid[:, i], jnp.take_along_axis(ci, j[:, None], axis=1)[:, 0], 0)
         return e.at[:, i].set(ei), chosen.at[:, i].set(j)
 
-    init = (jnp.zeros((d_out, m), wf.dtype), jnp.full((d_out, m), 2 * q1 + 1))
+    init = (jnp.zeros((d_out, m), wf.dtype), jnp.full((d_out, m), 2 * win + 1))
     e_new_s, chosen = lax.fori_loop(0, m, step, init)
-    good = valid & (chosen <= 2 * q1)
+    good = valid & (chosen <= 2 * win)
     e_new = e_base.T.at[cols, idx].set(jnp.where(good, e_new_s, e_s)).T
     out_old = jnp.sum((c @ e_base) * e_base, axis=0)
     out_new = jnp.sum((c @ e_new) * e_new, axis=0)
     keep = out_new < out_old  # per column
-    new_codes = jnp.where(good, chosen - q1, 0).astype(wf.dtype)
+    picked = jnp.take_along_axis(a, jnp.minimum(chosen, 2 * win)[..., None], axis=-1)[..., 0]
+    new_codes = jnp.where(good, picked, 0).astype(wf.dtype)
     codes2 = base_codes.T.at[cols, idx].set(jnp.where(good, new_codes, base_codes.T[cols, idx])).T
     changed = jnp.zeros((d_out, d_in), bool).at[cols, idx].set(good).T & keep[None, :]
     codes2 = jnp.where(changed, codes2, base_codes)

@@ -306,13 +306,21 @@ def _curve(w, key, calibration, *, spec, candidates, method, branches, twin_spec
     ]  # fmt: skip
     stacked = Measurement(*(jnp.stack(f) for f in zip(*ms, strict=True)))
     base = measure(wf, (wf,), spec, calibration=calibration)
-    if calibration is None:  # total squared error, comparable across layers
-        score, score0 = stacked.mse * w.size, base.mse * w.size
-    else:  # per unit of mean input power: the tree allocation stays in weight units
+    return _curve_dict(thr, stacked, base, calibration, w.size)
+
+
+def _curve_dict(thr, m: Measurement, base: Measurement, calibration, size: int) -> dict:
+    """A curve's dict, its scores computed one way for the exhaustive and the screened
+    curve: the total squared error (comparable across layers) or, with a calibration,
+    the output error per unit of mean input power (so the tree allocation stays in
+    weight units); a non-finite score is ``inf``."""
+    if calibration is None:
+        score, score0 = m.mse * size, base.mse * size
+    else:
         unit = _input_power(calibration)
-        score, score0 = stacked.output_error / unit, base.output_error / unit
+        score, score0 = m.output_error / unit, base.output_error / unit
     score = jnp.where(jnp.isfinite(score), score, jnp.inf)
-    return {"thresholds": thr, "m": stacked, "base": base, "score": score, "score0": score0}
+    return {"thresholds": thr, "m": m, "base": base, "score": score, "score0": score0}
 
 
 def _input_power(calibration) -> jax.Array:
@@ -370,13 +378,7 @@ def _screened_curve(
         wf, thr, chosen, methods, spec, branches=branches, key=key, calibration=calibration
     )
     base = screen.lean(measure(wf, (wf,), spec, calibration=calibration))
-    if calibration is None:
-        score, score0 = m.mse * w.size, base.mse * w.size
-    else:  # as ``_curve``: per unit of mean input power
-        unit = _input_power(calibration)
-        score, score0 = m.output_error / unit, base.output_error / unit
-    score = jnp.where(jnp.isfinite(score), score, jnp.inf)
-    return {"thresholds": thr, "m": m, "base": base, "score": score, "score0": score0}
+    return _curve_dict(thr, m, base, calibration, w.size)
 
 
 def screens(shape: tuple[int, ...], auto: Auto, method: str) -> bool:

@@ -9,6 +9,15 @@ over the rows ``x`` the layer sees (every token, every output position of a Conv
 ``jaxsplit.outputs``) and returns ``{layer path: C}``, which ``split_params(...,
 calibration=C)`` and ``measure.measure(..., calibration=...)`` take.
 
+``sensitivity`` says what ``C`` cannot: how much a layer's error matters at the model's
+*output*. For each layer it estimates, from the float model, the expected increase of an
+output metric (``1 - cos`` of the outputs, or their mean squared change) per unit of
+squared weight error ``||ΔW||²_F``: the Gauss-Newton trace ``trace(Jᵀ M J) / size`` of
+the metric's second-order form ``M`` seen through the layer's Jacobian ``J``, estimated
+with Rademacher probes (Hutchinson) by forward-mode ``jax.jvp``. ``split_params(...,
+sensitivity=...)`` weights each layer's score by it in ``Auto(scope="tree")``'s
+allocation, so the shared budget goes where the output gains most.
+
 Einsum weights are captured too (``einsum_rows``): ``nn.Einsum``/``nnx.Einsum`` and, in
 linen, Gemma-style modules called as ``module(eqn, x)`` with one weight
 ``self.param(weight_name or "w", ...)`` (e.g. ``gating_einsum`` in a shared scope, whose
@@ -30,15 +39,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsplit.errors import ConfigError
+from jaxsplit.errors import AlreadySplitError, ConfigError, UnmatchedPatternError
 from jaxsplit.outputs import run_with_hook
+from jaxsplit.select import select_layers
+from jaxsplit.tree import find_layers, like, rebuild, unwrap, wrap_like
 
-__all__ = ["calibrate", "input_rows", "einsum_rows", "KINDS"]
+__all__ = ["calibrate", "sensitivity", "output_metric", "input_rows", "einsum_rows", "KINDS",
+           "METRICS"]  # fmt: skip
 
 logger = logging.getLogger("jaxsplit")
 
 #: ``calibrate(kind=...)``: the full ``E[x xᵀ]`` or its diagonal.
 KINDS = ("matrix", "diagonal")
+#: ``sensitivity(metric=...)``: how an output change is scored (``output_metric``).
+METRICS = ("cosine", "mse")
 
 
 def input_rows(module, x: jax.Array) -> jax.Array | None:
@@ -273,3 +287,153 @@ def _moments_fn(model, kind: str):
     raise TypeError(
         f"model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}"
     )
+
+
+def output_metric(y: jax.Array, t: jax.Array, metric: str) -> jax.Array:
+    """The second-order cost of a small change ``t`` of the outputs ``y`` (last axis:
+    features, every other axis a row), averaged over the rows.
+
+    ``"cosine"``: ``1 - cos(y, y + t) ≈ ½ ||t_⊥||² / ||y||²`` per row (``t_⊥``: ``t``
+    without its component along ``y``; rows with ``y = 0`` count 0); ``"mse"``: the mean
+    of ``t²`` over every element.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> y = jnp.array([[1.0, 0.0]])
+      >>> round(float(output_metric(y, jnp.array([[0.5, 0.2]]), "cosine")), 6)  # ½ 0.2²
+      0.02
+      >>> round(float(output_metric(y, jnp.array([[0.5, 0.2]]), "mse")), 6)
+      0.145
+    """
+    y = y.astype(jnp.float32)
+    t = t.astype(jnp.float32)
+    if metric == "mse":
+        return jnp.mean(t * t)
+    y2, t2 = y.reshape(-1, y.shape[-1]), t.reshape(-1, t.shape[-1])
+    n2 = jnp.sum(y2 * y2, axis=1)
+    safe = jnp.where(n2 > 0, n2, 1.0)
+    perp = t2 - (jnp.sum(t2 * y2, axis=1) / safe)[:, None] * y2
+    per_row = jnp.where(n2 > 0, 0.5 * jnp.sum(perp * perp, axis=1) / safe, 0.0)
+    return jnp.mean(per_row)
+
+
+def sensitivity(
+    apply_fn,
+    variables,
+    batches: Iterable,
+    *,
+    layers=("**",),
+    metric: str = "cosine",
+    probes: int = 4,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Each layer's end-to-end sensitivity: the expected output cost per unit of
+    squared weight error, from the float model.
+
+    For layer ``l`` with weight ``W`` of ``size`` values, the cost of a small error
+    ``ΔW`` is ``ΔWᵀ Jᵀ M J ΔW`` to second order (``J``: the outputs' Jacobian in ``W``;
+    ``M``: ``output_metric``'s quadratic form; the metric's gradient is zero at the float
+    model). For an error with no preferred direction this is ``s_l × ||ΔW||²_F`` with
+    ``s_l = trace(Jᵀ M J) / size``, which is returned, estimated with ``probes``
+    Rademacher vectors ``z`` per batch (``E[zᵀ A z] = trace A``) by ``jax.jvp``: one
+    forward pass with a tangent per probe, no finite differences. Passed to
+    ``split_params(..., sensitivity=...)``, ``s_l`` turns ``Auto(scope="tree")``'s
+    per-layer scores (squared weight error, or with a calibration the output error per
+    unit of input power, both ``||ΔW||²``-like) into predicted output costs, so the
+    tree's budget goes to the layers whose errors the output feels most.
+
+    Args:
+      apply_fn: ``apply_fn(variables, *batch) -> outputs``, the float model (e.g.
+        ``model.apply``, or a function returning the pooled output only); the last
+        axis of ``outputs`` is the feature axis, every other axis a row.
+      variables: its variables (linen variables, a params dict, ``nnx.State`` …, as
+        ``split_params`` takes them); layers already split raise.
+      batches: an iterable of inputs, each an array or a tuple of positional arguments
+        (use other inputs than those you evaluate on).
+      layers: ``SplitConfig.layers``-style patterns of the layers to estimate
+        (default: every layer).
+      metric: one of ``METRICS``: ``"cosine"`` (``1 - cos`` per row) or ``"mse"``.
+      probes: Rademacher probes per batch (``>= 1``); the estimate's relative spread
+        falls as ``1 / sqrt(probes × rows × outputs)``.
+      seed: the probes' seed (each layer and batch its own fold of it).
+
+    Returns:
+      ``{layer path: s_l}`` (floats ``>= 0``), the mean over batches and probes.
+
+    Raises:
+      ConfigError: ``metric`` or ``probes`` is invalid, or ``batches`` is empty.
+      UnmatchedPatternError: a pattern of ``layers`` matched no layer.
+      AlreadySplitError: a selected layer is split (merge it first).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> v = {"params": {"d": {"kernel": jnp.eye(3, 2)}, "e": {"kernel": jnp.eye(2)}}}
+      >>> def apply_fn(v, x):
+      ...     return x @ v["params"]["d"]["kernel"] @ (4 * v["params"]["e"]["kernel"])
+      >>> s = sensitivity(apply_fn, v, [jnp.array([[1.0, 0.0, 0.0]])], metric="mse")
+      >>> s  # d: every error reaches the output ×4; e: only its first row is used
+      {'d': 2.666..., 'e': 4.0}
+    """
+    if metric not in METRICS:
+        raise ConfigError(
+            "sensitivity", "metric", f"sensitivity metric must be one of {list(METRICS)}, "
+            f"got {metric!r}",
+        )  # fmt: skip
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ConfigError(
+            "sensitivity", "probes", f"sensitivity probes must be an int >= 1, got {probes!r}"
+        )
+    found = find_layers(variables)
+    selected, matches = select_layers(variables, layers, found=found)
+    unmatched = [k for k, v in matches.items() if not v]
+    if unmatched:
+        raise UnmatchedPatternError(unmatched, tuple(found))
+    for layer in selected:
+        if layer.branches:
+            raise AlreadySplitError(
+                layer.path, f"layer {layer.path!r} is split; sensitivity needs the float "
+                "model (merge_params first)",
+            )  # fmt: skip
+    paths = [lay.path for lay in selected]
+    run = _sensitivity_fn(apply_fn, paths, metric)
+    deltas = {p: jnp.zeros_like(unwrap(found[p].array)) for p in paths}
+    sums = dict.fromkeys(paths, 0.0)
+    key = jax.random.key(seed)
+    n_batches = 0
+    for b, batch in enumerate(batches):
+        args = batch if isinstance(batch, tuple) else (batch,)
+        for i, p in enumerate(paths):
+            for j in range(probes):
+                k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, i), b), j)
+                z = jax.random.rademacher(k, deltas[p].shape, jnp.float32).astype(
+                    deltas[p].dtype
+                )
+                tangent = {q: (z if q == p else d) for q, d in deltas.items()}
+                sums[p] += float(run(variables, deltas, tangent, args)) / deltas[p].size
+        n_batches += 1
+    if not n_batches:
+        raise ConfigError("sensitivity", "batches", "sensitivity needs at least one batch, got none")
+    return {p: sums[p] / (n_batches * probes) for p in paths}
+
+
+def _sensitivity_fn(apply_fn, paths: list[str], metric: str):
+    """A jitted ``(variables, deltas, tangent, args) -> metric of J·tangent``: the
+    outputs as a function of additive weight deltas (zero), one compilation for every
+    layer and probe."""
+
+    def outputs(variables, deltas, args):
+        found = find_layers(variables)
+        reps = {}
+        for p in paths:
+            lay = found[p]
+            orig = lay.node[lay.weight]
+            w = wrap_like(orig, unwrap(orig) + deltas[p])
+            reps[lay.keys] = w if lay.leaf else like(lay.node, {**lay.node, lay.weight: w})
+        return apply_fn(rebuild(variables, reps), *args)
+
+    @jax.jit
+    def run(variables, deltas, tangent, args):
+        y, t = jax.jvp(lambda d: outputs(variables, d, args), (deltas,), (tangent,))
+        return output_metric(y, t, metric)
+
+    return run

@@ -10,11 +10,14 @@ cosine of the mean-pooled sentence embeddings to the float model, the weight SQN
 18 kernels (``quant_error``), the extra non-zeros and the effective bits per weight
 (``jaxsplit.measure``'s cost model: 16-bit indices). Calibration rows use ``js.calibrate``'s
 ``E[x xᵀ]`` (or its diagonal ``E[x²]``) of each kernel's inputs on *other* random token
-ids than the evaluation's.
+ids than the evaluation's. Sensitivity rows weight each layer's score in the tree allocation
+by ``js.sensitivity`` of the float model (expected ``1 - cos`` of the pooled embeddings per
+unit of squared weight error, 4 Rademacher probes, the calibration ids).
 
     python -m experiments.frontier                 # full table (slow on CPU: minutes)
     python -m experiments.frontier --write         # also write experiments/results/frontier.md
     python -m experiments.frontier --small         # the quick version tests/test_frontier.py runs
+    python -m experiments.frontier --bits 6 --rows 6,14   # some rows (configs() indices)
 
 Without the wheel (or ``onnx``) the table falls back to the MTCNN O-Net kernels
 (weight SQNR only).
@@ -52,6 +55,7 @@ class Row:
     calibrated: str | None = None  # None, "diagonal" (E[x²]) or "matrix" (E[x xᵀ])
     twin_bits: int | None = None
     ppq: bool = False
+    sensitivity: bool = False  # weight the tree allocation by js.sensitivity
 
 
 def configs(small: bool = False) -> list[Row]:
@@ -71,6 +75,9 @@ def configs(small: bool = False) -> list[Row]:
         Row("Auto compensate", "compensate", scope="tree", calibrated="matrix"),
         Row("Auto snap, int8 twin", "snap", scope="tree", twin_bits=8),
         Row("Auto auto, int8 twin", "auto", scope="tree", twin_bits=8),
+        Row("Auto auto", "auto", scope="tree", sensitivity=True),
+        Row("Auto snap", "snap", scope="tree", sensitivity=True),
+        Row("Auto compensate", "compensate", scope="tree", calibrated="matrix", sensitivity=True),
     ]
     return [rows[0], rows[3], rows[7], rows[11]] if small else rows
 
@@ -106,6 +113,17 @@ class MiniLM:
         """``{path: E[x xᵀ]}`` of each kernel's inputs on the calibration ids (``js.calibrate``)."""
         cal = js.calibrate(self.model, self.variables, [self.calib_feed])
         return {p: cal[p] for p in self.paths}
+
+    def sensitivity(self, probes: int = 4) -> dict[str, float]:
+        """``js.sensitivity`` of the pooled embeddings (``1 - cos``) to each kernel, on the
+        calibration ids."""
+
+        def pooled(variables, ids, mask):
+            return self.model.apply(variables, ids, mask)[1]
+
+        return js.sensitivity(
+            pooled, self.variables, [self.calib_feed], layers=self.paths, probes=probes
+        )
 
 
 def _with_kernels(variables, weights: dict[str, np.ndarray]):
@@ -151,8 +169,11 @@ def reconstruct(params2, spec, twin_spec=None) -> dict[str, np.ndarray]:
     return out
 
 
-def run_row(params, row: Row, bits: int, budget: float, calibration, candidates: int):
-    """``(params2, quant_error report, seconds)`` of one row."""
+def run_row(
+    params, row: Row, bits: int, budget: float, calibration, candidates: int, sensitivity=None
+):  # fmt: skip
+    """``(params2, quant_error report, seconds)`` of one row (``sensitivity``: the
+    ``{path: weight}`` sensitivity rows use)."""
     spec = js.QuantSpec(bits=bits)
     twin = None if row.twin_bits is None else js.QuantSpec(bits=row.twin_bits)
     t0 = time.perf_counter()
@@ -164,7 +185,10 @@ def run_row(params, row: Row, bits: int, budget: float, calibration, candidates:
         auto = js.Auto(spec, candidates=candidates, max_extra=budget, scope=row.scope,
                        twin_spec=twin)  # fmt: skip
         cfg = js.SplitConfig(layers=["**"], threshold=auto, method=row.method)
-        p2 = js.split_params(params, cfg, calibration=moments(calibration, row.calibrated))
+        sens = sensitivity if row.sensitivity else None
+        p2 = js.split_params(
+            params, cfg, calibration=moments(calibration, row.calibrated), sensitivity=sens
+        )
     rep = js.quant_error(params, p2, spec, twin_spec=twin)
     return p2, rep, time.perf_counter() - t0
 
@@ -182,8 +206,23 @@ def moments(calibration, kind: str | None):
 CALIBRATION_LABELS = {None: "-", "diagonal": "E[x²]", "matrix": "E[x xᵀ]"}
 
 
-def table(small: bool = False, candidates: int = 32) -> str:
-    """The markdown tables (one per bit width)."""
+def calibration_label(row: Row) -> str:
+    """The calibration column: the moments, and ``sensitivity`` for sensitivity rows."""
+    cal = CALIBRATION_LABELS[row.calibrated]
+    if not row.sensitivity:
+        return cal
+    return "sensitivity" if row.calibrated is None else f"{cal} + sensitivity"
+
+
+def table(
+    small: bool = False,
+    candidates: int = 32,
+    rows: tuple[int, ...] | None = None,
+    bits: tuple[int, ...] | None = None,
+) -> str:
+    """The markdown tables (one per bit width); ``rows`` (indices into ``configs``) and
+    ``bits`` keep only those rows / tables. Sensitivity rows need the model (MiniLM):
+    without it they are left out."""
     net = None
     if not small:
         try:
@@ -193,28 +232,40 @@ def table(small: bool = False, candidates: int = 32) -> str:
     if net is not None:
         params, source = net.params, "paraphrase-MiniLM-L3-v2, 18 encoder Linear kernels"
         calibration = net.calibration()
+        t0 = time.perf_counter()
+        sensitivity = net.sensitivity()
+        logger.info("sensitivity: %.1fs", time.perf_counter() - t0)
     else:
         params, source, calibration = fallback(small)
+        sensitivity = None
+    chosen = [
+        r for i, r in enumerate(configs(small))
+        if (rows is None or i in rows) and (sensitivity is not None or not r.sensitivity)
+    ]  # fmt: skip
     lines = [f"Source: {source}; every branch fake-quantized per tensor.", ""]
-    for bits, budget in TARGETS:
-        lines += [f"### int{bits}, budget {budget:.0%} extra non-zeros", ""]
+    for n_bits, budget in TARGETS:
+        if bits is not None and n_bits not in bits:
+            continue
+        lines += [f"### int{n_bits}, budget {budget:.0%} extra non-zeros", ""]
         head = "| method | scope | calibration | cosine | weight SQNR dB | extra % | bits/weight |"
         lines += [head, "|---|---|---|---|---|---|---|"]
-        for row in configs(small):
-            p2, rep, secs = run_row(params, row, bits, budget, calibration, candidates)
+        for row in chosen:
+            p2, rep, secs = run_row(
+                params, row, n_bits, budget, calibration, candidates, sensitivity
+            )
             tot = rep.total()
             twin = None if row.twin_bits is None else js.QuantSpec(bits=row.twin_bits)
             cos = "-"
             if net is not None:
-                rec = reconstruct(p2, js.QuantSpec(bits=bits), twin)
+                rec = reconstruct(p2, js.QuantSpec(bits=n_bits), twin)
                 cos = f"{cosine(net.embed(rec), net.reference):.4f}"
             scope = "-" if row.method is None or row.ppq else row.scope
-            cal = CALIBRATION_LABELS[row.calibrated]
+            cal = calibration_label(row)
             lines.append(
                 f"| {row.label} | {scope} | {cal} | {cos} | {tot['sqnr_after']:.2f} | "
                 f"{100 * tot['extra_fraction']:.2f} | {tot['effective_bits']:.3f} |"
             )
-            logger.info("int%d %s %s: %.1fs", bits, row.label, row.scope, secs)
+            logger.info("int%d %s %s %s: %.1fs", n_bits, row.label, row.scope, cal, secs)
         lines.append("")
     return "\n".join(lines)
 
@@ -248,10 +299,14 @@ def main(argv=None) -> int:
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--candidates", type=int, default=32)
+    ap.add_argument("--rows", type=_ints, default=None, help="row indices, e.g. 6,14")
+    ap.add_argument("--bits", type=_ints, default=None, help="bit widths, e.g. 6")
     args = ap.parse_args(argv)
+    if args.write and (args.rows is not None or args.bits is not None):
+        ap.error("--write regenerates the whole table: drop --rows / --bits")
     logging.basicConfig(level=logging.INFO)
     t0, c0 = time.perf_counter(), time.process_time()
-    text = table(small=args.small, candidates=args.candidates)
+    text = table(small=args.small, candidates=args.candidates, rows=args.rows, bits=args.bits)
     print(text)
     if args.write:
         run = f"{time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU"
@@ -261,6 +316,14 @@ def main(argv=None) -> int:
             head, rest = readme.split(START, 1)
             README.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
     return 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """``"6,14"`` -> ``(6, 14)``."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
 
 
 def results_markdown(text: str, run: str = "") -> str:

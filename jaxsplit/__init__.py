@@ -53,6 +53,7 @@ from jaxsplit.outputs import OutputError as OutputError
 from jaxsplit.outputs import OutputReport as OutputReport
 from jaxsplit.outputs import evaluate_outputs as evaluate_outputs
 from jaxsplit.calibration import calibrate as calibrate
+from jaxsplit.calibration import sensitivity as sensitivity
 from jaxsplit.outputs import quantized_weights as quantized_weights
 from jaxsplit.sweeps import SweepResult as SweepResult
 from jaxsplit.sweeps import SweepRow as SweepRow
@@ -116,6 +117,7 @@ __all__ = [
     "OutputReport",
     "evaluate_outputs",
     "calibrate",
+    "sensitivity",
     "quantized_weights",
     "SweepResult",
     "SweepRow",

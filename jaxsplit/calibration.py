@@ -405,14 +405,14 @@ def sensitivity(
         for i, p in enumerate(paths):
             for j in range(probes):
                 k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, i), b), j)
-                z = jax.random.rademacher(k, deltas[p].shape, jnp.float32).astype(
-                    deltas[p].dtype
-                )
+                z = jax.random.rademacher(k, deltas[p].shape, jnp.float32).astype(deltas[p].dtype)
                 tangent = {q: (z if q == p else d) for q, d in deltas.items()}
                 sums[p] += float(run(variables, deltas, tangent, args)) / deltas[p].size
         n_batches += 1
     if not n_batches:
-        raise ConfigError("sensitivity", "batches", "sensitivity needs at least one batch, got none")
+        raise ConfigError(
+            "sensitivity", "batches", "sensitivity needs at least one batch, got none"
+        )
     return {p: sums[p] / (n_batches * probes) for p in paths}
 
 

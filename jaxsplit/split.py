@@ -59,6 +59,7 @@ __all__ = [
     "check_layer",
     "resolve_selection",
     "check_calibration",
+    "check_sensitivity",
     "LayerCurve",
     "tree_curves",
     "tree_picks",
@@ -202,6 +203,7 @@ def split_with_report(
     *,
     donate: bool = False,
     calibration: Mapping | None = None,
+    sensitivity: Mapping | None = None,
 ) -> tuple[Mapping, SplitReport]:
     """``split_params`` that also returns the per-layer ``SplitReport``.
 
@@ -210,6 +212,7 @@ def split_with_report(
       cfg: a ``SplitConfig``.
       donate: as for ``split_params``.
       calibration: as for ``split_params``.
+      sensitivity: as for ``split_params``.
 
     Returns:
       ``(new_tree, report)``.
@@ -232,9 +235,10 @@ def split_with_report(
         )
     selected, matches, available = resolve_selection(params, cfg)
     calib = check_calibration(calibration, selected, available)
+    sens = check_sensitivity(sensitivity, selected, available, cfg)
     plans, todo = _checked(selected)
     if isinstance(cfg.threshold, Auto):
-        run = functools.partial(_run_auto, donate=donate, calibration=calib)
+        run = functools.partial(_run_auto, donate=donate, calibration=calib, sensitivity=sens)
     else:
         run = _run_donated if donate else _run_fused
     replacements = {}
@@ -257,6 +261,7 @@ def split_params(
     *,
     donate: bool = False,
     calibration: Mapping | None = None,
+    sensitivity: Mapping | None = None,
 ) -> Mapping:
     """Splits the selected layers of a parameter tree into twin branches.
 
@@ -285,6 +290,13 @@ def split_params(
         then scores candidates by the expected output error ``trace(Eᵀ C E)``
         (``jaxsplit.measure``) instead of the weight MSE; selected layers without an
         entry keep the weight MSE. Ignored by fixed thresholds.
+      sensitivity: ``{layer path: s}`` (``js.sensitivity`` builds it), each selected
+        layer's end-to-end weight: the output cost per unit of squared weight error
+        (finite, ``>= 0``). ``Auto(scope="tree")`` then allocates its budget to minimise
+        ``sum_l s_l × score_l`` (the predicted output cost) instead of the unweighted
+        sum, and needs an entry for every selected layer. Each layer's choice within
+        its own budget is unchanged by a positive weight, so ``scope="layer"`` and fixed
+        thresholds ignore it.
 
     Returns:
       A new tree of the same container types.
@@ -295,7 +307,9 @@ def split_params(
       NonFiniteError: a selected layer holds NaN/inf (unless ``allow_nonfinite``).
       ConfigTypeError: ``cfg`` is not a ``SplitConfig`` or ``donate`` is not a bool.
       UnsplittableError: a selected kernel is not floating.
-      CalibrationError: a calibration entry names no layer or has the wrong shape.
+      CalibrationError: a calibration entry names no layer or has the wrong shape; a
+        sensitivity entry names no layer, is not a finite number ``>= 0``, or (tree
+        scope) a selected layer has none.
       (All are ``ValueError`` or ``TypeError`` subclasses, see ``jaxsplit.errors``.)
 
     Example:
@@ -306,7 +320,9 @@ def split_params(
       >>> sorted(p2["Dense_0"]), p2["Dense_0"]["branch_0"]["kernel"].tolist()
       (['branch_0', 'branch_1'], [[0.5, -2.0]])
     """
-    return split_with_report(params, cfg, donate=donate, calibration=calibration)[0]
+    return split_with_report(
+        params, cfg, donate=donate, calibration=calibration, sensitivity=sensitivity
+    )[0]
 
 
 def check_calibration(
@@ -354,8 +370,69 @@ def check_calibration(
     return out
 
 
+def check_sensitivity(
+    sensitivity: Mapping | None, selected: list[Layer], available, cfg: SplitConfig
+) -> dict[str, float]:
+    """The sensitivity weights of the selected layers, validated (see ``split_params``).
+
+    Raises:
+      ConfigTypeError: ``sensitivity`` is not a mapping.
+      CalibrationError: a key is no layer path, a value is not a finite number
+        ``>= 0``, or under ``Auto(scope="tree")`` a selected layer has no entry.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit import Auto, QuantSpec
+      >>> lay = find_layers({"d": {"kernel": np.ones((3, 2))}})["d"]
+      >>> cfg = SplitConfig(layers=["d"], threshold=Auto(QuantSpec(bits=4), max_extra=0.1,
+      ...                   scope="tree"))
+      >>> check_sensitivity({"d": 2}, [lay], ["d"], cfg)
+      {'d': 2.0}
+      >>> check_sensitivity({"d": -1.0}, [lay], ["d"], cfg)
+      Traceback (most recent call last):
+      ...
+      jaxsplit.errors.CalibrationError: sensitivity of layer 'd' must be a finite number >= 0, ...
+    """
+    if sensitivity is None:
+        return {}
+    if not isinstance(sensitivity, Mapping):
+        raise ConfigTypeError(
+            "split_params",
+            "sensitivity",
+            f"sensitivity must be a mapping {{layer path: float}} or None, got "
+            f"{type(sensitivity).__name__}",
+        )
+    avail = set(available)
+    for k, v in sensitivity.items():
+        if k not in avail:
+            raise CalibrationError(
+                str(k), f"sensitivity key {k!r} is not a layer path; available: {list(available)}"
+            )
+        ok = isinstance(v, int | float | np.number) and not isinstance(v, bool)
+        if not ok or not np.isfinite(v) or v < 0:
+            raise CalibrationError(
+                str(k), f"sensitivity of layer {k!r} must be a finite number >= 0, got {v!r}"
+            )
+    out = {lay.path: float(sensitivity[lay.path]) for lay in selected if lay.path in sensitivity}
+    a = cfg.threshold
+    if sensitivity and isinstance(a, Auto) and a.scope == "tree":
+        missing = [lay.path for lay in selected if lay.path not in out]
+        if missing:
+            raise CalibrationError(
+                missing[0], f"Auto(scope='tree') weights every selected layer by its "
+                f"sensitivity: no entry for {missing}",
+            )  # fmt: skip
+    elif sensitivity:
+        logger.warning("sensitivity only changes Auto(scope='tree') choices: ignored here")
+    return out
+
+
 def match_layers(
-    params: Mapping, cfg: SplitConfig, *, calibration: Mapping | None = None
+    params: Mapping,
+    cfg: SplitConfig,
+    *,
+    calibration: Mapping | None = None,
+    sensitivity: Mapping | None = None,
 ) -> SplitReport:
     """Dry run: which paths each pattern matches and what would happen to each layer.
 
@@ -372,9 +449,10 @@ def match_layers(
     """
     selected, matches, available = resolve_selection(params, cfg)
     calib = check_calibration(calibration, selected, available)
+    sens = check_sensitivity(sensitivity, selected, available, cfg)
     plans, todo = _checked(selected)
     if isinstance(cfg.threshold, Auto):  # the search is the dry run's answer
-        for layer, _, n, thr, choice in _run_auto(todo, cfg, calibration=calib):
+        for layer, _, n, thr, choice in _run_auto(todo, cfg, calibration=calib, sensitivity=sens):
             plans[layer.path] = _result_plan(layer, n, thr, choice)
         return SplitReport(matches, tuple(plans[lay.path] for lay in selected), available)
     for layer, (n, thr) in zip(
@@ -417,7 +495,10 @@ def _result_plan(layer: Layer, n_split, thr, choice=None) -> LayerPlan:
     return _plan(layer, "split", None, n_split, thr, choice)
 
 
-def _run_auto(todo: list[Layer], cfg: SplitConfig, *, donate: bool = False, calibration=None):
+def _run_auto(
+    todo: list[Layer], cfg: SplitConfig, *, donate: bool = False, calibration=None,
+    sensitivity=None,
+):  # fmt: skip
     """Yields ``(layer, branches, n_split, threshold, AutoChoice | None)``: each kernel's
     search and split as one program, all dispatched before the single host sync.
 
@@ -426,7 +507,9 @@ def _run_auto(todo: list[Layer], cfg: SplitConfig, *, donate: bool = False, cali
     a = cfg.threshold
     calibration = calibration or {}
     if a.scope == "tree":
-        yield from _run_tree(todo, cfg, donate=donate, calibration=calibration)
+        yield from _run_tree(
+            todo, cfg, donate=donate, calibration=calibration, sensitivity=sensitivity
+        )
         return
     static = dataclasses.replace(a, max_extra=None)  # the budget is data: one program
     budget = jnp.float32(jnp.inf if a.max_extra is None else a.max_extra)
@@ -456,7 +539,9 @@ def _run_auto(todo: list[Layer], cfg: SplitConfig, *, donate: bool = False, cali
         yield layer, ws, n, thr, choice
 
 
-def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration: dict):
+def _run_tree(
+    todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration: dict, sensitivity=None
+):
     """``Auto(scope="tree")``: every layer's candidate curve (``tree_curves``), the
     allocation of the shared budget on the host (``tree_picks``), then one program per
     chosen split (``tree_splits``)."""
@@ -468,7 +553,8 @@ def _run_tree(todo: list[Layer], cfg: SplitConfig, *, donate: bool, calibration:
             "jax.jit use scope='layer'",
         )
     curves = tree_curves(todo, cfg, calibration=calibration)
-    plan = plan_tree({lay.path: c for lay, c in zip(todo, curves, strict=True)}, cfg)
+    curves_by_path = {lay.path: c for lay, c in zip(todo, curves, strict=True)}
+    plan = plan_tree(curves_by_path, cfg, sensitivity=sensitivity)
     picks = [plan.picks[lay.path] for lay in todo]
     yield from tree_splits(
         todo, curves, picks, cfg, donate=donate, budget_total=plan.budget, calibration=calibration
@@ -555,10 +641,15 @@ def tree_curves(
     ]
 
 
-def tree_picks(curves: list[LayerCurve], cfg: SplitConfig) -> list[int]:
+def tree_picks(
+    curves: list[LayerCurve], cfg: SplitConfig, *, sensitivity: list[float] | None = None
+) -> list[int]:
     """Each layer's candidate (flat index into its curve, ``-1``: not split) under the
     tree's budget, ``cfg.threshold.max_extra`` × the layers' total size (``search.allocate``,
     never worse than each layer within its own share).
+
+    ``sensitivity`` (one weight ``>= 0`` per curve, ``js.sensitivity``) multiplies each
+    layer's scores, so the allocation minimises the weighted total.
 
     Example:
       >>> import numpy as np
@@ -572,10 +663,16 @@ def tree_picks(curves: list[LayerCurve], cfg: SplitConfig) -> list[int]:
     """
     a = cfg.threshold
     budget = a.max_extra * sum(c.size for c in curves)
+    weights = [1.0] * len(curves) if sensitivity is None else [float(s) for s in sensitivity]
+    if len(weights) != len(curves):
+        raise ConfigError(
+            "tree_picks", "sensitivity", f"sensitivity needs one weight per curve "
+            f"({len(curves)}), got {len(weights)}",
+        )  # fmt: skip
     return search.allocate(
         [_spent(c.m, a.cost) for c in curves],
-        [c.score for c in curves],
-        [c.score0 for c in curves],
+        [c.score * w for c, w in zip(curves, weights, strict=True)],
+        [c.score0 * w for c, w in zip(curves, weights, strict=True)],
         budget,
         layer_budgets=[a.max_extra * c.size for c in curves],
     )
@@ -661,9 +758,14 @@ class TreePlan:
     budget: float
 
 
-def plan_tree(curves: Mapping[str, LayerCurve], cfg: SplitConfig) -> TreePlan:
+def plan_tree(
+    curves: Mapping[str, LayerCurve], cfg: SplitConfig, *, sensitivity: Mapping | None = None
+) -> TreePlan:
     """Allocates the tree's budget over ``curves`` (``tree_picks``), taken in path
     order so that the choice does not depend on the order the layers were read in.
+
+    ``sensitivity``: ``{path: weight}`` for every curve (``split_params``'s, validated),
+    or ``None`` (unweighted).
 
     Example:
       >>> import numpy as np
@@ -676,7 +778,12 @@ def plan_tree(curves: Mapping[str, LayerCurve], cfg: SplitConfig) -> TreePlan:
       (True, 1.5)
     """
     paths = sorted(curves)
-    picks = tree_picks([curves[p] for p in paths], cfg)
+    if sensitivity:
+        missing = [p for p in paths if p not in sensitivity]
+        if missing:
+            raise CalibrationError(missing[0], f"sensitivity has no entry for {missing}")
+    weights = [float(sensitivity[p]) for p in paths] if sensitivity else None
+    picks = tree_picks([curves[p] for p in paths], cfg, sensitivity=weights)
     budget = cfg.threshold.max_extra * sum(curves[p].size for p in paths)
     return TreePlan(dict(curves), dict(zip(paths, picks, strict=True)), budget)
 

@@ -347,19 +347,7 @@ def check_calibration(
     """
     if calibration is None:
         return {}
-    if not isinstance(calibration, Mapping):
-        raise ConfigTypeError(
-            "split_params",
-            "calibration",
-            f"calibration must be a mapping {{layer path: array}} or None, got "
-            f"{type(calibration).__name__}",
-        )
-    avail = set(available)
-    for k in calibration:
-        if k not in avail:
-            raise CalibrationError(
-                str(k), f"calibration key {k!r} is not a layer path; available: {list(available)}"
-            )
+    _check_paths(calibration, "calibration", "array", available)
     out = {}
     for layer in selected:
         c = calibration.get(layer.path)
@@ -368,6 +356,24 @@ def check_calibration(
         calibration_check(layer.path, tuple(layer.array.shape), c)
         out[layer.path] = jnp.asarray(c, jnp.promote_types(layer.array.dtype, jnp.float32))
     return out
+
+
+def _check_paths(mapping, name: str, value: str, available) -> None:
+    """Raises unless ``mapping`` (``split_params``'s argument ``name``) is a mapping whose
+    keys are all layer paths (``ConfigTypeError`` / ``CalibrationError``)."""
+    if not isinstance(mapping, Mapping):
+        raise ConfigTypeError(
+            "split_params",
+            name,
+            f"{name} must be a mapping {{layer path: {value}}} or None, got "
+            f"{type(mapping).__name__}",
+        )
+    avail = set(available)
+    for k in mapping:
+        if k not in avail:
+            raise CalibrationError(
+                str(k), f"{name} key {k!r} is not a layer path; available: {list(available)}"
+            )
 
 
 def check_sensitivity(
@@ -395,19 +401,8 @@ def check_sensitivity(
     """
     if sensitivity is None:
         return {}
-    if not isinstance(sensitivity, Mapping):
-        raise ConfigTypeError(
-            "split_params",
-            "sensitivity",
-            f"sensitivity must be a mapping {{layer path: float}} or None, got "
-            f"{type(sensitivity).__name__}",
-        )
-    avail = set(available)
+    _check_paths(sensitivity, "sensitivity", "float", available)
     for k, v in sensitivity.items():
-        if k not in avail:
-            raise CalibrationError(
-                str(k), f"sensitivity key {k!r} is not a layer path; available: {list(available)}"
-            )
         ok = isinstance(v, int | float | np.number) and not isinstance(v, bool)
         if not ok or not np.isfinite(v) or v < 0:
             raise CalibrationError(

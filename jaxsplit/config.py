@@ -55,7 +55,8 @@ class Auto:
       scope: ``"layer"`` (default): every layer keeps within ``max_extra`` of its own
         size; ``"tree"``: at most ``max_extra`` × (the selected layers' parameters)
         extra non-zeros over the whole tree, spent where they remove the most error
-        (``search.allocate``; needs a ``max_extra``).
+        (``search.allocate``; needs a ``max_extra``), or with ``split_params(...,
+        sensitivity=js.sensitivity(...))`` the most predicted output cost.
       twin_spec: the ``QuantSpec`` of the sparse twin(s) (mixed precision, e.g. int8
         twins beside an int4 ``branch_0``); ``None``: ``spec``.
       cost: what ``max_extra`` counts: ``"extra"`` (the extra non-zeros, summed over the

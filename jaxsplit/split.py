@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import host, kernels, programs, search
+from jaxsplit import host, kernels, programs, search, table
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import (
     AlreadySplitError,
@@ -531,7 +531,14 @@ def tree_curves(
         kw = {"spec": a.spec, "candidates": a.candidates, "method": cfg.method,
               "branches": cfg.branches}  # fmt: skip
         with x64(w.dtype):
-            if search.screens(tuple(w.shape), a, cfg.method):
+            if _tabled(w, cfg, calibration.get(layer.path)):
+                t = table.value_table(w)
+                thr = search.finite_thresholds(w, spec=a.spec, candidates=a.candidates)
+                c = search.table_curve(
+                    t.values, t.counts, t.size, thr, spec=a.spec, method=cfg.method,
+                    branches=cfg.branches, twin_spec=a.twin_spec,
+                )  # fmt: skip
+            elif search.screens(tuple(w.shape), a, cfg.method):
                 c = search.screened_curve(
                     w, _key(cfg, layer), calibration.get(layer.path), budget, **kw
                 )
@@ -617,9 +624,15 @@ def tree_splits(
         thr = c.thresholds[ti]
         fn = programs.apply_donated if donate and _donatable(w, seen) else programs.apply
         with x64(w.dtype):
-            ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
-                    spec=a.spec, twin_spec=a.twin_spec,
-                    calibration=calibration.get(layer.path))  # fmt: skip
+            if _tabled(w, cfg, calibration.get(layer.path)):
+                t = table.value_table(w)
+                ws = table.split_table(w, t.values, t.index, thr, _key(cfg, layer),
+                                       method=methods[mi], branches=cfg.branches,
+                                       spec=a.spec, twin_spec=a.twin_spec)  # fmt: skip
+            else:
+                ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
+                        spec=a.spec, twin_spec=a.twin_spec,
+                        calibration=calibration.get(layer.path))  # fmt: skip
             n = programs.counts(ws[0], thr, ws)  # non-finite values stay on branch_0
         outs.append((ws, n, thr))
     fetched = jax.device_get([n for _, n, _ in outs])
@@ -742,6 +755,17 @@ def split_planned(
         for q in report.layers:
             logger.info("%s", _log_line(q))
     return rebuild(params, replacements), report
+
+
+def _tabled(w, cfg: SplitConfig, calibration) -> bool:
+    """Whether ``Auto(scope="tree")`` measures and splits ``w`` from its value table
+    (``jaxsplit.table``: 16-bit kernels, per-tensor specs, no ``random``, no calibration)."""
+    a = cfg.threshold
+    methods = search.search_methods(cfg.method, a.spec)
+    return table.applies(
+        w.dtype, tuple(w.shape), a.spec, methods, twin_spec=a.twin_spec,
+        calibrated=calibration is not None,
+    )  # fmt: skip
 
 
 def _spent(m, cost: str):

@@ -80,8 +80,10 @@ def applies(
       >>> q = quant.QuantSpec(bits=4)
       >>> applies(jnp.bfloat16, (2048, 512), q, ("clip", "compensate"))
       True
-      >>> applies(jnp.float32, (2048, 512), q, ("clip",)), applies(jnp.bfloat16, (8, 8), q, ("clip",))
-      (False, False)
+      >>> applies(jnp.float32, (2048, 512), q, ("clip",))
+      False
+      >>> applies(jnp.bfloat16, (8, 8), q, ("clip",))
+      False
     """
     dt = np.dtype(dtype)
     per_tensor = all(s is None or s.granularity == "per_tensor" for s in (spec, twin_spec))

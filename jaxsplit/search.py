@@ -15,7 +15,9 @@ on a sample of the kernel (its largest values exactly, a strided rest), and only
 count as unmeasured. ``Auto(scope="tree")`` curves (``screened_curve``) also measure the
 best prediction at a few multiples of the layer's budget, where a shared budget may move
 it; calibrated searches are screened too (prediction weighted by the calibration's
-diagonal, the exact output error measured). ``exhaustive=True`` measures them all
+diagonal, the exact output error measured). Tree-scope curves of 16-bit per-tensor
+kernels without calibration measure every candidate exactly on the kernel's distinct
+values instead (``table_curve``, ``jaxsplit.table``). ``exhaustive=True`` measures them all
 (per-channel and per-group specs, small kernels and ``random`` always are).
 
 The choice is the lowest measured MSE within the ``max_extra`` budget, and only if it is

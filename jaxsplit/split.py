@@ -502,7 +502,10 @@ def tree_curves(
 ) -> list[LayerCurve]:
     """Every layer's candidate curve under ``cfg.threshold`` (an ``Auto``), one host sync.
 
-    Non-finite kernels raise first (unless ``cfg.allow_nonfinite``). Kernels where
+    Non-finite kernels raise first (unless ``cfg.allow_nonfinite``). 16-bit kernels
+    where ``table.applies`` (per-tensor specs, no ``random``, no calibration) get
+    ``search.table_curve`` (every candidate measured exactly on the kernel's distinct
+    values, and ``tree_splits`` gathers the chosen split from them); other kernels where
     ``search.screens`` holds get ``search.screened_curve`` (a few candidates measured at
     the layer's own budget and at ``screen.TREE_LEVELS`` multiples of it), the others
     ``search.curve`` (all measured). The streamed split calls it one layer at a time:

@@ -131,7 +131,8 @@ def test_tree_scope_on_bf16_layers_uses_the_table_and_is_exhaustive():
     a = js.Auto(QuantSpec(bits=4), candidates=16, max_extra=0.01, scope="tree")
     cfg = js.SplitConfig(layers=["**"], threshold=a, method="auto")
     lays = list(find_layers(tree).values())
-    tabled = [split._tabled(lay.array, cfg, None) for lay in lays]
+    methods = auto.search_methods("auto", a.spec)
+    tabled = [table.applies(lay.array.dtype, lay.array.shape, a.spec, methods) for lay in lays]
     assert tabled == [True, True, True, False]
     curves = split.tree_curves(lays, cfg)
     assert all(np.isfinite(c.score).all() for c, t in zip(curves, tabled, strict=True) if t)

@@ -185,3 +185,15 @@ def test_tree_scope_bf16_stream_equals_in_memory(tmp_path):
         assert np.array_equal(
             merged["params"][k]["kernel"].view(np.uint16), v["kernel"].view(np.uint16)
         )
+
+
+def test_split_table_keeps_non_finite_values_as_the_kernel_split_does():
+    w = _student_t(SHAPE, 6)
+    w.reshape(-1)[[5, 77, 901]] = [np.inf, -np.inf, np.nan]
+    w = jnp.asarray(w)
+    t = table.value_table(w)
+    for m in ("clip", "snap", "compensate", "balance"):
+        a = programs.apply(w, 0.04, None, method=m, spec=QuantSpec(bits=4))
+        b = table.split_table(w, t.values, t.index, 0.04, None, method=m, spec=QuantSpec(bits=4))
+        for x, y in zip(a, b, strict=True):
+            assert np.array_equal(np.asarray(x).view(np.uint16), np.asarray(y).view(np.uint16)), m

@@ -629,9 +629,10 @@ def tree_splits(
         with x64(w.dtype):
             if _tabled(w, cfg, calibration.get(layer.path)):
                 t = table.value_table(w)
-                ws = table.split_table(w, t.values, t.index, thr, _key(cfg, layer),
-                                       method=methods[mi], branches=cfg.branches,
-                                       spec=a.spec, twin_spec=a.twin_spec)  # fmt: skip
+                donated = donate and _donatable(w, seen)
+                tab = table.split_table_donated if donated else table.split_table
+                ws = tab(w, t.values, t.index, thr, _key(cfg, layer), method=methods[mi],
+                         branches=cfg.branches, spec=a.spec, twin_spec=a.twin_spec)  # fmt: skip
             else:
                 ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
                         spec=a.spec, twin_spec=a.twin_spec,

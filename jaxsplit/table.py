@@ -32,7 +32,15 @@ import numpy as np
 
 from jaxsplit import kernels, quant
 
-__all__ = ["MIN_SIZE", "MIN_ENTRIES", "ValueTable", "applies", "value_table", "split_table"]
+__all__ = [
+    "MIN_SIZE",
+    "MIN_ENTRIES",
+    "ValueTable",
+    "applies",
+    "value_table",
+    "split_table",
+    "split_table_donated",
+]
 
 #: Smallest kernel measured from its table (smaller ones are measured whole: cheap).
 MIN_SIZE = 2**18
@@ -157,3 +165,7 @@ def _split_table(
 #: and ``index``) as ``kernels.split`` of ``w`` gives them: the table's branches,
 #: gathered by each value's bit pattern (``applies`` must hold).
 split_table = jax.jit(_split_table, static_argnames=("method", "branches", "spec", "twin_spec"))
+#: ``split_table`` with ``w`` donated: ``branch_0`` may take over the kernel's buffer.
+split_table_donated = jax.jit(
+    _split_table, static_argnames=("method", "branches", "spec", "twin_spec"), donate_argnums=(0,)
+)

@@ -57,6 +57,7 @@ __all__ = [
     "INDEX_BITS",
     "Measurement",
     "measure",
+    "measure_counted",
     "extra_nonzero",
     "effective_bits",
     "calibration_check",
@@ -167,6 +168,74 @@ def measure(
         extra,
         extra.astype(jnp.float32) / size,
         out,
+        jnp.asarray(bits, jnp.float32),
+        nnz_twins,
+    )
+
+
+def measure_counted(
+    values: jax.Array,
+    counts: jax.Array,
+    size,
+    branches,
+    spec: quant.QuantSpec,
+    *,
+    twin_spec: quant.QuantSpec | None = None,
+) -> Measurement:
+    """``measure`` of a kernel given as distinct ``values`` with their ``counts``.
+
+    Each ``values[i]`` (and its branches' values) stands for ``counts[i]`` values of a
+    kernel of ``size`` values, every branch quantized with its own scale over ``values``
+    (the kernel's scale when ``values`` holds the kernel's values: ``jaxsplit.table``).
+    The sums are weighted by the counts: the same figures as ``measure`` of the kernel, up
+    to the order of the float32 sums. Widrow's predictions are ``nan`` (as
+    ``screen.lean``'s) and so is ``output_error`` (no calibration).
+
+    Args:
+      values: ``(n,)`` the distinct values (an entry with count 0 is ignored by the
+        sums, but counts in the branches' scales).
+      counts: ``(n,)`` integer counts.
+      size: the kernel's size (may be traced).
+      branches: a sequence of ``(n,)`` arrays, the branches of ``values``.
+      spec, twin_spec: as for ``measure`` (per tensor).
+
+    Returns:
+      A ``Measurement``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxsplit.quant import QuantSpec
+      >>> w = jnp.array([0.1, 0.1, -0.2, 4.0])
+      >>> v, n = jnp.array([0.1, -0.2, 4.0]), jnp.array([2, 1, 1])
+      >>> bs = (jnp.array([0.1, -0.2, 1.0]), jnp.array([0, 0, 3.0]))
+      >>> m = measure_counted(v, n, 4, bs, QuantSpec(bits=4))
+      >>> m0 = measure(w, tuple(b[jnp.array([0, 0, 1, 2])] for b in bs), QuantSpec(bits=4))
+      >>> bool(jnp.isclose(m.mse, m0.mse)), int(m.extra_nonzero), float(m.effective_bits)
+      (True, 1, 9.0)
+    """
+    branches = tuple(branches)
+    ft = jnp.promote_types(values.dtype, jnp.float32)
+    mixed = twin_spec is not None and twin_spec != spec and len(branches) > 1
+    recon = _recon(branches, spec, ft, twin_spec if mixed else None)
+    n = counts.astype(jnp.int32)
+    size_f = jnp.maximum(jnp.asarray(size, ft), 1)
+    mse = jnp.sum(n.astype(ft) * jnp.square(recon - values.astype(ft))) / size_f
+
+    def nnz(b):
+        return jnp.sum(jnp.where(b != 0, n, 0))
+
+    extra = sum((nnz(b) for b in branches), jnp.int32(0)) - nnz(values)
+    nnz_twins = sum((nnz(b) for b in branches[1:]), jnp.int32(0))
+    twin_bits = twin_spec.bits if mixed else spec.bits
+    bits = spec.bits + nnz_twins.astype(jnp.float32) * (twin_bits + INDEX_BITS) / size_f
+    nan = jnp.full((), jnp.nan, ft)
+    return Measurement(
+        mse,
+        nan,
+        nan,
+        extra,
+        extra.astype(jnp.float32) / size_f.astype(jnp.float32),
+        nan,
         jnp.asarray(bits, jnp.float32),
         nnz_twins,
     )

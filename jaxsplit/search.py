@@ -15,7 +15,9 @@ on a sample of the kernel (its largest values exactly, a strided rest), and only
 count as unmeasured. ``Auto(scope="tree")`` curves (``screened_curve``) also measure the
 best prediction at a few multiples of the layer's budget, where a shared budget may move
 it; calibrated searches are screened too (prediction weighted by the calibration's
-diagonal, the exact output error measured). ``exhaustive=True`` measures them all
+diagonal, the exact output error measured). Tree-scope curves of 16-bit per-tensor
+kernels without calibration measure every candidate exactly on the kernel's distinct
+values instead (``table_curve``, ``jaxsplit.table``). ``exhaustive=True`` measures them all
 (per-channel and per-group specs, small kernels and ``random`` always are).
 
 The choice is the lowest measured MSE within the ``max_extra`` budget, and only if it is
@@ -36,7 +38,7 @@ import numpy as np
 
 from jaxsplit import kernels, quant, screen
 from jaxsplit.config import AUTO_METHODS, Auto
-from jaxsplit.measure import Measurement, measure, reduction
+from jaxsplit.measure import Measurement, measure, measure_counted, reduction
 from jaxsplit.thresholds import channel_axis
 
 __all__ = [
@@ -49,6 +51,8 @@ __all__ = [
     "curve",
     "screened_curve",
     "screens",
+    "table_curve",
+    "finite_thresholds",
     "allocate",
     "measure_all",
     "layer_choice",
@@ -427,6 +431,73 @@ def screened_curve(
         w, key, calibration, jnp.float32(budget), spec=spec, candidates=candidates,
         method=method, branches=branches, top=top, levels=levels,
     )  # fmt: skip
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "candidates"))
+def finite_thresholds(w, *, spec, candidates: int):
+    """``candidate_thresholds`` of ``w`` with its non-finite values zeroed: ``curve``'s
+    candidates (``table_curve`` takes them as data).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> finite_thresholds(jnp.array([0.0, jnp.inf, 2.0, 4.0]), spec=quant.QuantSpec(bits=4),
+      ...                   candidates=4).tolist()
+      [0.0, 2.0, 2.0, 0.0]
+    """
+    wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
+    return candidate_thresholds(wf, spec, candidates)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "method", "branches", "twin_spec"))
+def table_curve(
+    values, counts, size, thresholds, key=None, *, spec, method: str, branches: int = 2,
+    twin_spec=None,
+):  # fmt: skip
+    """``curve`` of a 16-bit kernel from its value table (``jaxsplit.table``): every
+    candidate measured exactly, on the kernel's distinct values weighted by their counts
+    (``measure.measure_counted``), so the cost is the table's size, not the kernel's,
+    and one program serves every kernel shape with a table of that size.
+
+    Args:
+      values, counts: ``table.value_table(w)``'s (non-finite values count as zeros, as
+        in ``curve``).
+      size: the kernel's size (data).
+      thresholds: ``(candidates,)`` ``candidate_thresholds`` of the kernel (with its
+        non-finite values zeroed), so the candidates are ``curve``'s.
+      key: unused (``table.applies`` excludes ``random``).
+      spec, method, branches, twin_spec: as for ``curve``.
+
+    Returns:
+      As ``curve`` (Widrow's predictions are ``nan``).
+
+    Example:
+      >>> import numpy as np, jax.numpy as jnp
+      >>> from jaxsplit import table
+      >>> rng = np.random.default_rng(0)
+      >>> w = jnp.asarray(rng.standard_t(3, (512, 512)) * 0.02, jnp.bfloat16)
+      >>> t, spec = table.value_table(w), quant.QuantSpec(bits=4)
+      >>> thr = candidate_thresholds(w, spec, 8)
+      >>> c = table_curve(t.values, t.counts, t.size, thr, spec=spec, method="clip")
+      >>> e = curve(w, None, spec=spec, candidates=8, method="clip")
+      >>> bool(np.allclose(c["score"], e["score"], rtol=1e-5))
+      True
+      >>> bool((c["m"].extra_nonzero == e["m"].extra_nonzero).all())
+      True
+    """
+    methods = search_methods(method, spec)
+    v = jnp.where(jnp.isfinite(values), values, jnp.zeros_like(values))
+
+    def one(m):
+        def f(t):
+            bs = kernels.split(m, v, t, key, branches=branches, spec=spec, twin_spec=twin_spec)
+            return measure_counted(v, counts, size, bs, spec, twin_spec=twin_spec)
+
+        return jax.lax.map(f, thresholds)
+
+    ms = [one(m) for m in methods]
+    stacked = Measurement(*(jnp.stack(f) for f in zip(*ms, strict=True)))
+    base = measure_counted(v, counts, size, (v,), spec)
+    return _curve_dict(thresholds, stacked, base, None, size)
 
 
 @functools.partial(

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import host, kernels, programs, search
+from jaxsplit import host, kernels, programs, search, table
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import (
     AlreadySplitError,
@@ -583,7 +583,10 @@ def tree_curves(
 ) -> list[LayerCurve]:
     """Every layer's candidate curve under ``cfg.threshold`` (an ``Auto``), one host sync.
 
-    Non-finite kernels raise first (unless ``cfg.allow_nonfinite``). Kernels where
+    Non-finite kernels raise first (unless ``cfg.allow_nonfinite``). 16-bit kernels
+    where ``table.applies`` (per-tensor specs, no ``random``, no calibration) get
+    ``search.table_curve`` (every candidate measured exactly on the kernel's distinct
+    values, and ``tree_splits`` gathers the chosen split from them); other kernels where
     ``search.screens`` holds get ``search.screened_curve`` (a few candidates measured at
     the layer's own budget and at ``screen.TREE_LEVELS`` multiples of it), the others
     ``search.curve`` (all measured). The streamed split calls it one layer at a time:
@@ -612,7 +615,14 @@ def tree_curves(
         kw = {"spec": a.spec, "candidates": a.candidates, "method": cfg.method,
               "branches": cfg.branches}  # fmt: skip
         with x64(w.dtype):
-            if search.screens(tuple(w.shape), a, cfg.method):
+            if _tabled(w, cfg, calibration.get(layer.path)):
+                t = table.value_table(w)
+                thr = search.finite_thresholds(w, spec=a.spec, candidates=a.candidates)
+                c = search.table_curve(
+                    t.values, t.counts, t.size, thr, spec=a.spec, method=cfg.method,
+                    branches=cfg.branches, twin_spec=a.twin_spec,
+                )  # fmt: skip
+            elif search.screens(tuple(w.shape), a, cfg.method):
                 c = search.screened_curve(
                     w, _key(cfg, layer), calibration.get(layer.path), budget, **kw
                 )
@@ -709,9 +719,16 @@ def tree_splits(
         thr = c.thresholds[ti]
         fn = programs.apply_donated if donate and _donatable(w, seen) else programs.apply
         with x64(w.dtype):
-            ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
-                    spec=a.spec, twin_spec=a.twin_spec,
-                    calibration=calibration.get(layer.path))  # fmt: skip
+            if _tabled(w, cfg, calibration.get(layer.path)):
+                t = table.value_table(w)
+                donated = donate and _donatable(w, seen)
+                tab = table.split_table_donated if donated else table.split_table
+                ws = tab(w, t.values, t.index, thr, _key(cfg, layer), method=methods[mi],
+                         branches=cfg.branches, spec=a.spec, twin_spec=a.twin_spec)  # fmt: skip
+            else:
+                ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
+                        spec=a.spec, twin_spec=a.twin_spec,
+                        calibration=calibration.get(layer.path))  # fmt: skip
             n = programs.counts(ws[0], thr, ws)  # non-finite values stay on branch_0
         outs.append((ws, n, thr))
     fetched = jax.device_get([n for _, n, _ in outs])
@@ -844,6 +861,17 @@ def split_planned(
         for q in report.layers:
             logger.info("%s", _log_line(q))
     return rebuild(params, replacements), report
+
+
+def _tabled(w, cfg: SplitConfig, calibration) -> bool:
+    """Whether ``Auto(scope="tree")`` measures and splits ``w`` from its value table
+    (``jaxsplit.table``: 16-bit kernels, per-tensor specs, no ``random``, no calibration)."""
+    a = cfg.threshold
+    methods = search.search_methods(cfg.method, a.spec)
+    return table.applies(
+        w.dtype, tuple(w.shape), a.spec, methods, twin_spec=a.twin_spec,
+        calibrated=calibration is not None,
+    )  # fmt: skip
 
 
 def _spent(m, cost: str):

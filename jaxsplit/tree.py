@@ -368,7 +368,10 @@ def find_layers(tree: Mapping, weights: Weights = WEIGHT_NAMES) -> dict[str, Lay
 
     for x in weight_leaves(root, weights):  # weights held by the root node itself
         found[str(x)] = Layer(str(x), (x,), root, x, leaf_branch_count(raw(root)[x]), True)
-    walk(raw(root), ())
+    try:
+        walk(raw(root), ())
+    finally:
+        walk = None  # its closure refers to it: a cycle that would hold ``found`` (the arrays)
     return found
 
 

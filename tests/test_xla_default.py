@@ -62,8 +62,9 @@ def test_exactness_under_xla_default_flags():
     ]
     env["XLA_FLAGS"] = " ".join(flags)
     tests = Path(__file__).resolve().parent
+    names = [f.split("=", 1)[0] for f in conftest.FAST_COMPILE_FLAGS]
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tests), *(f.split("=", 1)[0] for f in conftest.FAST_COMPILE_FLAGS)],
+        [sys.executable, "-c", SCRIPT, str(tests), *names],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,8 +1,12 @@
 """Helpers shared by the CLI tests: run ``jaxsplit`` in-process, check one-line errors."""
 
+import pathlib
 import re
+import shlex
 
 from jaxsplit import cli
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 
 def run_cli(capsys, *argv):
@@ -19,3 +23,17 @@ def assert_cli_error(result, code, pattern):
     assert got == code, err
     assert len(lines) == 1 and "Traceback" not in err, err
     assert re.search(pattern, lines[0]), lines[0]
+
+
+def readme_commands(text: str | None = None) -> list[list[str]]:
+    """Every ``jaxsplit ...`` command in the README's bash blocks, in order (``\\``
+    continuations joined, ``a && jaxsplit b`` included)."""
+    text = README.read_text() if text is None else text
+    cmds = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                argv = shlex.split(part, comments=True)
+                if argv and argv[0] == "jaxsplit":
+                    cmds.append(argv)
+    return cmds

@@ -8,14 +8,13 @@ import json
 import os
 import pathlib
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from cli_helpers import assert_cli_error, run_cli
+from cli_helpers import assert_cli_error, readme_commands, run_cli
 
 from jaxsplit import cli, io, merge_params
 from jaxsplit.cli.ui import Command, finite
@@ -189,23 +188,10 @@ def test_debug_shows_traceback(ckpt, capsys):
     assert err.strip().splitlines()[-1].startswith("jaxsplit split: error: --layers pattern")
 
 
-def _readme_commands(text: str) -> list[list[str]]:
-    """Every ``jaxsplit ...`` command in the README's bash blocks, in order (``\\``
-    continuations joined, ``a && jaxsplit b`` included)."""
-    cmds = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            for part in line.split("&&"):
-                argv = shlex.split(part, comments=True)
-                if argv and argv[0] == "jaxsplit":
-                    cmds.append(argv)
-    return cmds
-
-
 def test_readme_cli_examples_run(tmp_path, monkeypatch, capsys):
     """Every ``jaxsplit`` command the README shows runs (exit 0), on the checkpoints its
-    python examples write; ``jaxsplit demo`` runs as ``--quick --epochs 1`` (the full job is
-    minutes)."""
+    python examples write; ``jaxsplit demo`` runs in ``test_cli_sweep.py`` (as ``--quick
+    --epochs 1``: the full job is minutes; one demo run per suite)."""
     text = (ROOT / "README.md").read_text()
     monkeypatch.chdir(tmp_path)
     for title in ("## Checkpoints and the command line", "## Real model code"):
@@ -213,21 +199,14 @@ def test_readme_cli_examples_run(tmp_path, monkeypatch, capsys):
         ns: dict = {}
         for code in re.findall(r"```python\n(.*?)```", section, re.S):
             exec(compile(code, f"README {title}", "exec"), ns)  # noqa: S102
-    cmds = _readme_commands(text)
+    cmds = readme_commands(text)
     names = [argv[1] for argv in cmds]
     assert names.count("demo") == 1 and names.count("sweep") >= 2, names
     assert {"inspect", "split", "report", "sweep", "demo"} <= set(names)
     for argv in cmds:
-        if argv[1] == "demo":
-            argv = [
-                *argv,
-                "--quick",
-                "--epochs",
-                "1",
-                "--no-plot",
-                "--out",
-                str(tmp_path / "demo_out"),
-            ]
+        if argv[1] == "demo":  # run by test_cli_sweep.test_demo_quick_writes_table_and_plot
+            assert argv == ["jaxsplit", "demo"], argv
+            continue
         code, out, err = run_cli(capsys, *argv[1:])
         assert code == 0, (argv, err)
         if "--json" in argv:

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from cli_helpers import assert_cli_error, run_cli
+from cli_helpers import assert_cli_error, readme_commands, run_cli
 
 from jaxsplit import io
 
@@ -64,8 +64,12 @@ def test_sweep_missing_checkpoint(capsys, tmp_path):
 
 
 def test_demo_quick_writes_table_and_plot(capsys, tmp_path):
+    """The README's ``jaxsplit demo`` (the one demo run of the suite: test_cli's README test
+    leaves it to this one), as ``--quick --epochs 1``."""
+    (demo,) = [argv for argv in readme_commands() if argv[1] == "demo"]
     out_dir = tmp_path / "out"
-    code, out, err = run_cli(capsys, "demo", "--quick", "--epochs", "1", "--out", out_dir, "--json")
+    argv = [*demo[1:], "--quick", "--epochs", "1", "--out", out_dir, "--json"]
+    code, out, err = run_cli(capsys, *argv)
     assert code == 0, err
     data = json.loads(out)
     assert data["rows"] and 0 < data["fp32_accuracy"] <= 1

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -33,8 +33,10 @@ _count_codes = jax.jit(dispatch.count_codes)
 _ref_split = jax.jit(kernels.split, static_argnums=0)
 
 
-def _ref_counts(w, thr):
-    m = np.asarray(kernels.split_mask(jnp.asarray(w), thr))
+def _ref_counts(w, thr, twin=None):
+    """``count_codes``'s figures from the reference kernels: the values whose twin is
+    non-zero (``twin``; ``split_mask`` when not given), and the non-finite values."""
+    m = np.asarray(kernels.split_mask(jnp.asarray(w), thr)) if twin is None else twin != 0
     return [int(m.sum()), int((~np.isfinite(w)).sum())]
 
 
@@ -58,6 +60,9 @@ def test_count_codes_match_a_plain_mask_sum(shape):
 
 
 @settings(max_examples=25, deadline=None)
+# the smallest normal float32: ``split_mask`` selects it, but its half is subnormal and XLA
+# on CPU flushes it to 0, so the kernel keeps it whole and it is not counted as split
+@example(np.full(6, np.finfo(np.float32).tiny), 0.0)
 @given(
     hnp.arrays(
         np.float32,
@@ -73,7 +78,9 @@ def test_fused_program_equals_reference_for_any_values(w, thr):
     r1, r2 = kernels.balance(jnp.asarray(w), np.float32(thr))
     assert np.array_equal(np.asarray(w1), np.asarray(r1), equal_nan=True)
     assert np.array_equal(np.asarray(w2), np.asarray(r2), equal_nan=True)
-    assert counts.tolist() == _ref_counts(w, float(t))
+    assert counts.tolist() == _ref_counts(w, float(t), np.asarray(r2))
+    # every counted value is one split_mask selects (the count never exceeds the mask's)
+    assert counts.tolist()[0] <= _ref_counts(w, float(t))[0]
 
 
 @pytest.mark.parametrize("spec", [1.0, Relative(0.5), Sigma(1.0), Percentile(90.0)])

@@ -1,6 +1,7 @@
 """``sensitivity=`` through the streamed split (``stream.split_checkpoint``, ``plan_checkpoint``,
 ``iter_split``) and the command line (``--sensitivity FILE``): the same choice as in memory."""
 
+import csv as csvlib
 import json
 
 import numpy as np
@@ -118,3 +119,22 @@ def test_cli_sensitivity_needs_the_tree_budget(ckpt, tmp_path, capsys):
         2, r"--sensitivity needs --threshold auto",
     )  # fmt: skip
     assert not out.exists()
+
+
+def test_cli_sweep_auto_rows_follow_the_sensitivity(ckpt, tmp_path, capsys):
+    sens = {"a": 1.0, "b": 1000.0}
+    _, rep = js.split_with_report(_tree(), _cfg(), sensitivity=sens)
+    f = _write(tmp_path / "s.json", sens)
+    csv = tmp_path / "rows.csv"
+    code, _, err = run_cli(capsys, "sweep", ckpt, "--layers", "*", "--thresholds", "auto",
+                           "--methods", "auto", "--bits", "4", "--budget", BUDGET,
+                           "--sensitivity", f, "--csv", csv)  # fmt: skip
+    assert code == 0, err
+    with open(csv) as fh:
+        rows = {r["layer"]: int(r["extra_nonzero"]) for r in csvlib.DictReader(fh)}
+    assert rows == _extra(rep) and rows["b"] > rows["a"]
+    assert_cli_error(
+        run_cli(capsys, "sweep", ckpt, "--layers", "*", "--thresholds", "auto", "--methods",
+                "auto", "--bits", "4", "--layer-budget", BUDGET, "--sensitivity", f),  # fmt: skip
+        2, r"--sensitivity weights the tree-wide budget",
+    )  # fmt: skip

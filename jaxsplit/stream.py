@@ -53,6 +53,7 @@ from jaxsplit.split import (
     TreePlan,
     check_calibration,
     check_layer,
+    check_sensitivity,
     match_layers,
     merge_params,
     plan_tree,
@@ -292,6 +293,7 @@ def iter_split(
     cfg: SplitConfig,
     *,
     calibration: Mapping | None = None,
+    sensitivity: Mapping | None = None,
     progress: Progress | None = None,
 ) -> Iterator[tuple[str, dict, Mapping, Any]]:
     """Yields ``(path, subtree, split subtree, LayerPlan | None)`` for every layer of
@@ -316,7 +318,7 @@ def iter_split(
     """
     _check_streamable(cfg)
     _check_progress(progress)
-    _, paths, calib, tree = _searched(source, cfg, calibration, progress)
+    _, paths, calib, tree = _searched(source, cfg, calibration, progress, sensitivity)
     chosen = set(paths)
     for path, _keys, leaves in source.units:
         if path is None:
@@ -589,6 +591,7 @@ def split_checkpoint(
     plan: Plan | None = None,
     progress: Progress | None = None,
     calibration: Mapping | None = None,
+    sensitivity: Mapping | None = None,
 ) -> StreamReport:
     """Splits a checkpoint file to file, one layer in memory at a time.
 
@@ -621,6 +624,8 @@ def split_checkpoint(
         (nothing is written).
       calibration: ``{layer path: second moment of its inputs}``, as for
         ``split_params`` (validated against the checkpoint's layers before any read).
+      sensitivity: ``{layer path: weight}`` (``js.sensitivity``), as for
+        ``split_params``: weights ``Auto(scope="tree")``'s allocation.
 
     Returns:
       A ``StreamReport`` (``.report`` is the ``SplitReport``).
@@ -629,7 +634,8 @@ def split_checkpoint(
       ValueError: unmatched pattern (``cfg.strict``), selected layer already split,
         non-finite values (unless ``allow_nonfinite``), keys a flat format cannot store,
         ``dst`` is ``src``, ``plan`` names paths ``cfg`` does not select, ``plan`` with
-        ``Auto(scope="tree")``, bad ``sparse_below``, bad ``calibration`` entries.
+        ``Auto(scope="tree")``, bad ``sparse_below``, bad ``calibration`` or
+        ``sensitivity`` entries.
       TypeError: ``cfg``/``plan``/``progress`` of the wrong type, non-float kernel.
       FileExistsError, FileNotFoundError, PermissionError, CheckpointError: as
         ``io.load`` / ``io.save``.
@@ -682,8 +688,9 @@ def split_checkpoint(
         for lay in selected:
             check_layer(lay)  # already split / not floating: raise before any write
         calib = check_calibration(calibration, selected, available)
+        sens = check_sensitivity(sensitivity, selected, available, cfg)
         state.update(matches=matches, available=available, paths=paths, plans={})
-        tree = _search_tree(source, cfg, paths, calib, progress) if tree_scope else None
+        tree = _search_tree(source, cfg, paths, calib, progress, sens) if tree_scope else None
 
         def split_one(path: str) -> Callable[[dict], dict]:
             def run(sub: dict) -> dict:
@@ -747,11 +754,16 @@ def _tree_scope(cfg: SplitConfig) -> bool:
 
 
 def _search_tree(
-    source: LayerSource, cfg: SplitConfig, paths: list[str], calib: Mapping, progress
+    source: LayerSource,
+    cfg: SplitConfig,
+    paths: list[str],
+    calib: Mapping,
+    progress,
+    sensitivity: Mapping | None = None,
 ) -> TreePlan:
     """Pass 1 of ``Auto(scope="tree")``: each selected layer read once for its curve
     (``split.tree_curves``: non-finite kernels raise here, before anything is written),
-    then the shared budget allocated (``split.plan_tree``)."""
+    then the shared budget allocated (``split.plan_tree``, weighted by ``sensitivity``)."""
     chosen = set(paths)
     units = [(p, k, lv) for p, k, lv in source.units if p in chosen]
     curves = {}
@@ -764,18 +776,19 @@ def _search_tree(
         release()
         if progress is not None:
             progress(done, len(units), f"search {path}")
-    return plan_tree(curves, cfg)
+    return plan_tree(curves, cfg, sensitivity=sensitivity)
 
 
-def _searched(source: LayerSource, cfg: SplitConfig, calibration, progress):
+def _searched(source: LayerSource, cfg: SplitConfig, calibration, progress, sensitivity=None):
     """Selection, checks, calibration and (``Auto(scope="tree")``) pass 1:
     ``((matches, available), selected paths, calibration by path, TreePlan | None)``."""
     selected, matches, available = resolve_selection(source.skel, cfg)
     for lay in selected:
         check_layer(lay)  # already split / not floating: raise before any read
     calib = check_calibration(calibration, selected, available)
+    sens = check_sensitivity(sensitivity, selected, available, cfg)
     paths = [lay.path for lay in selected]
-    tree = _search_tree(source, cfg, paths, calib, progress) if _tree_scope(cfg) else None
+    tree = _search_tree(source, cfg, paths, calib, progress, sens) if _tree_scope(cfg) else None
     return (matches, available), paths, calib, tree
 
 
@@ -785,13 +798,15 @@ def plan_checkpoint(
     *,
     fmt: str | None = None,
     calibration: Mapping | None = None,
+    sensitivity: Mapping | None = None,
     progress: Progress | None = None,
 ):
     """The dry run of ``split_checkpoint``: the ``SplitReport`` that ``match_layers`` gives
     for the whole checkpoint, reading one selected layer at a time and writing nothing.
 
     ``Auto(scope="tree")`` reads each selected layer twice (its curve, then its chosen
-    split's counts), as ``split_checkpoint`` does. ``calibration`` and ``progress``: as
+    split's counts), as ``split_checkpoint`` does. ``calibration``, ``sensitivity`` and
+    ``progress``: as
     for ``split_checkpoint``.
 
     Raises:
@@ -811,7 +826,9 @@ def plan_checkpoint(
     _check_progress(progress)
     with io.open_checkpoint(src, fmt=fmt) as reader:
         source = LayerSource(reader, cfg.weights)
-        (matches, available), paths, calib, tree = _searched(source, cfg, calibration, progress)
+        (matches, available), paths, calib, tree = _searched(
+            source, cfg, calibration, progress, sensitivity
+        )
         chosen = set(paths)
         plans = []
         for path, _, leaves in source.units:

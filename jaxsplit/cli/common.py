@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 
@@ -33,6 +34,7 @@ __all__ = [
     "add_quant_options",
     "quant_spec",
     "load_calibration",
+    "load_sensitivity",
     "twin_spec",
 ]
 
@@ -282,6 +284,11 @@ def add_split_options(p: argparse.ArgumentParser, *, required: bool) -> None:
         help="--threshold auto: .npz/.safetensors of input second moments keyed by layer path "
         "((d_in,) or (d_in, d_in)); scores candidates by expected output error",
     )  # fmt: skip
+    p.add_argument(
+        "--sensitivity", metavar="FILE", default=None,
+        help="--budget: JSON {layer path: weight >= 0} (js.sensitivity) weighting the "
+        "tree-wide allocation by each layer's end-to-end sensitivity",
+    )  # fmt: skip
     p.add_argument("--branches", type=int, default=2, help="2 (default), 4 or 8 (balance only)")
     p.add_argument("--seed", type=int, default=0, help="seed for --method random (default 0)")
     p.add_argument(
@@ -318,6 +325,8 @@ def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
             raise UsageError("--threshold auto needs --bits")
         if budget is not None and layer_budget is not None:
             raise UsageError("give --budget (tree-wide) or --layer-budget, not both")
+        if getattr(args, "sensitivity", None) is not None and budget is None:
+            raise UsageError("--sensitivity weights the tree-wide budget: it needs --budget F")
         try:
             threshold = Auto(
                 spec,
@@ -331,6 +340,7 @@ def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
     else:
         for flag, v in (("--budget", budget), ("--layer-budget", layer_budget),
                         ("--calibration", getattr(args, "calibration", None)),
+                        ("--sensitivity", getattr(args, "sensitivity", None)),
                         ("--twin-bits", getattr(args, "twin_bits", None))):  # fmt: skip
             if v is not None:
                 raise UsageError(f"{flag} needs --threshold auto, got --threshold {args.threshold}")
@@ -478,3 +488,42 @@ def load_calibration(path: str | None) -> dict | None:
 
         return dict(load_file(path))
     raise UsageError(f"--calibration: {path!r} must be a .npz or .safetensors file")
+
+
+def load_sensitivity(path: str | None) -> dict | None:
+    """``--sensitivity FILE``: ``{layer path: weight}`` from a JSON object.
+
+    Write it with ``json.dump(js.sensitivity(...), f)``. The paths are checked against
+    the layers by ``split_params`` (``errors.CalibrationError``, exit 1).
+
+    Raises:
+      UsageError: no such file, not JSON, or not an object of numbers.
+
+    Example:
+      >>> import json, tempfile, os
+      >>> f = os.path.join(tempfile.mkdtemp(), "s.json")
+      >>> with open(f, "w") as fh:
+      ...     json.dump({"b/Dense_0": 0.5}, fh)
+      >>> load_sensitivity(f)
+      {'b/Dense_0': 0.5}
+    """
+    if path is None:
+        return None
+    if not os.path.isfile(path):
+        raise UsageError(f"--sensitivity: no such file {path!r}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"--sensitivity: {path!r} is not JSON ({e})") from None
+    bad = (
+        not isinstance(data, dict)
+        or not data
+        or any(isinstance(v, bool) or not isinstance(v, int | float) for v in data.values())
+    )
+    if bad:
+        raise UsageError(
+            f"--sensitivity: {path!r} must hold a non-empty JSON object {{layer path: number}}, "
+            f"got {str(data)[:200]}"
+        )
+    return {str(k): float(v) for k, v in data.items()}

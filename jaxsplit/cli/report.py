@@ -24,6 +24,7 @@ from jaxsplit.cli.common import (
     add_quant_options,
     add_split_options,
     load_calibration,
+    load_sensitivity,
     open_input,
     quant_spec,
     split_config,
@@ -73,7 +74,9 @@ def _pairs(args: argparse.Namespace, src, names, stack: contextlib.ExitStack):
         cfg = split_config(args, quant_spec(args))
         calibration = load_calibration(args.calibration)
         try:
-            it = stream.iter_split(src, cfg, calibration=calibration)
+            it = stream.iter_split(
+                src, cfg, calibration=calibration, sensitivity=load_sensitivity(args.sensitivity)
+            )
             first = next(it, None)  # pattern checks and a tree search run here
         except UnmatchedPatternError as e:
             raise unmatched_usage(e, args.ckpt) from None

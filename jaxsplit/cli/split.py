@@ -17,6 +17,7 @@ from jaxsplit.cli.common import (
     add_split_options,
     input_format,
     load_calibration,
+    load_sensitivity,
     quant_spec,
     split_config,
     unmatched_usage,
@@ -68,12 +69,13 @@ def _split_run(args: argparse.Namespace, ui: UI) -> int:
     cfg = split_config(args, quant_spec(args))
     out_fmt = _check_output(args)
     calibration = load_calibration(args.calibration)
+    sensitivity = load_sensitivity(args.sensitivity)
     fmt = input_format(args.ckpt, args.format)
     try:
         if args.dry_run:
             with ui.progress(f"planning {args.ckpt}") as advance:
                 report = stream.plan_checkpoint(
-                    args.ckpt, cfg, fmt=fmt, calibration=calibration,
+                    args.ckpt, cfg, fmt=fmt, calibration=calibration, sensitivity=sensitivity,
                     progress=lambda done, total, path: advance(
                         completed=done, total=total, description=path
                     ),
@@ -92,6 +94,7 @@ def _split_run(args: argparse.Namespace, ui: UI) -> int:
                         completed=done, total=total, description=path
                     ),
                     calibration=calibration,
+                    sensitivity=sensitivity,
                 ).report
     except UnmatchedPatternError as e:
         raise unmatched_usage(e, args.ckpt) from None

@@ -13,6 +13,7 @@ from jaxsplit.cli.common import (
     add_input_arguments,
     add_quant_options,
     load_calibration,
+    load_sensitivity,
     open_input,
     parse_threshold,
     quant_spec,
@@ -58,6 +59,7 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--candidates", type=int, default=64, help="auto: thresholds per method")
     p.add_argument("--twin-bits", type=int, metavar="B", help="auto: bits of the sparse twins")
     p.add_argument("--calibration", metavar="FILE", help="auto: input second moments (.npz)")
+    p.add_argument("--sensitivity", metavar="FILE", help="auto --budget: JSON {layer path: weight}")
     p.add_argument("--csv", metavar="PATH", help="also write every row as CSV")
     p.add_argument(
         "--plot",
@@ -93,6 +95,9 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
     except (ConfigError, ConfigTypeError) as e:
         raise UsageError(f"--{e.field}: {e}") from None
     calibration = load_calibration(args.calibration) if use_auto else None
+    if args.sensitivity is not None and (not use_auto or args.budget is None):
+        raise UsageError("--sensitivity weights the tree-wide budget: it needs auto and --budget F")
+    sensitivity = load_sensitivity(args.sensitivity)
     fixed = [m for m in args.methods if m != "auto"]
     rows: list = []
     with open_input(args.ckpt, args.format, cfg.weights) as src:
@@ -113,7 +118,7 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
                     for m in args.methods:
                         c = dataclasses.replace(cfg, threshold=a, method=m, spec=None)
                         for _, sub, sub2, plan in stream.iter_split(
-                            src, c, calibration=calibration
+                            src, c, calibration=calibration, sensitivity=sensitivity
                         ):
                             if plan is None:
                                 continue

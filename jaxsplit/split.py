@@ -900,6 +900,12 @@ def _stats(w, kind, value, axis, key=None, **method):
         return programs.stats(w, value, key, kind=kind, axis=axis, **method)
 
 
+#: Methods that concrete CPU kernels of ``host.MIN_BYTES`` and up split on the host: only
+#: ``balance`` (integer arithmetic on the bits, 1.5x the fresh-output floor on 1 x 4096² vs 2.3x
+#: compiled, load 1.5). For ``clip`` the compiled program was faster on an idle box (69 vs 88
+#: ms, 81 vs 110 ms in a second run; ``benchmarks/RESULTS.md``), so ``host.split``'s ``clip`` is
+#: there for callers who choose it.
+HOST_METHODS = ("balance",)
 #: Same-shape kernels of at most this many bytes are split ``GROUP`` at a time by one
 #: program (``programs.fused_group``): for them the per-call dispatch is the cost.
 GROUP_MAX_BYTES = 256 * 1024
@@ -912,14 +918,14 @@ GROUP_METHODS = ("balance", "clip")
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
     """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched before the
     single host sync; counts are ``None`` when traced. Concrete CPU kernels that ``host``
-    covers (``host.MIN_BYTES`` and up) are split there (same bits, outputs in numpy's
-    memory); runs of ``GROUP`` small same-shape kernels share one program."""
+    covers (``host.MIN_BYTES`` and up, ``HOST_METHODS``) are split there (same bits,
+    outputs in numpy's memory); runs of ``GROUP`` small same-shape kernels share one program."""
     ws = [layer.array for layer in todo]
     rule = cfg.rule
     outs, on_host, groups = [None] * len(todo), [], {}
     for i, (layer, w) in enumerate(zip(todo, ws, strict=True)):
         kind, value, axis = _rule(cfg, w, rule)
-        if host.supports(
+        if cfg.method in HOST_METHODS and host.supports(
             w, value, kind=kind, axis=axis, method=cfg.method, branches=cfg.branches,
             min_bytes=host.MIN_BYTES,
         ):  # fmt: skip

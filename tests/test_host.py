@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxsplit import SplitConfig, host, merge_params, programs, split_params
+from jaxsplit import SplitConfig, host, merge_params, programs, split, split_params
 from jaxsplit.split import split_with_report
 from jaxsplit.tree import x64
 
@@ -151,6 +151,21 @@ def test_split_params_takes_the_host_path_with_the_same_result(method):
     for name in ("a", "b", "c"):
         assert np.array_equal(_bits(back[name]["kernel"]), _bits(tree[name]["kernel"]))
     assert np.array_equal(_bits(tree["a"]["kernel"]), _bits(w))  # nothing mutated
+
+
+@pytest.mark.parametrize("method", ["balance", "clip"])
+def test_split_params_routes_only_host_methods_to_the_host(monkeypatch, method):
+    calls = []
+    real = host.split
+    monkeypatch.setattr(host, "MIN_BYTES", 0)  # every concrete kernel qualifies by size
+    monkeypatch.setattr(host, "split", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    w = _kernel(np.float32, 5000).reshape(50, 100)
+    cfg = SplitConfig(layers=["*"], threshold=1.0, method=method, allow_nonfinite=True)
+    out = split_params({"a": {"kernel": w}}, cfg)
+    assert calls == ([method] if method in split.HOST_METHODS else [])
+    (c1, c2), _, _ = _compiled(w, 1.0, method)
+    assert np.array_equal(_bits(out["a"]["branch_0"]["kernel"]), _bits(c1))
+    assert np.array_equal(_bits(out["a"]["branch_1"]["kernel"]), _bits(c2))
 
 
 def test_split_params_under_jit_uses_the_compiled_program_and_agrees():

@@ -229,19 +229,18 @@ def table(
             net = MiniLM()
         except ModuleNotFoundError as e:  # the wheel or onnx is missing
             logger.warning("MiniLM unavailable (%s): falling back", e)
+    wanted = [r for i, r in enumerate(configs(small)) if rows is None or i in rows]
+    sensitivity = None
     if net is not None:
         params, source = net.params, "paraphrase-MiniLM-L3-v2, 18 encoder Linear kernels"
         calibration = net.calibration()
-        t0 = time.perf_counter()
-        sensitivity = net.sensitivity()
-        logger.info("sensitivity: %.1fs", time.perf_counter() - t0)
+        if any(r.sensitivity for r in wanted):  # only where a chosen row uses it
+            t0 = time.perf_counter()
+            sensitivity = net.sensitivity()
+            logger.info("sensitivity: %.1fs", time.perf_counter() - t0)
     else:
         params, source, calibration = fallback(small)
-        sensitivity = None
-    chosen = [
-        r for i, r in enumerate(configs(small))
-        if (rows is None or i in rows) and (sensitivity is not None or not r.sensitivity)
-    ]  # fmt: skip
+    chosen = [r for r in wanted if sensitivity is not None or not r.sensitivity]
     lines = [f"Source: {source}; every branch fake-quantized per tensor.", ""]
     for n_bits, budget in TARGETS:
         if bits is not None and n_bits not in bits:

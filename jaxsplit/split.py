@@ -717,15 +717,15 @@ def tree_splits(
             continue
         mi, ti = divmod(pick, a.candidates)
         thr = c.thresholds[ti]
-        fn = programs.apply_donated if donate and _donatable(w, seen) else programs.apply
+        donated = donate and _donatable(w, seen)
         with x64(w.dtype):
             if _tabled(w, cfg, calibration.get(layer.path)):
                 t = table.value_table(w)
-                donated = donate and _donatable(w, seen)
                 tab = table.split_table_donated if donated else table.split_table
                 ws = tab(w, t.values, t.index, thr, _key(cfg, layer), method=methods[mi],
                          branches=cfg.branches, spec=a.spec, twin_spec=a.twin_spec)  # fmt: skip
             else:
+                fn = programs.apply_donated if donated else programs.apply
                 ws = fn(w, thr, _key(cfg, layer), method=methods[mi], branches=cfg.branches,
                         spec=a.spec, twin_spec=a.twin_spec,
                         calibration=calibration.get(layer.path))  # fmt: skip

@@ -58,6 +58,8 @@ __all__ = [
     "COMPENSATE_SLOTS",
     "COMPENSATE_WINDOW",
     "window_start",
+    "in_blocks",
+    "BLOCK",
     "branch_sum",
     "snap_to_ulp",
     "exact_or_keep",
@@ -433,10 +435,38 @@ def compensate(
             raise ValueError(f"method 'compensate' needs a symmetric QuantSpec, got {name}={q!r}")
     w1s, w2s = snap(w, threshold, tspec)
     ft = jnp.promote_types(w.dtype, jnp.float32)
+    r1, rg = quant.scale(w1s.astype(ft), spec), quant.scale(w2s.astype(ft), tspec)
+    s1, sg = quant.per_element(r1, w.shape, spec), quant.per_element(rg, w.shape, tspec)
+    specs = ((spec, r1), (tspec, rg))
+    win = min(spec.qmax, COMPENSATE_WINDOW)
+    c = None if calibration is None else jnp.asarray(calibration).astype(ft)
+    if c is None or c.ndim != 2 or w.ndim < 1 or c.shape[0] <= 1:
+
+        def decoupled(w_, w1s_, w2s_):  # elementwise: the nearest-zero step alone
+            codes, moved, _, _, _ = _nearest_codes(w_, w1s_, w2s_, s1, sg, specs, win)
+            return _compensated(w_, w1s_, w2s_, codes, moved, s1)
+
+        return in_blocks(decoupled, (w, w1s, w2s), jnp.ndim(s1) == 0 and jnp.ndim(sg) == 0)
+    codes, moved, e_base, a_snap, free = _nearest_codes(w, w1s, w2s, s1, sg, specs, win)
+    wf = w.astype(ft)
+    codes, changed = _compensate_columns(
+        wf, e_base, codes, a_snap, free, c, *(jnp.broadcast_to(x, w.shape) for x in (s1, sg)),
+        spec.qmax, tspec.qmax, slots, win,
+    )  # fmt: skip
+    return _compensated(w, w1s, w2s, codes, moved | (changed & free), s1)
+
+
+def _nearest_codes(w, w1s, w2s, s1, sg, specs, win):
+    """``compensate``'s elementwise step: every value of the twin's support takes the
+    reachable error nearest zero. ``(codes, moved, e_base, a_snap, free)``: the dense
+    codes, where they differ from ``snap``'s shares, the errors, ``snap``'s codes and
+    the values that may move (on the support, not pinned to a branch's max).
+    ``specs``: ``((spec, scale), (twin_spec, twin_scale))``, the scales as
+    ``quant.scale`` returns them (``s1``, ``sg``: per element)."""
+    (spec1, r1), (spec2, r2) = specs
+    q1, q2 = spec1.qmax, spec2.qmax
+    ft = jnp.promote_types(w.dtype, jnp.float32)
     wf, b1, b2 = w.astype(ft), w1s.astype(ft), w2s.astype(ft)
-    s1 = jnp.broadcast_to(quant.per_element(quant.scale(b1, spec), w.shape, spec), w.shape)
-    sg = jnp.broadcast_to(quant.per_element(quant.scale(b2, tspec), w.shape, tspec), w.shape)
-    q1, q2 = spec.qmax, tspec.qmax
     top1, top2 = s1 * q1, sg * q2
     pin = (jnp.abs(b1) >= top1 * (1 - 1e-6)) | (jnp.abs(b2) >= top2 * (1 - 1e-6))
     free = (w2s != 0) & ~pin & (s1 > 0) & (sg > 0)
@@ -453,10 +483,8 @@ def compensate(
         better = ok & (jnp.abs(e) < jnp.abs(best[1]))
         return jnp.where(better, a, best[0]), jnp.where(better, e, best[1])
 
-    e_snap = quant.quantize(b1, spec) + quant.quantize(b2, tspec) - wf
+    e_snap = _quantize(b1, spec1, r1) + _quantize(b2, spec2, r2) - wf
     a_snap = jnp.round(b1 / jnp.where(s1 > 0, s1, 1))
-    win = min(q1, COMPENSATE_WINDOW)
-
     lo = window_start(a_snap, q1, win)
 
     def scan(d, best):  # codes lo … lo + 2·win (all of -q1 … q1 when win == q1)
@@ -464,22 +492,54 @@ def compensate(
 
     a0, e0 = lax.fori_loop(0, 2 * win + 1, scan, (a_snap, e_snap))
     moved = free & (jnp.abs(e0) < jnp.abs(e_snap))  # otherwise snap's shares stay
-    codes = jnp.where(moved, a0, a_snap)
-    use = moved
-    c = None if calibration is None else jnp.asarray(calibration).astype(ft)
-    if c is not None and c.ndim == 2 and w.ndim >= 1 and c.shape[0] > 1:
-        e_base = jnp.where(moved, e0, e_snap)
-        codes, changed = _compensate_columns(
-            wf, e_base, codes, a_snap, free, c, s1, sg, q1, q2, slots, win
-        )
-        use = moved | (changed & free)
-    v1 = codes * s1
-    w1c = snap_to_ulp(v1, wf).astype(w.dtype)
+    return jnp.where(moved, a0, a_snap), moved, jnp.where(moved, e0, e_snap), a_snap, free
+
+
+def _quantize(x, spec, s):
+    """``quant.quantize`` under a symmetric ``spec`` with its scale ``s`` given."""
+    return quant.quantize(x, spec, params=quant.QParams(s, jnp.zeros_like(s)))
+
+
+def _compensated(w, w1s, w2s, codes, use, s1):
+    """The shares of ``compensate``: ``codes · s1`` snapped to ``ulp(w)`` where ``use``
+    and exact, ``snap``'s shares elsewhere."""
+    ft = jnp.promote_types(w.dtype, jnp.float32)
+    wf = w.astype(ft)
+    w1c = snap_to_ulp(codes * s1, wf).astype(w.dtype)
     w2c = w - w1c
     ok = use & (branch_sum((w1c, w2c)) == w) & jnp.isfinite(w)
     w1 = jnp.where(ok, w1c, w1s)
     w2 = jnp.where(ok, w2c, w2s)
     return exact_or_keep(w, (w1, w2))
+
+
+#: ``in_blocks``: elements per block (a few of them fit in a core's L2 cache).
+BLOCK = 2**15
+
+
+def in_blocks(f, arrays, blocked: bool = True):
+    """``f(*arrays)`` for an elementwise ``f``, on the CPU in blocks of ``BLOCK`` values.
+
+    XLA's CPU backend materializes every intermediate of a long elementwise computation
+    that it does not fuse (a loop, several outputs), each a pass over memory; in blocks
+    (``lax.map`` over a flat view) those passes stay in the cache. Elsewhere (other
+    backends, sizes that are not a multiple of ``BLOCK``, small arrays, or ``blocked``
+    false) ``f`` runs on the whole arrays. Elementwise means: the same result per value
+    either way, bit for bit.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.arange(2.0**16)
+      >>> a, b = in_blocks(lambda x: (x + 1, x * 2), (x,))
+      >>> bool(jnp.all(a == x + 1)), bool(jnp.all(b == x * 2))
+      (True, True)
+    """
+    n = math.prod(arrays[0].shape)
+    if not blocked or n % BLOCK or n < 4 * BLOCK or jax.default_backend() != "cpu":
+        return f(*arrays)
+    shape = arrays[0].shape
+    out = lax.map(lambda xs: f(*xs), tuple(a.reshape(-1, BLOCK) for a in arrays))
+    return jax.tree.map(lambda o: o.reshape(shape), out)
 
 
 def window_start(a: jax.Array, qmax: int, win: int) -> jax.Array:

@@ -360,12 +360,27 @@ def snap(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array, jax
     if not isinstance(spec, quant.QuantSpec) or not spec.symmetric:
         raise ValueError(f"method 'snap' needs a symmetric QuantSpec, got spec={spec!r}")
     t = jnp.asarray(threshold).astype(w.dtype)
+    return _snap_shares(w, t, _snap_step(w, t, spec), spec)
+
+
+def _excess(w, t):
+    """``snap``'s ``(mask, w in the compute dtype, its sign, the excess over t)``."""
     mask = split_mask(w, t)
     ft = jnp.promote_types(w.dtype, jnp.float32)
     wf = w.astype(ft)
     sign = jnp.sign(wf)
-    excess = jnp.where(mask, wf - sign * t.astype(ft), 0)
-    step = quant.per_element(quant.scale(excess, spec), excess.shape, spec)
+    return mask, wf, sign, jnp.where(mask, wf - sign * t.astype(ft), 0)
+
+
+def _snap_step(w, t, spec):
+    """``snap``'s twin step ``σ`` (per element as ``quant.per_element`` gives it)."""
+    excess = _excess(w, t)[3]
+    return quant.per_element(quant.scale(excess, spec), excess.shape, spec)
+
+
+def _snap_shares(w, t, step, spec):
+    """``snap``'s shares given its step (elementwise where ``t`` and ``step`` are scalars)."""
+    mask, wf, sign, excess = _excess(w, t)
     safe = jnp.where(step > 0, step, jnp.ones_like(step))
     k = jnp.minimum(jnp.ceil(jnp.abs(excess) / safe), spec.qmax)
     on = k * step
@@ -433,7 +448,9 @@ def compensate(
     for name, q in (("spec", spec), ("twin_spec", tspec)):
         if not isinstance(q, quant.QuantSpec) or not q.symmetric:
             raise ValueError(f"method 'compensate' needs a symmetric QuantSpec, got {name}={q!r}")
-    w1s, w2s = snap(w, threshold, tspec)
+    t = jnp.asarray(threshold).astype(w.dtype)
+    step = _snap_step(w, t, tspec)
+    w1s, w2s = _snap_shares(w, t, step, tspec)  # in blocks: only reduced here
     ft = jnp.promote_types(w.dtype, jnp.float32)
     r1, rg = quant.scale(w1s.astype(ft), spec), quant.scale(w2s.astype(ft), tspec)
     s1, sg = quant.per_element(r1, w.shape, spec), quant.per_element(rg, w.shape, tspec)
@@ -442,11 +459,13 @@ def compensate(
     c = None if calibration is None else jnp.asarray(calibration).astype(ft)
     if c is None or c.ndim != 2 or w.ndim < 1 or c.shape[0] <= 1:
 
-        def decoupled(w_, w1s_, w2s_):  # elementwise: the nearest-zero step alone
+        def decoupled(w_):  # elementwise: snap's shares, then the nearest-zero step alone
+            w1s_, w2s_ = _snap_shares(w_, t, step, tspec)
             codes, moved, _, _, _ = _nearest_codes(w_, w1s_, w2s_, s1, sg, specs, win)
             return _compensated(w_, w1s_, w2s_, codes, moved, s1)
 
-        return in_blocks(decoupled, (w, w1s, w2s), jnp.ndim(s1) == 0 and jnp.ndim(sg) == 0)
+        scalars = all(jnp.ndim(x) == 0 for x in (t, step, s1, sg))
+        return in_blocks(decoupled, (w,), scalars)
     codes, moved, e_base, a_snap, free = _nearest_codes(w, w1s, w2s, s1, sg, specs, win)
     wf = w.astype(ft)
     codes, changed = _compensate_columns(
@@ -513,33 +532,49 @@ def _compensated(w, w1s, w2s, codes, use, s1):
     return exact_or_keep(w, (w1, w2))
 
 
-#: ``in_blocks``: elements per block (a few of them fit in a core's L2 cache).
-BLOCK = 2**15
+#: ``in_blocks``: the most values per block (a block's intermediates stay in the L2/L3
+#: cache); arrays of fewer than ``16 · BLOCK`` values run in 16 blocks of 4096 or more.
+BLOCK = 2**18
 
 
 def in_blocks(f, arrays, blocked: bool = True):
-    """``f(*arrays)`` for an elementwise ``f``, on the CPU in blocks of ``BLOCK`` values.
+    """``f(*arrays)`` for an elementwise ``f``, on the CPU in blocks of at most ``BLOCK`` values.
 
     XLA's CPU backend materializes every intermediate of a long elementwise computation
     that it does not fuse (a loop, several outputs), each a pass over memory; in blocks
-    (``lax.map`` over a flat view) those passes stay in the cache. Elsewhere (other
-    backends, sizes that are not a multiple of ``BLOCK``, small arrays, or ``blocked``
-    false) ``f`` runs on the whole arrays. Elementwise means: the same result per value
-    either way, bit for bit.
+    (``lax.map`` over a flat view, zero-padded to equal blocks) those passes stay in the
+    cache. The blocks: ``ceil(n / BLOCK)``, but at least 16 (of 4096 values or more), so
+    that small arrays get cache-sized blocks too. Elsewhere (other backends, fewer than
+    8192 values, ``blocked`` false) ``f`` runs on the whole arrays. Elementwise means:
+    each output value depends on the input values at its position only (and ``f``
+    accepts zeros), so the result is the same either way, bit for bit.
+
+    Args:
+      f: an elementwise function of ``len(arrays)`` arrays to an array or a tuple of
+        arrays, each of the inputs' shape.
+      arrays: arrays of one shape.
+      blocked: ``False`` runs ``f`` on the whole arrays.
+
+    Returns:
+      ``f(*arrays)``.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> x = jnp.arange(2.0**16)
+      >>> x = jnp.arange(3.0 * BLOCK + 5)
       >>> a, b = in_blocks(lambda x: (x + 1, x * 2), (x,))
       >>> bool(jnp.all(a == x + 1)), bool(jnp.all(b == x * 2))
       (True, True)
     """
-    n = math.prod(arrays[0].shape)
-    if not blocked or n % BLOCK or n < 4 * BLOCK or jax.default_backend() != "cpu":
-        return f(*arrays)
     shape = arrays[0].shape
-    out = lax.map(lambda xs: f(*xs), tuple(a.reshape(-1, BLOCK) for a in arrays))
-    return jax.tree.map(lambda o: o.reshape(shape), out)
+    n = math.prod(shape)
+    nb = max(-(-n // BLOCK), min(16, n // 4096))
+    if not blocked or nb < 2 or jax.default_backend() != "cpu":
+        return f(*arrays)
+    per = -(-n // nb)
+    size = -(-per // 128) * 128  # equal blocks, a multiple of 128 values
+    flat = tuple(jnp.pad(a.reshape(-1), (0, nb * size - n)).reshape(nb, size) for a in arrays)
+    out = lax.map(lambda xs: f(*xs), flat)
+    return jax.tree.map(lambda o: o.reshape(-1)[:n].reshape(shape), out)
 
 
 def window_start(a: jax.Array, qmax: int, win: int) -> jax.Array:

@@ -342,12 +342,19 @@ def measure_picks(
     branches: int = 2,
     key: jax.Array | None = None,
     calibration: jax.Array | None = None,
-) -> Measurement:
+    rank=None,
+):
     """``measure`` of the ``chosen`` flat candidates (each once), ``(len(methods), n)``.
 
     Candidates not chosen get ``mse = output_error = inf`` (so no choice takes them),
     zero counts and ``nan`` predictions. A repeated index is measured once. Widrow's
     predictions are not computed (``lean``): nothing chooses by them.
+
+    With ``rank`` (a function of one candidate's ``Measurement`` to a scalar, lower is
+    better) the branches of the best-ranked pick are kept as they are measured, so a
+    caller applying that pick need not split the kernel again (on ties the lower flat
+    index, as ``argmin`` over the flat scores): ``(m, (flat, branches))``, ``flat`` the
+    pick's flat index (``len(methods) * n`` and zero branches when every rank is ``inf``).
 
     Example:
       >>> import numpy as np, jax.numpy as jnp
@@ -366,25 +373,37 @@ def measure_picks(
     def run(m):
         def f(t):
             bs = kernels.split(m, w, t, key, branches=branches, spec=spec, calibration=calibration)
-            return lean(measure(w, bs, spec, calibration=calibration))
+            return lean(measure(w, bs, spec, calibration=calibration)), tuple(bs)
 
         return f
 
     fs = [run(m) for m in methods]
     proto = jax.eval_shape(fs[0], thresholds[0])
+    zero = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), proto)  # noqa: E731
 
-    def exact(args):
-        flat, skip = args
+    def exact(flat, skip):
         mi, ti = flat // n, flat % n
         t = thresholds[ti]
-        zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), proto)
 
         def go():
             return jax.lax.switch(mi, fs, t) if len(fs) > 1 else fs[0](t)
 
-        return jax.lax.cond(skip, lambda: zero, go)
+        return jax.lax.cond(skip, zero, go)
 
-    got = jax.lax.map(exact, (chosen, dup))
+    kept = None
+    if rank is None:
+        got = jax.lax.map(lambda a: exact(*a)[0], (chosen, dup))
+    else:
+
+        def step(best, a):
+            m, bs = exact(*a)
+            r = jnp.where(a[1], jnp.inf, rank(m)).astype(jnp.float32)
+            better = (r < best[0]) | ((r == best[0]) & (a[0] < best[1]) & jnp.isfinite(r))
+            return jax.lax.cond(better, lambda: (r, a[0], bs), lambda: best), m
+
+        init = (jnp.float32(jnp.inf), jnp.asarray(total, chosen.dtype), zero()[1])
+        (_, flat, bs), got = jax.lax.scan(step, init, (chosen, dup))
+        kept = (flat, bs)
     at = jnp.where(dup, total, chosen)  # repeats dropped from the scatter
     fill = {"mse": jnp.inf, "output_error": jnp.inf}
     fields = {}
@@ -395,7 +414,8 @@ def measure_picks(
         full = jnp.full((total,), init, v.dtype).at[at].set(v, mode="drop")
         fields[name] = full.reshape(len(methods), n)
     m = Measurement(**fields)
-    return m._replace(mse=m.mse.astype(ft))
+    m = m._replace(mse=m.mse.astype(ft))
+    return m if rank is None else (m, kept)
 
 
 def screen(

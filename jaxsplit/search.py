@@ -318,13 +318,14 @@ def _curve_dict(thr, m: Measurement, base: Measurement, calibration, size: int) 
     curve: the total squared error (comparable across layers) or, with a calibration,
     the output error per unit of mean input power (so the tree allocation stays in
     weight units); a non-finite score is ``inf``."""
-    if calibration is None:
-        score, score0 = m.mse * size, base.mse * size
-    else:
-        unit = _input_power(calibration)
-        score, score0 = m.output_error / unit, base.output_error / unit
-    score = jnp.where(jnp.isfinite(score), score, jnp.inf)
+    score, score0 = _score(m, calibration, size), _score(base, calibration, size)
     return {"thresholds": thr, "m": m, "base": base, "score": score, "score0": score0}
+
+
+def _score(m: Measurement, calibration, size: int) -> jax.Array:
+    """``_curve_dict``'s score of measured candidates (``inf`` where not finite)."""
+    score = m.mse * size if calibration is None else m.output_error / _input_power(calibration)
+    return jnp.where(jnp.isfinite(score), score, jnp.inf)
 
 
 def _input_power(calibration) -> jax.Array:
@@ -367,10 +368,13 @@ def curve(
 
 
 def _screened_curve(
-    w, key, calibration, budget, *, spec, candidates, method, branches, top, levels
+    w, key, calibration, budget, *, spec, candidates, method, branches, top, levels, rank=None
 ):  # fmt: skip
     """``_curve``'s dict from the screen (``jaxsplit.screen``): every candidate predicted
-    on a sample, only ``screen.tree_picks`` measured (the others score ``inf``)."""
+    on a sample, only ``screen.tree_picks`` measured (the others score ``inf``). With
+    ``rank`` (``screen.measure_picks``) it also holds ``"kept"``: the flat index and the
+    branches of the best-ranked measured pick (split from ``w`` with non-finite values
+    zeroed)."""
     methods = search_methods(method, spec)
     wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
     thr = candidate_thresholds(wf, spec, candidates)
@@ -379,10 +383,12 @@ def _screened_curve(
     )
     chosen = screen.tree_picks(p_score, p_extra, budget, w.size, top=top, levels=levels)
     m = screen.measure_picks(
-        wf, thr, chosen, methods, spec, branches=branches, key=key, calibration=calibration
-    )
+        wf, thr, chosen, methods, spec, branches=branches, key=key, calibration=calibration,
+        rank=rank,
+    )  # fmt: skip
+    m, kept = (m, None) if rank is None else m
     base = screen.lean(measure(wf, (wf,), spec, calibration=calibration))
-    return _curve_dict(thr, m, base, calibration, w.size)
+    return {**_curve_dict(thr, m, base, calibration, w.size), "kept": kept}
 
 
 def screens(shape: tuple[int, ...], auto: Auto, method: str) -> bool:
@@ -511,10 +517,17 @@ def _search(
     """``search`` with the budget as data, so budgets share one compilation."""
     methods = search_methods(method, spec)
     screened = top > 0 and twin_spec is None and screen.applies(w.shape, spec, methods)
+
+    def spent_of(m):
+        return m.twin_nonzero if cost == "twin" else m.extra_nonzero
+
+    def rank(m):  # the choice's score below, of one measured pick
+        return jnp.where(spent_of(m) <= budget * w.size, _score(m, calibration, w.size), jnp.inf)
+
     if screened:
         c = _screened_curve(
             w, key, calibration, budget, spec=spec, candidates=candidates, method=method,
-            branches=branches, top=top, levels=(),
+            branches=branches, top=top, levels=(), rank=rank,
         )  # fmt: skip
     else:
         c = _curve(
@@ -522,8 +535,7 @@ def _search(
             branches=branches, twin_spec=twin_spec,
         )  # fmt: skip
     m, base, thr, score0 = c["m"], c["base"], c["thresholds"], c["score0"]
-    spent = m.twin_nonzero if cost == "twin" else m.extra_nonzero
-    score = jnp.where(spent <= budget * w.size, c["score"], jnp.inf)
+    score = jnp.where(spent_of(m) <= budget * w.size, c["score"], jnp.inf)
     best = jnp.argmin(score.reshape(-1))
     mi, ti = best // candidates, best % candidates
     do_split = score.reshape(-1)[best] < score0
@@ -535,7 +547,17 @@ def _search(
             calibration=calibration,
         )  # fmt: skip
 
-    ws = jax.lax.switch(mi, [apply(n) for n in methods]) if len(methods) > 1 else apply(method)()
+    def split():
+        return (
+            jax.lax.switch(mi, [apply(n) for n in methods]) if len(methods) > 1 else apply(method)()
+        )
+
+    if c.get("kept") is None:
+        ws = split()
+    else:  # the screen kept the best pick's branches: reuse them where they are the choice's
+        flat, kept = c["kept"]
+        same = (flat == best) & jnp.all(jnp.isfinite(w))
+        ws = jax.lax.cond(same, lambda: tuple(kept), lambda: tuple(split()))
     zero = jnp.zeros_like(w)
     ws = (jnp.where(do_split, ws[0], w), *(jnp.where(do_split, b, zero) for b in ws[1:]))
     info = {

@@ -20,7 +20,7 @@ def _same(a, b):
     return all(np.array_equal(_bits(x), _bits(y)) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("n", [4 * kernels.BLOCK, 6 * kernels.BLOCK, 4 * kernels.BLOCK + 1, 100])
+@pytest.mark.parametrize("n", [2 * kernels.BLOCK, 3 * kernels.BLOCK + 7, 65_792, 8191, 100])
 def test_in_blocks_matches_the_whole_array_run(n):
     x = jnp.asarray(np.random.default_rng(n).standard_normal(n).astype("f4"))
     y = jnp.flip(x)
@@ -40,6 +40,14 @@ def test_in_blocks_keeps_the_shape():
     assert out.shape == x.shape and bool(jnp.all(out == 2))
 
 
+def _whole(monkeypatch):
+    """``kernels.in_blocks`` forced to the whole-array run (the reference)."""
+    blocks = kernels.in_blocks
+    monkeypatch.setattr(
+        kernels, "in_blocks", lambda f, arrays, blocked=True: blocks(f, arrays, False)
+    )
+
+
 @pytest.mark.parametrize(
     "bits, dtype, narrow",
     [
@@ -51,32 +59,34 @@ def test_in_blocks_keeps_the_shape():
         (8, jnp.float32, True),
     ],
 )
-def test_blocked_compensate_is_bit_identical_to_the_whole_array_one(bits, dtype, narrow):
-    # 2**18 values run in blocks; one trailing zero (below the threshold, no effect on
-    # the per-tensor scales) makes the size a non-multiple of BLOCK: the whole-array run.
+def test_blocked_compensate_is_bit_identical_to_the_whole_array_one(
+    bits, dtype, narrow, monkeypatch
+):
     rng = np.random.default_rng(bits)
-    w = (rng.standard_t(3, size=8 * kernels.BLOCK) * 0.02).astype("f4")
+    n = 3 * kernels.BLOCK + 1000  # 4 blocks, the last one padded
+    w = (rng.standard_t(3, size=n) * 0.02).astype("f4")
     w[:6] = [0.0, -0.0, 1e-40, -1e-39, 0.5, -0.7]  # zeros, subnormals, the maxima
     t = float(np.quantile(np.abs(w), 0.9))
     w[6:8] = [t, -t]  # exactly at the threshold: not split
     w = jnp.asarray(w, dtype)
     spec = js.QuantSpec(bits=bits, narrow_range=narrow)
-    cal = jnp.asarray(rng.uniform(0.1, 2.0, size=w.size).astype("f4"))  # diagonal: decoupled
-    for c in (None, cal):
-        blocked = jax.jit(lambda w, c=c: kernels.compensate(w, t, spec, c))(w)
-        cw = None if c is None else jnp.append(c, 1.0)
-        whole = jax.jit(lambda w, c=cw: kernels.compensate(w, t, spec, c))(jnp.append(w, 0))
-        assert _same(blocked, (x[:-1] for x in whole))
-        assert np.array_equal(np.asarray(kernels.branch_sum(blocked)), np.asarray(w))
-        assert int(jnp.count_nonzero(blocked[1])) > 0
+    cal = jnp.asarray(rng.uniform(0.1, 2.0, size=n).astype("f4"))  # diagonal: decoupled
+    got = [jax.jit(lambda w, c=c: kernels.compensate(w, t, spec, c))(w) for c in (None, cal)]
+    _whole(monkeypatch)
+    want = [jax.jit(lambda w, c=c: kernels.compensate(w, t, spec, c))(w) for c in (None, cal)]
+    for g, r in zip(got, want, strict=True):
+        assert _same(g, r)
+        assert np.array_equal(np.asarray(kernels.branch_sum(g)), np.asarray(w))
+        assert int(jnp.count_nonzero(g[1])) > 0
 
 
-def test_blocked_compensate_keeps_a_2d_kernel_shape_and_matches_reshaped_whole():
+@pytest.mark.parametrize("shape", [(512, 512), (3, 3, 64, 128), (257, 63)])
+def test_blocked_compensate_keeps_the_kernel_shape(shape, monkeypatch):
     rng = np.random.default_rng(1)
-    w = jnp.asarray((rng.standard_t(3, size=(512, 512)) * 0.02).astype("f4"))
+    w = jnp.asarray((rng.standard_t(3, size=shape) * 0.02).astype("f4"))
     t = float(np.quantile(np.abs(np.asarray(w)), 0.95))
     spec = js.QuantSpec(bits=4)
-    w1, w2 = kernels.compensate(w, t, spec)
-    assert w1.shape == w2.shape == w.shape
-    f1, f2 = kernels.compensate(jnp.append(w.ravel(), 0), t, spec)
-    assert _same((w1.ravel(), w2.ravel()), (f1[:-1], f2[:-1]))
+    got = kernels.compensate(w, t, spec)
+    assert got[0].shape == got[1].shape == w.shape
+    _whole(monkeypatch)
+    assert _same(got, kernels.compensate(w, t, spec))

@@ -169,3 +169,45 @@ def test_tree_scope_screen_within_two_percent_of_exhaustive(method, calibrated):
     assert sum(p.auto.extra_nonzero for p in rep_tree.layers) == s_extra
     for lay in lays:
         assert np.array_equal(js.merge_params(p2)[lay.path]["kernel"], tree[lay.path]["kernel"])
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+@pytest.mark.parametrize("nonfinite", [False, True])
+def test_screened_search_reuses_the_measured_branches_bit_for_bit(calibrated, nonfinite):
+    # the screen keeps the best pick's branches; the applied split must equal a fresh one
+    w = np.asarray(_student_t(SHAPE, seed=5))
+    if nonfinite:  # the measured split zeroes these: the search must split ``w`` again
+        w = w.copy()
+        w[0, :3] = [np.nan, np.inf, -np.inf]
+    w = jnp.asarray(w)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, SHAPE[0])).astype("f4")
+    cal = jnp.asarray(x.T @ x / 64) if calibrated else None
+    spec = QuantSpec(bits=4)
+    a = js.Auto(spec, max_extra=0.02)
+    assert auto.screens(SHAPE, a, "auto")
+    ws, info = auto.search(w, None, auto=a, method="auto", calibration=cal)
+    assert bool(info["split"])
+    name = auto.search_methods("auto", spec)[int(info["method"])]
+    fresh = kernels.split(name, w, info["threshold"], spec=spec, calibration=cal)
+    for got, want in zip(ws, fresh, strict=True):
+        assert np.array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
+
+
+def test_measure_picks_rank_keeps_the_best_picks_branches():
+    w = _student_t(SHAPE, seed=6)
+    spec = QuantSpec(bits=4)
+    thr = jnp.array([0.02, 0.04, 0.08])
+    methods = ("clip", "snap")
+    chosen = jnp.array([4, 0, 4, 2])  # a repeat, measured once
+    m = screen.measure_picks(w, thr, chosen, methods, spec)
+    m2, (flat, bs) = screen.measure_picks(w, thr, chosen, methods, spec, rank=lambda m: m.mse)
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(m, m2, strict=True))
+    best = int(jnp.argmin(m.mse.reshape(-1)))
+    assert int(flat) == best
+    want = kernels.split(methods[best // 3], w, thr[best % 3], spec=spec)
+    assert all(np.array_equal(a, b) for a, b in zip(bs, want, strict=True))
+    _, (flat, bs) = screen.measure_picks(
+        w, thr, chosen, methods, spec, rank=lambda m: jnp.inf * m.mse
+    )
+    assert int(flat) == 6 and not any(bool(jnp.any(b)) for b in bs)  # nothing ranked

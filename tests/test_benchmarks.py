@@ -47,3 +47,10 @@ def test_split_floor_runs_every_route_on_tiny_trees(tmp_path):
            "count": [{"values": 4096, "layers": 1, "ms": {"balance": 2.0}}]}  # fmt: skip
     split_scaling.plot(res, str(tmp_path / "s.png"))
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_search_peak_reports_a_peak_at_least_the_start():
+    from benchmarks import search_peak
+
+    res = search_peak.main(["--size", "64", "--method", "clip"])
+    assert res["peak_after"] >= res["peak_before"] > 0 and res["layer_bytes"] == 64 * 64 * 4

@@ -59,6 +59,7 @@ __all__ = [
     "COMPENSATE_WINDOW",
     "window_start",
     "in_blocks",
+    "max_abs_in_blocks",
     "BLOCK",
     "branch_sum",
     "snap_to_ulp",
@@ -449,23 +450,30 @@ def compensate(
         if not isinstance(q, quant.QuantSpec) or not q.symmetric:
             raise ValueError(f"method 'compensate' needs a symmetric QuantSpec, got {name}={q!r}")
     t = jnp.asarray(threshold).astype(w.dtype)
-    step = _snap_step(w, t, tspec)
-    w1s, w2s = _snap_shares(w, t, step, tspec)  # in blocks: only reduced here
     ft = jnp.promote_types(w.dtype, jnp.float32)
+    win = min(spec.qmax, COMPENSATE_WINDOW)
+    c = None if calibration is None else jnp.asarray(calibration).astype(ft)
+    decoupled = c is None or c.ndim != 2 or w.ndim < 1 or c.shape[0] <= 1
+    if decoupled and jnp.ndim(t) == 0 and spec.granularity == tspec.granularity == "per_tensor":
+        # scalar threshold and steps: every pass over ``w`` in cache-sized blocks
+        (ex,) = max_abs_in_blocks(lambda x: (_excess(x, t)[3],), (w,))
+        step = quant.scale(ex, tspec)
+        m1, mg = max_abs_in_blocks(lambda x: _snap_shares(x, t, step, tspec), (w,))
+        r1, rg = quant.scale(m1.astype(ft), spec), quant.scale(mg.astype(ft), tspec)
+        specs = ((spec, r1), (tspec, rg))
+
+        def nearest(w_):  # elementwise: snap's shares, then the nearest-zero step
+            w1s_, w2s_ = _snap_shares(w_, t, step, tspec)
+            return _decoupled(w_, w1s_, w2s_, r1, rg, specs, win)
+
+        return in_blocks(nearest, (w,))
+    step = _snap_step(w, t, tspec)
+    w1s, w2s = _snap_shares(w, t, step, tspec)
     r1, rg = quant.scale(w1s.astype(ft), spec), quant.scale(w2s.astype(ft), tspec)
     s1, sg = quant.per_element(r1, w.shape, spec), quant.per_element(rg, w.shape, tspec)
     specs = ((spec, r1), (tspec, rg))
-    win = min(spec.qmax, COMPENSATE_WINDOW)
-    c = None if calibration is None else jnp.asarray(calibration).astype(ft)
-    if c is None or c.ndim != 2 or w.ndim < 1 or c.shape[0] <= 1:
-
-        def decoupled(w_):  # elementwise: snap's shares, then the nearest-zero step alone
-            w1s_, w2s_ = _snap_shares(w_, t, step, tspec)
-            codes, moved, _, _, _ = _nearest_codes(w_, w1s_, w2s_, s1, sg, specs, win)
-            return _compensated(w_, w1s_, w2s_, codes, moved, s1)
-
-        scalars = all(jnp.ndim(x) == 0 for x in (t, step, s1, sg))
-        return in_blocks(decoupled, (w,), scalars)
+    if decoupled:
+        return _decoupled(w, w1s, w2s, s1, sg, specs, win)
     codes, moved, e_base, a_snap, free = _nearest_codes(w, w1s, w2s, s1, sg, specs, win)
     wf = w.astype(ft)
     codes, changed = _compensate_columns(
@@ -473,6 +481,12 @@ def compensate(
         spec.qmax, tspec.qmax, slots, win,
     )  # fmt: skip
     return _compensated(w, w1s, w2s, codes, moved | (changed & free), s1)
+
+
+def _decoupled(w, w1s, w2s, s1, sg, specs, win):
+    """``compensate`` without a matrix calibration: the nearest-zero step alone."""
+    codes, moved, _, _, _ = _nearest_codes(w, w1s, w2s, s1, sg, specs, win)
+    return _compensated(w, w1s, w2s, codes, moved, s1)
 
 
 def _nearest_codes(w, w1s, w2s, s1, sg, specs, win):
@@ -566,15 +580,49 @@ def in_blocks(f, arrays, blocked: bool = True):
       (True, True)
     """
     shape = arrays[0].shape
+    flat = _blocks(arrays, blocked)
+    if flat is None:
+        return f(*arrays)
+    out = lax.map(lambda xs: f(*xs), flat)
     n = math.prod(shape)
+    return jax.tree.map(lambda o: o.reshape(-1)[:n].reshape(shape), out)
+
+
+def max_abs_in_blocks(f, arrays, blocked: bool = True) -> tuple[jax.Array, ...]:
+    """``max |o|`` of each output ``o`` of an elementwise ``f``, one per block (``in_blocks``).
+
+    The outputs are reduced block by block and never written whole: a 1-D array of the
+    blocks' maxima per output (one entry where ``f`` runs whole), whose own ``max`` is
+    ``max |o|`` exactly for finite outputs (the padding's zeros do not raise it). A ``nan``
+    fares as in any XLA max reduction: on the CPU it does not reliably propagate, and
+    where it lands may change the result (``quant.scale`` of a kernel holding one too).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> x = jnp.linspace(-3.0, 2.0, 3 * BLOCK)
+      >>> (m,) = max_abs_in_blocks(lambda x: (x * 2,), (x,))
+      >>> float(m.max()), m.shape[0] > 1
+      (6.0, True)
+    """
+
+    def reduce(*xs):
+        return tuple(jnp.max(jnp.abs(o), initial=0)[None] for o in f(*xs))
+
+    flat = _blocks(arrays, blocked)
+    if flat is None:
+        return reduce(*arrays)
+    return tuple(m.reshape(-1) for m in lax.map(lambda xs: reduce(*xs), flat))
+
+
+def _blocks(arrays, blocked: bool):
+    """``in_blocks``' flat ``(blocks, size)`` views of ``arrays``, or ``None`` (run whole)."""
+    n = math.prod(arrays[0].shape)
     nb = max(-(-n // BLOCK), min(16, n // 4096))
     if not blocked or nb < 2 or jax.default_backend() != "cpu":
-        return f(*arrays)
+        return None
     per = -(-n // nb)
     size = -(-per // 128) * 128  # equal blocks, a multiple of 128 values
-    flat = tuple(jnp.pad(a.reshape(-1), (0, nb * size - n)).reshape(nb, size) for a in arrays)
-    out = lax.map(lambda xs: f(*xs), flat)
-    return jax.tree.map(lambda o: o.reshape(-1)[:n].reshape(shape), out)
+    return tuple(jnp.pad(a.reshape(-1), (0, nb * size - n)).reshape(nb, size) for a in arrays)
 
 
 def window_start(a: jax.Array, qmax: int, win: int) -> jax.Array:

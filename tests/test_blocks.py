@@ -34,6 +34,20 @@ def test_in_blocks_matches_the_whole_array_run(n):
     assert blocked[0].shape == (n,) and blocked[1].dtype == jnp.bool_
 
 
+@pytest.mark.parametrize("n", [3 * kernels.BLOCK + 7, 65_792, 100])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_max_abs_in_blocks_is_the_exact_max(n, dtype):
+    x = np.random.default_rng(n).standard_normal(n).astype("f4")
+    x[n // 2] = -7.5  # the largest magnitude, negative
+    x = jnp.asarray(x, dtype)
+    got = kernels.max_abs_in_blocks(lambda a: (a * 2, a - a), (x,))
+    assert [float(g.max()) for g in got] == [15.0, 0.0]
+    assert got[0].dtype == dtype and (got[0].shape[0] > 1) == (n > 8191)
+    y = x.at[0].set(-0.0).at[1].set(1e-40)  # zeros and subnormals do not disturb it
+    whole = jnp.max(jnp.abs(y), initial=0)
+    assert float(kernels.max_abs_in_blocks(lambda a: (a,), (y,))[0].max()) == float(whole)
+
+
 def test_in_blocks_keeps_the_shape():
     x = jnp.ones((4, kernels.BLOCK // 2, 2))
     (out,) = kernels.in_blocks(lambda a: (a * 2,), (x,))
@@ -42,10 +56,9 @@ def test_in_blocks_keeps_the_shape():
 
 def _whole(monkeypatch):
     """``kernels.in_blocks`` forced to the whole-array run (the reference)."""
-    blocks = kernels.in_blocks
-    monkeypatch.setattr(
-        kernels, "in_blocks", lambda f, arrays, blocked=True: blocks(f, arrays, False)
-    )
+    for name in ("in_blocks", "max_abs_in_blocks"):
+        run = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda f, a, blocked=True, run=run: run(f, a, False))
 
 
 @pytest.mark.parametrize(

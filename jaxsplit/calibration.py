@@ -39,9 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsplit.errors import AlreadySplitError, ConfigError, UnmatchedPatternError
+from jaxsplit.config import SplitConfig
+from jaxsplit.errors import AlreadySplitError, ConfigError
 from jaxsplit.outputs import run_with_hook
-from jaxsplit.select import select_layers
+from jaxsplit.split import resolve_selection
 from jaxsplit.tree import find_layers, like, rebuild, unwrap, wrap_like
 
 __all__ = ["calibrate", "sensitivity", "output_metric", "input_rows", "einsum_rows", "KINDS",
@@ -351,7 +352,7 @@ def sensitivity(
       batches: an iterable of inputs, each an array or a tuple of positional arguments
         (use other inputs than those you evaluate on).
       layers: ``SplitConfig.layers``-style patterns of the layers to estimate
-        (default: every layer).
+        (default: every layer), selected as ``split.resolve_selection`` selects them.
       metric: one of ``METRICS``: ``"cosine"`` (``1 - cos`` per row) or ``"mse"``.
       probes: Rademacher probes per batch (``>= 1``); the estimate's relative spread
         falls as ``1 / sqrt(probes × rows × outputs)``.
@@ -361,7 +362,8 @@ def sensitivity(
       ``{layer path: s_l}`` (floats ``>= 0``), the mean over batches and probes.
 
     Raises:
-      ConfigError: ``metric`` or ``probes`` is invalid, or ``batches`` is empty.
+      ConfigError: ``metric``, ``probes`` or ``layers`` (as ``SplitConfig.layers``) is
+        invalid, or ``batches`` is empty.
       UnmatchedPatternError: a pattern of ``layers`` matched no layer.
       AlreadySplitError: a selected layer is split (merge it first).
 
@@ -383,11 +385,7 @@ def sensitivity(
         raise ConfigError(
             "sensitivity", "probes", f"sensitivity probes must be an int >= 1, got {probes!r}"
         )
-    found = find_layers(variables)
-    selected, matches = select_layers(variables, layers, found=found)
-    unmatched = [k for k, v in matches.items() if not v]
-    if unmatched:
-        raise UnmatchedPatternError(unmatched, tuple(found))
+    selected, _, _ = resolve_selection(variables, SplitConfig(layers=layers))
     for layer in selected:
         if layer.branches:
             raise AlreadySplitError(
@@ -396,7 +394,7 @@ def sensitivity(
             )  # fmt: skip
     paths = [lay.path for lay in selected]
     run = _sensitivity_fn(apply_fn, paths, metric)
-    deltas = {p: jnp.zeros_like(unwrap(found[p].array)) for p in paths}
+    deltas = {lay.path: jnp.zeros_like(unwrap(lay.array)) for lay in selected}
     sums = dict.fromkeys(paths, 0.0)
     key = jax.random.key(seed)
     n_batches = 0

@@ -547,13 +547,14 @@ def _run_tree(
             "Auto.scope='tree' chooses on the host and needs concrete arrays; inside "
             "jax.jit use scope='layer'",
         )
-    curves = tree_curves(todo, cfg, calibration=calibration)
+    curves, tables = _tree_curves(todo, cfg, calibration)
     curves_by_path = {lay.path: c for lay, c in zip(todo, curves, strict=True)}
     plan = plan_tree(curves_by_path, cfg, sensitivity=sensitivity)
     picks = [plan.picks[lay.path] for lay in todo]
-    yield from tree_splits(
-        todo, curves, picks, cfg, donate=donate, budget_total=plan.budget, calibration=calibration
-    )
+    yield from _tree_splits(
+        todo, curves, picks, cfg, donate=donate, budget_total=plan.budget,
+        calibration=calibration, tables=tables,
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -605,15 +606,24 @@ def tree_curves(
       >>> c.score.shape, c.size, bool(c.score.min() < c.score0)
       ((1, 4), 3, True)
     """
+    return _tree_curves(layers, cfg, calibration)[0]
+
+
+def _tree_curves(
+    layers: list[Layer], cfg: SplitConfig, calibration: Mapping | None
+) -> tuple[list[LayerCurve], list[table.ValueTable | None]]:
+    """``tree_curves``, with each layer's value table (``None`` where ``_tabled`` does not
+    hold) for ``_tree_splits`` to split the same kernels from, without building it again."""
     a = cfg.threshold
     calibration = calibration or {}
     _host_stats(layers, [_stats(lay.array, "absolute", jnp.inf, None) for lay in layers], cfg)
     budget = jnp.inf if a.max_extra is None else a.max_extra
-    out = []
+    out, tables = [], []
     for layer in layers:
         w = layer.array
         kw = {"spec": a.spec, "candidates": a.candidates, "method": cfg.method,
               "branches": cfg.branches}  # fmt: skip
+        t = None
         with x64(w.dtype):
             if _tabled(w, cfg, calibration.get(layer.path)):
                 t = table.value_table(w)
@@ -632,8 +642,9 @@ def tree_curves(
                     **kw,
                 )  # fmt: skip
         out.append(c)
+        tables.append(t)
     host = jax.device_get(out)
-    return [
+    curves = [
         LayerCurve(
             np.asarray(h["thresholds"]),
             h["m"],
@@ -644,6 +655,7 @@ def tree_curves(
         )  # fmt: skip
         for h, lay in zip(host, layers, strict=True)
     ]
+    return curves, tables
 
 
 def tree_picks(
@@ -703,14 +715,35 @@ def tree_splits(
     (default: ``max_extra`` × the given layers' total size; the streamed split, which
     passes one layer at a time, gives the whole tree's).
     """
+    yield from _tree_splits(
+        layers, curves, picks, cfg, donate=donate, budget_total=budget_total,
+        calibration=calibration,
+    )  # fmt: skip
+
+
+def _tree_splits(
+    layers: list[Layer],
+    curves: list[LayerCurve],
+    picks: list[int],
+    cfg: SplitConfig,
+    *,
+    donate: bool,
+    budget_total: int | None,
+    calibration: Mapping | None,
+    tables: list[table.ValueTable | None] | None = None,
+):
+    """``tree_splits``; ``tables``: ``_tree_curves``'s for the same ``layers`` (built here
+    where ``None``)."""
     a = cfg.threshold
     calibration = calibration or {}
     methods = search.search_methods(cfg.method, a.spec)
     if budget_total is None:
         budget_total = a.max_extra * sum(c.size for c in curves)
     seen = _usage(layers)
+    if tables is None:
+        tables = [None] * len(layers)
     outs = []
-    for layer, c, pick in zip(layers, curves, picks, strict=True):
+    for layer, c, pick, t in zip(layers, curves, picks, tables, strict=True):
         w = layer.array
         if pick < 0:
             outs.append((None, None, None))
@@ -720,7 +753,7 @@ def tree_splits(
         donated = donate and _donatable(w, seen)
         with x64(w.dtype):
             if _tabled(w, cfg, calibration.get(layer.path)):
-                t = table.value_table(w)
+                t = table.value_table(w) if t is None else t
                 tab = table.split_table_donated if donated else table.split_table
                 ws = tab(w, t.values, t.index, thr, _key(cfg, layer), method=methods[mi],
                          branches=cfg.branches, spec=a.spec, twin_spec=a.twin_spec)  # fmt: skip

@@ -661,8 +661,7 @@ def split_checkpoint(
             f"plan must be None, a mapping {{path: SplitConfig}} or a callable "
             f"(path, layer) -> SplitConfig | None, got {type(plan).__name__}"
         )
-    tree_scope = _tree_scope(cfg)
-    if plan is not None and tree_scope:
+    if plan is not None and _tree_scope(cfg):
         raise ConfigError(
             "split_checkpoint",
             "plan",
@@ -672,25 +671,11 @@ def split_checkpoint(
     state: dict[str, Any] = {}
 
     def prepare(source: LayerSource) -> dict[str, Callable[[dict], dict]]:
-        selected, matches, available = resolve_selection(source.skel, cfg)
-        paths = [lay.path for lay in selected]
-        if isinstance(plan, Mapping):
-            for p, c in plan.items():
-                if not isinstance(c, SplitConfig):
-                    raise TypeError(
-                        f"plan[{p!r}] must be a jaxsplit.SplitConfig, got {type(c).__name__}"
-                    )
-            extra = sorted(set(plan) - set(paths))
-            if extra:
-                raise ValueError(
-                    f"plan names path(s) {extra} that cfg.layers does not select; selected: {paths}"
-                )
-        for lay in selected:
-            check_layer(lay)  # already split / not floating: raise before any write
-        calib = check_calibration(calibration, selected, available)
-        sens = check_sensitivity(sensitivity, selected, available, cfg)
+        # checks raise before any write
+        (matches, available), paths, calib, tree = _searched(
+            source, cfg, calibration, progress, sensitivity, plan=plan
+        )
         state.update(matches=matches, available=available, paths=paths, plans={})
-        tree = _search_tree(source, cfg, paths, calib, progress, sens) if tree_scope else None
 
         def split_one(path: str) -> Callable[[dict], dict]:
             def run(sub: dict) -> dict:
@@ -779,10 +764,16 @@ def _search_tree(
     return plan_tree(curves, cfg, sensitivity=sensitivity)
 
 
-def _searched(source: LayerSource, cfg: SplitConfig, calibration, progress, sensitivity=None):
+def _searched(
+    source: LayerSource, cfg: SplitConfig, calibration, progress, sensitivity=None, plan=None
+):
     """Selection, checks, calibration and (``Auto(scope="tree")``) pass 1:
-    ``((matches, available), selected paths, calibration by path, TreePlan | None)``."""
+    ``((matches, available), selected paths, calibration by path, TreePlan | None)``.
+    A mapping ``plan`` (``split_checkpoint``'s) is checked against the selected paths
+    first."""
     selected, matches, available = resolve_selection(source.skel, cfg)
+    if isinstance(plan, Mapping):
+        _check_plan(plan, [lay.path for lay in selected])
     for lay in selected:
         check_layer(lay)  # already split / not floating: raise before any read
     calib = check_calibration(calibration, selected, available)
@@ -790,6 +781,18 @@ def _searched(source: LayerSource, cfg: SplitConfig, calibration, progress, sens
     paths = [lay.path for lay in selected]
     tree = _search_tree(source, cfg, paths, calib, progress, sens) if _tree_scope(cfg) else None
     return (matches, available), paths, calib, tree
+
+
+def _check_plan(plan: Mapping, paths: list[str]) -> None:
+    """Raises unless every entry of ``plan`` is a ``SplitConfig`` for a selected path."""
+    for p, c in plan.items():
+        if not isinstance(c, SplitConfig):
+            raise TypeError(f"plan[{p!r}] must be a jaxsplit.SplitConfig, got {type(c).__name__}")
+    extra = sorted(set(plan) - set(paths))
+    if extra:
+        raise ValueError(
+            f"plan names path(s) {extra} that cfg.layers does not select; selected: {paths}"
+        )
 
 
 def plan_checkpoint(

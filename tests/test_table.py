@@ -161,6 +161,26 @@ def test_tree_scope_on_bf16_layers_uses_the_table_and_is_exhaustive():
     )
 
 
+def test_tree_scope_builds_each_value_table_once(monkeypatch):
+    """The in-memory tree split measures and splits a tabled kernel from one table."""
+    tree = _bf16_tree()
+    a = js.Auto(QuantSpec(bits=4), candidates=16, max_extra=0.01, scope="tree")
+    cfg = js.SplitConfig(layers=["**"], threshold=a, method="auto")
+    ref_tree, ref = js.split_with_report(tree, cfg)
+    built = []
+    real = table.value_table
+    monkeypatch.setattr(
+        table, "value_table", lambda w, *a, **k: built.append(1) or real(w, *a, **k)
+    )
+    got_tree, got = js.split_with_report(tree, cfg)
+    assert len(built) == 3  # the three tabled layers, once each (curve and split)
+    assert got.to_dict() == ref.to_dict()
+    flat = lambda t: {"/".join(k): np.asarray(v) for k, v in js.tree.leaf_items(t, ())}  # noqa: E731
+    want = flat(ref_tree)
+    for k, v in flat(got_tree).items():
+        assert np.array_equal(v.view(np.uint8), want[k].view(np.uint8)), k
+
+
 def test_tree_scope_bf16_stream_equals_in_memory(tmp_path):
     tree = _bf16_tree()
     src = io.save(tree, tmp_path / "src.safetensors")

@@ -35,6 +35,7 @@ __all__ = [
     "quant_spec",
     "load_calibration",
     "load_sensitivity",
+    "check_sensitivity_budget",
     "twin_spec",
 ]
 
@@ -325,8 +326,7 @@ def split_config(args: argparse.Namespace, spec: QuantSpec | None = None):
             raise UsageError("--threshold auto needs --bits")
         if budget is not None and layer_budget is not None:
             raise UsageError("give --budget (tree-wide) or --layer-budget, not both")
-        if getattr(args, "sensitivity", None) is not None and budget is None:
-            raise UsageError("--sensitivity weights the tree-wide budget: it needs --budget F")
+        check_sensitivity_budget(args, tree_budget=budget is not None)
         try:
             threshold = Auto(
                 spec,
@@ -488,6 +488,30 @@ def load_calibration(path: str | None) -> dict | None:
 
         return dict(load_file(path))
     raise UsageError(f"--calibration: {path!r} must be a .npz or .safetensors file")
+
+
+def check_sensitivity_budget(
+    args: argparse.Namespace, *, tree_budget: bool, needs: str = "--budget F"
+) -> None:
+    """``--sensitivity`` weights the tree-wide budget: raises if it is given without one.
+
+    Args:
+      args: parsed arguments (``sensitivity`` absent counts as not given).
+      tree_budget: whether the command searches under a tree-wide budget.
+      needs: the flags the message says are missing (``sweep``: ``"auto and --budget F"``).
+
+    Raises:
+      UsageError: ``--sensitivity`` without ``tree_budget``.
+
+    Example:
+      >>> check_sensitivity_budget(argparse.Namespace(sensitivity="s.json"), tree_budget=True)
+      >>> check_sensitivity_budget(argparse.Namespace(sensitivity="s.json"), tree_budget=False)
+      Traceback (most recent call last):
+      ...
+      jaxsplit.cli.ui.UsageError: --sensitivity weights the tree-wide budget: it needs --budget F
+    """
+    if getattr(args, "sensitivity", None) is not None and not tree_budget:
+        raise UsageError(f"--sensitivity weights the tree-wide budget: it needs {needs}")
 
 
 def load_sensitivity(path: str | None) -> dict | None:

@@ -12,6 +12,7 @@ from jaxsplit import stream
 from jaxsplit.cli.common import (
     add_input_arguments,
     add_quant_options,
+    check_sensitivity_budget,
     load_calibration,
     load_sensitivity,
     open_input,
@@ -95,8 +96,9 @@ def _sweep_run(args: argparse.Namespace, ui: UI) -> int:
     except (ConfigError, ConfigTypeError) as e:
         raise UsageError(f"--{e.field}: {e}") from None
     calibration = load_calibration(args.calibration) if use_auto else None
-    if args.sensitivity is not None and (not use_auto or args.budget is None):
-        raise UsageError("--sensitivity weights the tree-wide budget: it needs auto and --budget F")
+    check_sensitivity_budget(
+        args, tree_budget=use_auto and args.budget is not None, needs="auto and --budget F"
+    )
     sensitivity = load_sensitivity(args.sensitivity)
     fixed = [m for m in args.methods if m != "auto"]
     rows: list = []

@@ -558,8 +558,9 @@ def in_blocks(f, arrays, blocked: bool = True):
     that it does not fuse (a loop, several outputs), each a pass over memory; in blocks
     (``lax.map`` over a flat view, zero-padded to equal blocks) those passes stay in the
     cache. The blocks: ``ceil(n / BLOCK)``, but at least 16 (of 4096 values or more), so
-    that small arrays get cache-sized blocks too. Elsewhere (other backends, fewer than
-    8192 values, ``blocked`` false) ``f`` runs on the whole arrays. Elementwise means:
+    that small arrays get cache-sized blocks too. Elsewhere (other backends, more than one
+    device, where a flat block would cross shards and lose the arrays' sharding; fewer
+    than 8192 values; ``blocked`` false) ``f`` runs on the whole arrays. Elementwise means:
     each output value depends on the input values at its position only (and ``f``
     accepts zeros), so the result is the same either way, bit for bit.
 
@@ -618,8 +619,8 @@ def _blocks(arrays, blocked: bool):
     """``in_blocks``' flat ``(blocks, size)`` views of ``arrays``, or ``None`` (run whole)."""
     n = math.prod(arrays[0].shape)
     nb = max(-(-n // BLOCK), min(16, n // 4096))
-    if not blocked or nb < 2 or jax.default_backend() != "cpu":
-        return None
+    if not blocked or nb < 2 or jax.default_backend() != "cpu" or jax.device_count() != 1:
+        return None  # several devices may hold shards: a flat block would cross them
     per = -(-n // nb)
     size = -(-per // 128) * 128  # equal blocks, a multiple of 128 values
     return tuple(jnp.pad(a.reshape(-1), (0, nb * size - n)).reshape(nb, size) for a in arrays)

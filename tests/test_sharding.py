@@ -79,6 +79,21 @@ CHILD = textwrap.dedent(
             kind, value = as_threshold(spec).kind, as_threshold(spec).value
             out["hlo"][f"fused/{kind}/{k}"] = collectives(
                 dispatch.fused, w, value, None, kind=kind, method="balance")
+    # compensate on kernels large enough for kernels.in_blocks: shardings kept, same bits
+    from jaxsplit.quant import QuantSpec
+    out["compensate"] = {}
+    for k, shape in (("rows", (256, 64)), ("cols", (64, 256))):
+        big = (rng.standard_t(3, size=shape) * 0.02).astype(np.float32)
+        sh = NamedSharding(mesh, specs[k])
+        got = dispatch.apply(jax.device_put(big, sh), jnp.float32(0.05), None,
+                             method="compensate", spec=QuantSpec(bits=4))
+        want = kernels.compensate(jnp.asarray(big), 0.05, QuantSpec(bits=4))
+        out["compensate"][k] = {
+            "same_sharding": all(g.sharding == sh for g in got),
+            "exact": all(bool(np.array_equal(g, r)) for g, r in zip(got, want)),
+            "ops": collectives(dispatch.apply, jax.device_put(big, sh), jnp.float32(0.05), None,
+                               method="compensate", spec=QuantSpec(bits=4)),
+        }
     print("RESULT" + json.dumps(out))
     """
 )
@@ -125,3 +140,10 @@ def test_counts_and_relative_thresholds_only_reduce(child):
     for name, ops in child["hlo"].items():
         assert set(ops) <= {"all-reduce"}, (name, ops)
     assert any(child["hlo"][f"fused/relative/{k}"] for k in ("rows", "cols", "both", "conv"))
+
+
+def test_compensate_keeps_shardings_and_only_reduces(child):
+    # large enough for the CPU block loop, which would flatten across shards: not taken
+    for k, r in child["compensate"].items():
+        assert r["same_sharding"] and r["exact"], (k, r)
+        assert set(r["ops"]) <= {"all-reduce"}, (k, r["ops"])

@@ -379,7 +379,9 @@ def measure_picks(
 
     fs = [run(m) for m in methods]
     proto = jax.eval_shape(fs[0], thresholds[0])
-    zero = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), proto)  # noqa: E731
+
+    def zero():  # a skipped pick's (measurement, branches)
+        return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), proto)
 
     def exact(flat, skip):
         mi, ti = flat // n, flat % n

@@ -518,11 +518,12 @@ def _search(
     methods = search_methods(method, spec)
     screened = top > 0 and twin_spec is None and screen.applies(w.shape, spec, methods)
 
-    def spent_of(m):
-        return m.twin_nonzero if cost == "twin" else m.extra_nonzero
+    def within_budget(m, score):  # ``inf`` where a candidate spends more than the budget
+        spent = m.twin_nonzero if cost == "twin" else m.extra_nonzero
+        return jnp.where(spent <= budget * w.size, score, jnp.inf)
 
     def rank(m):  # the choice's score below, of one measured pick
-        return jnp.where(spent_of(m) <= budget * w.size, _score(m, calibration, w.size), jnp.inf)
+        return within_budget(m, _score(m, calibration, w.size))
 
     if screened:
         c = _screened_curve(
@@ -535,7 +536,7 @@ def _search(
             branches=branches, twin_spec=twin_spec,
         )  # fmt: skip
     m, base, thr, score0 = c["m"], c["base"], c["thresholds"], c["score0"]
-    score = jnp.where(spent_of(m) <= budget * w.size, c["score"], jnp.inf)
+    score = within_budget(m, c["score"])
     best = jnp.argmin(score.reshape(-1))
     mi, ti = best // candidates, best % candidates
     do_split = score.reshape(-1)[best] < score0

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
-from jaxsplit import quant
+from jaxsplit import blocks, quant
 
 __all__ = [
     "METHODS",
@@ -58,9 +58,8 @@ __all__ = [
     "COMPENSATE_SLOTS",
     "COMPENSATE_WINDOW",
     "window_start",
-    "in_blocks",
-    "max_abs_in_blocks",
-    "BLOCK",
+    "elementwise",
+    "RECOMPUTED",
     "branch_sum",
     "snap_to_ulp",
     "exact_or_keep",
@@ -280,10 +279,21 @@ def grid(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array, jax
     """
     if not isinstance(spec, quant.QuantSpec) or not spec.symmetric:
         raise ValueError(f"method 'grid' needs a symmetric QuantSpec, got spec={spec!r}")
-    mask = split_mask(w, threshold)
+    half = _grid_half(w, threshold)
+    return _grid_shares(w, threshold, quant.per_element(quant.scale(half, spec), w.shape, spec))
+
+
+def _grid_half(w, t):
+    """``grid``'s halves of the split values (0 elsewhere), in the compute dtype."""
     ft = jnp.promote_types(w.dtype, jnp.float32)
-    half = jnp.where(mask, w.astype(ft) / 2, 0)
-    step = quant.per_element(quant.scale(half, spec), half.shape, spec)
+    return jnp.where(split_mask(w, t), w.astype(ft) / 2, 0)
+
+
+def _grid_shares(w, t, step):
+    """``grid``'s shares given the twin's step (elementwise where ``t`` and ``step`` are
+    scalars)."""
+    mask = split_mask(w, t)
+    half = _grid_half(w, t)
     safe = jnp.where(step > 0, step, jnp.ones_like(step))
     on_grid = (jnp.round(half / safe) * step).astype(w.dtype)
     share = snap_to_ulp(jnp.sign(w) * jnp.minimum(jnp.abs(on_grid), jnp.abs(w)), w)
@@ -320,8 +330,13 @@ def residual(w: jax.Array, threshold, spec: quant.QuantSpec) -> tuple[jax.Array,
     """
     if not isinstance(spec, quant.QuantSpec):
         raise ValueError(f"method 'residual' needs a QuantSpec, got spec={spec!r}")
-    mask = split_mask(w, threshold)
-    w1 = jnp.where(mask, quant.quantize(w, spec), w)
+    return _residual(w, threshold, spec)
+
+
+def _residual(w, t, spec, params=None):
+    """``residual``'s shares, ``Q`` under ``params`` (default: ``w``'s own)."""
+    mask = split_mask(w, t)
+    w1 = jnp.where(mask, quant.quantize(w, spec, params=params), w)
     # the twin is taken from the stored branch, never from Q's formula: XLA may contract
     # ``w - n * s`` into one fused multiply-add, which skips the rounding of ``n * s``
     w2 = jnp.where(mask, w - w1, jnp.zeros_like(w))
@@ -456,17 +471,7 @@ def compensate(
     decoupled = c is None or c.ndim != 2 or w.ndim < 1 or c.shape[0] <= 1
     if decoupled and jnp.ndim(t) == 0 and spec.granularity == tspec.granularity == "per_tensor":
         # scalar threshold and steps: every pass over ``w`` in cache-sized blocks
-        (ex,) = max_abs_in_blocks(lambda x: (_excess(x, t)[3],), (w,))
-        step = quant.scale(ex, tspec)
-        m1, mg = max_abs_in_blocks(lambda x: _snap_shares(x, t, step, tspec), (w,))
-        r1, rg = quant.scale(m1.astype(ft), spec), quant.scale(mg.astype(ft), tspec)
-        specs = ((spec, r1), (tspec, rg))
-
-        def nearest(w_):  # elementwise: snap's shares, then the nearest-zero step
-            w1s_, w2s_ = _snap_shares(w_, t, step, tspec)
-            return _decoupled(w_, w1s_, w2s_, r1, rg, specs, win)
-
-        return in_blocks(nearest, (w,))
+        return blocks.in_blocks(_compensate_elementwise(w, t, spec, tspec), (w,))
     step = _snap_step(w, t, tspec)
     w1s, w2s = _snap_shares(w, t, step, tspec)
     r1, rg = quant.scale(w1s.astype(ft), spec), quant.scale(w2s.astype(ft), tspec)
@@ -546,84 +551,94 @@ def _compensated(w, w1s, w2s, codes, use, s1):
     return exact_or_keep(w, (w1, w2))
 
 
-#: ``in_blocks``: the most values per block (a block's intermediates stay in the L2/L3
-#: cache); arrays of fewer than ``16 · BLOCK`` values run in 16 blocks of 4096 or more.
-BLOCK = 2**18
+def _compensate_elementwise(w, t, spec, tspec):
+    """``compensate`` without a matrix calibration at a scalar threshold, per tensor, as
+    an elementwise function of ``w``: the twin step and both scales come from passes in
+    blocks (``blocks.extremes_in_blocks``), then each value is independent."""
+    ft = jnp.promote_types(w.dtype, jnp.float32)
+    win = min(spec.qmax, COMPENSATE_WINDOW)
+    (ex,) = blocks.extremes_in_blocks(lambda x: (_excess(x, t)[3],), (w,))
+    step = quant.scale(ex, tspec)
+    e1, eg = blocks.extremes_in_blocks(lambda x: _snap_shares(x, t, step, tspec), (w,))
+    r1, rg = quant.scale(e1.astype(ft), spec), quant.scale(eg.astype(ft), tspec)
+    specs = ((spec, r1), (tspec, rg))
+
+    def nearest(w_):  # snap's shares, then the nearest-zero step
+        w1s_, w2s_ = _snap_shares(w_, t, step, tspec)
+        return _decoupled(w_, w1s_, w2s_, r1, rg, specs, win)
+
+    return nearest
 
 
-def in_blocks(f, arrays, blocked: bool = True):
-    """``f(*arrays)`` for an elementwise ``f``, on the CPU in blocks of at most ``BLOCK`` values.
+#: Methods whose elementwise split (``elementwise``) costs about as much as reading its
+#: branches back, so a measurement recomputes it rather than storing the branches
+#: (``measure.measure_split``); ``compensate``'s code scan costs ~15 such passes.
+RECOMPUTED = ("balance", "clip", "grid", "residual", "snap")
 
-    XLA's CPU backend materializes every intermediate of a long elementwise computation
-    that it does not fuse (a loop, several outputs), each a pass over memory; in blocks
-    (``lax.map`` over a flat view, zero-padded to equal blocks) those passes stay in the
-    cache. The blocks: ``ceil(n / BLOCK)``, but at least 16 (of 4096 values or more), so
-    that small arrays get cache-sized blocks too. Elsewhere (other backends, more than one
-    device, where a flat block would cross shards and lose the arrays' sharding; fewer
-    than 8192 values; ``blocked`` false) ``f`` runs on the whole arrays. Elementwise means:
-    each output value depends on the input values at its position only (and ``f``
-    accepts zeros), so the result is the same either way, bit for bit.
+
+def elementwise(
+    method: str,
+    w: jax.Array,
+    threshold,
+    *,
+    branches: int = 2,
+    spec: quant.QuantSpec | None = None,
+    twin_spec: quant.QuantSpec | None = None,
+    calibration: jax.Array | None = None,
+):
+    """``split`` of ``w`` as an elementwise function of ``w``, or ``None`` where it is not one.
+
+    Every method but ``random`` (whose shares hash each value's position) is elementwise
+    once its kernel-wide scalars are known, at a scalar ``threshold`` and per-tensor
+    specs (``compensate``: without a matrix calibration). Those scalars (``grid``'s and
+    ``snap``'s twin steps, ``residual``'s scale, ``compensate``'s step and scales) are
+    computed here, from ``w``, in blocks; the function returned maps any array ``x`` to
+    the branches of its values under them, so ``blocks.in_blocks(f, (w,))`` is ``split``'s
+    result bit for bit, and ``blocks.sum_in_blocks`` can reduce the branches without ever
+    writing them (``measure.measure_split``).
 
     Args:
-      f: an elementwise function of ``len(arrays)`` arrays to an array or a tuple of
-        arrays, each of the inputs' shape.
-      arrays: arrays of one shape.
-      blocked: ``False`` runs ``f`` on the whole arrays.
+      method, w, threshold, branches, spec, twin_spec, calibration: as for ``split``
+        (checked the same way).
 
     Returns:
-      ``f(*arrays)``.
+      A function of one array to the tuple of ``branches`` arrays, or ``None``.
 
     Example:
       >>> import jax.numpy as jnp
-      >>> x = jnp.arange(3.0 * BLOCK + 5)
-      >>> a, b = in_blocks(lambda x: (x + 1, x * 2), (x,))
-      >>> bool(jnp.all(a == x + 1)), bool(jnp.all(b == x * 2))
-      (True, True)
+      >>> w = jnp.array([0.5, -3.0, 2.0])
+      >>> f = elementwise("clip", w, 1.0)
+      >>> [b.tolist() for b in f(w)] == [b.tolist() for b in split("clip", w, 1.0)]
+      True
+      >>> elementwise("clip", w, jnp.ones(3)) is None  # not a scalar threshold
+      True
     """
-    shape = arrays[0].shape
-    flat = _blocks(arrays, blocked)
-    if flat is None:
-        return f(*arrays)
-    out = lax.map(lambda xs: f(*xs), flat)
-    n = math.prod(shape)
-    return jax.tree.map(lambda o: o.reshape(-1)[:n].reshape(shape), out)
-
-
-def max_abs_in_blocks(f, arrays, blocked: bool = True) -> tuple[jax.Array, ...]:
-    """``max |o|`` of each output ``o`` of an elementwise ``f``, one per block (``in_blocks``).
-
-    The outputs are reduced block by block and never written whole: a 1-D array of the
-    blocks' maxima per output (one entry where ``f`` runs whole), whose own ``max`` is
-    ``max |o|`` exactly for finite outputs (the padding's zeros do not raise it). A ``nan``
-    fares as in any XLA max reduction: on the CPU it does not reliably propagate, and
-    where it lands may change the result (``quant.scale`` of a kernel holding one too).
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> x = jnp.linspace(-3.0, 2.0, 3 * BLOCK)
-      >>> (m,) = max_abs_in_blocks(lambda x: (x * 2,), (x,))
-      >>> float(m.max()), m.shape[0] > 1
-      (6.0, True)
-    """
-
-    def reduce(*xs):
-        return tuple(jnp.max(jnp.abs(o), initial=0)[None] for o in f(*xs))
-
-    flat = _blocks(arrays, blocked)
-    if flat is None:
-        return reduce(*arrays)
-    return tuple(m.reshape(-1) for m in lax.map(lambda xs: reduce(*xs), flat))
-
-
-def _blocks(arrays, blocked: bool):
-    """``in_blocks``' flat ``(blocks, size)`` views of ``arrays``, or ``None`` (run whole)."""
-    n = math.prod(arrays[0].shape)
-    nb = max(-(-n // BLOCK), min(16, n // 4096))
-    if not blocked or nb < 2 or jax.default_backend() != "cpu" or jax.device_count() != 1:
-        return None  # several devices may hold shards: a flat block would cross them
-    per = -(-n // nb)
-    size = -(-per // 128) * 128  # equal blocks, a multiple of 128 values
-    return tuple(jnp.pad(a.reshape(-1), (0, nb * size - n)).reshape(nb, size) for a in arrays)
+    _check_split(method, branches, spec)
+    tspec = twin_spec or spec
+    if method == "random" or jnp.ndim(threshold) != 0:
+        return None
+    if method in QUANT_METHODS and not spec.granularity == tspec.granularity == "per_tensor":
+        return None
+    t = jnp.asarray(threshold).astype(w.dtype)
+    if method == "balance":
+        return lambda x: balance(x, t, branches)
+    if method == "clip":
+        return lambda x: clip(x, t)
+    if method == "grid":
+        (e,) = blocks.extremes_in_blocks(lambda x: (_grid_half(x, t),), (w,))
+        step = quant.scale(e, tspec)
+        return lambda x: _grid_shares(x, t, step)
+    if method == "snap":
+        (e,) = blocks.extremes_in_blocks(lambda x: (_excess(x, t)[3],), (w,))
+        step = quant.scale(e, tspec)
+        return lambda x: _snap_shares(x, t, step, tspec)
+    if method == "compensate":
+        if calibration is not None and jnp.ndim(calibration) == 2:
+            return None  # a matrix calibration couples the values of each column
+        return _compensate_elementwise(w, t, spec, tspec)
+    (e,) = blocks.extremes_in_blocks(lambda x: (x,), (w,))
+    qp = quant.qparams(e.astype(w.dtype), spec)
+    return lambda x: _residual(x, t, spec, qp)
 
 
 def window_start(a: jax.Array, qmax: int, win: int) -> jax.Array:
@@ -759,6 +774,19 @@ def exact_or_keep(w: jax.Array, branches) -> tuple[jax.Array, ...]:
     return (first, *(jnp.where(ok, b, zero) for b in branches[1:]))
 
 
+def _check_split(method: str, branches: int, spec) -> None:
+    """``split``'s checks of its static arguments (``elementwise`` shares them)."""
+    _check_branches(branches)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if branches != 2 and method != "balance":
+        raise ValueError(
+            f"branches={branches} needs method 'balance' (k-way split), got method {method!r}"
+        )
+    if method in QUANT_METHODS and spec is None:
+        raise ValueError(f"method {method!r} needs spec=QuantSpec(...)")
+
+
 def _check_branches(branches) -> None:
     if isinstance(branches, bool) or branches not in BRANCHES:
         raise ValueError(f"branches must be one of {list(BRANCHES)}, got {branches!r}")
@@ -821,13 +849,7 @@ def split(
       >>> [b.tolist() for b in split("clip", jnp.array([4.0]), 1.0)]
       [[1.0], [3.0]]
     """
-    _check_branches(branches)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    if branches != 2 and method != "balance":
-        raise ValueError(
-            f"branches={branches} needs method 'balance' (k-way split), got method {method!r}"
-        )
+    _check_split(method, branches, spec)
     if method == "balance":
         return balance(w, threshold, branches)
     if method == "random":
@@ -836,8 +858,6 @@ def split(
         return random(w, threshold, key)
     if method == "clip":
         return clip(w, threshold)
-    if spec is None:
-        raise ValueError(f"method {method!r} needs spec=QuantSpec(...)")
     if method == "grid":
         return grid(w, threshold, twin_spec or spec)
     if method == "snap":

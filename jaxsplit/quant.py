@@ -72,6 +72,7 @@ __all__ = [
     "mse",
     "widrow_mse",
     "branches_mse",
+    "check_branches",
 ]
 
 #: Accepted values of ``QuantSpec.granularity``.
@@ -592,6 +593,30 @@ def _widrow_terms(branches, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
     return naive, corr
 
 
+def check_branches(branches, w) -> None:
+    """Raises unless ``branches`` is a non-empty sequence of arrays of ``w``'s shape.
+
+    Raises:
+      ValueError: no branches, or a branch's shape differs from ``w``'s.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> check_branches((jnp.ones(2),), jnp.ones(3))  # doctest: +ELLIPSIS
+      Traceback (most recent call last):
+      ...
+      ValueError: branches must all have w's shape (3,), got shapes [(2,)]
+    """
+    branches = tuple(branches)
+    if not branches:
+        raise ValueError("branches must hold at least one array, got none")
+    bad = [tuple(jnp.shape(b)) for b in branches if tuple(jnp.shape(b)) != tuple(jnp.shape(w))]
+    if bad:
+        raise ValueError(
+            f"branches must all have w's shape {tuple(jnp.shape(w))}, got shapes "
+            f"{[tuple(jnp.shape(b)) for b in branches]}"
+        )
+
+
 @functools.partial(jax.jit, static_argnames="spec")
 def branches_mse(branches, w: jax.Array, spec: QuantSpec) -> BranchesMSE:
     """MSE of ``sum_i Q(W_i)`` against ``W``, each branch quantized separately with its own scale.
@@ -619,14 +644,7 @@ def branches_mse(branches, w: jax.Array, spec: QuantSpec) -> BranchesMSE:
     """
     branches = tuple(branches)
     w = jnp.asarray(w)
-    if not branches:
-        raise ValueError("branches must hold at least one array, got none")
-    bad = [tuple(jnp.shape(b)) for b in branches if tuple(jnp.shape(b)) != tuple(w.shape)]
-    if bad:
-        raise ValueError(
-            f"branches must all have w's shape {tuple(w.shape)}, got shapes "
-            f"{[tuple(jnp.shape(b)) for b in branches]}"
-        )
+    check_branches(branches, w)
     ft = _ftype(w)
     total = jnp.zeros(w.shape, ft)
     for b in branches:

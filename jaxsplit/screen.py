@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsplit import kernels, quant
-from jaxsplit.measure import Measurement, measure
+from jaxsplit.measure import Measurement, measure_candidate
 
 __all__ = [
     "MIN_SIZE",
@@ -249,11 +249,13 @@ def predictions(
     branches: int = 2,
     key: jax.Array | None = None,
     calibration: jax.Array | None = None,
+    sampled: Sample | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Predicted ``(score, extra)`` of every candidate, flat ``(len(methods) * n,)``.
 
     ``score`` is the predicted total squared error (``mse × size``) or, with
     ``calibration``, the predicted output error (its diagonal, see ``row_weights``).
+    ``sampled``: ``sample(w)``, where the caller has taken it already.
 
     Example:
       >>> import numpy as np, jax.numpy as jnp
@@ -262,7 +264,7 @@ def predictions(
       >>> score.shape, bool(extra[0] > extra[1])
       ((2,), True)
     """
-    s = sample(w)
+    s = sample(w) if sampled is None else sampled
     rw = None if calibration is None else row_weights(s, w.shape, calibration)
     preds = [
         predict(s, thresholds, m, spec, branches=branches, key=key, row_weights=rw) for m in methods
@@ -324,6 +326,7 @@ def lean(m: Measurement) -> Measurement:
     Example:
       >>> import jax.numpy as jnp
       >>> w = jnp.array([0.1, -0.2, 4.0])
+      >>> from jaxsplit.measure import measure
       >>> m = lean(measure(w, (w,), quant.QuantSpec(bits=4)))
       >>> bool(jnp.isnan(m.mse_widrow)), bool(m.mse > 0)
       (True, True)
@@ -350,11 +353,14 @@ def measure_picks(
     zero counts and ``nan`` predictions. A repeated index is measured once. Widrow's
     predictions are not computed (``lean``): nothing chooses by them.
 
+    Each pick is measured by ``measure.measure_candidate``: methods cheap to recompute
+    are measured in blocks without writing their branches, the others split the kernel.
     With ``rank`` (a function of one candidate's ``Measurement`` to a scalar, lower is
-    better) the branches of the best-ranked pick are kept as they are measured, so a
-    caller applying that pick need not split the kernel again (on ties the lower flat
-    index, as ``argmin`` over the flat scores): ``(m, (flat, branches))``, ``flat`` the
-    pick's flat index (``len(methods) * n`` and zero branches when every rank is ``inf``).
+    better) the branches of the best-ranked pick among those that split the kernel are
+    kept as they are measured, so a caller applying that pick need not split the kernel
+    again (on ties the lower flat index, as ``argmin`` over the flat scores): ``(m, (flat,
+    branches))``, ``flat`` that pick's flat index (``len(methods) * n`` and zero branches
+    when every such rank is ``inf``); ``(m, None)`` when no pick splits the kernel.
 
     Example:
       >>> import numpy as np, jax.numpy as jnp
@@ -370,40 +376,66 @@ def measure_picks(
     dup = jnp.any((chosen[None, :] == chosen[:, None]) & jnp.tril(jnp.ones((k, k), bool), -1), 1)
     ft = jnp.promote_types(w.dtype, jnp.float32)
 
-    def run(m):
+    def run(m):  # one pick of method ``m``: (its lean measurement, its branches or None)
         def f(t):
-            bs = kernels.split(m, w, t, key, branches=branches, spec=spec, calibration=calibration)
-            return lean(measure(w, bs, spec, calibration=calibration)), tuple(bs)
+            got, bs = measure_candidate(
+                m, w, t, key, branches=branches, spec=spec, calibration=calibration
+            )
+            return lean(got), bs
 
         return f
 
     fs = [run(m) for m in methods]
-    proto = jax.eval_shape(fs[0], thresholds[0])
+    shapes = [jax.eval_shape(f, thresholds[0]) for f in fs]
+    stored = [s[1] for s in shapes if s[1] is not None]
 
-    def zero():  # a skipped pick's (measurement, branches)
+    def zero(proto):  # a skipped pick's figures (or branches)
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), proto)
 
-    def exact(flat, skip):
-        mi, ti = flat // n, flat % n
-        t = thresholds[ti]
+    def pick(flat, t, gos, carry):
+        if len(gos) == 1:
+            return gos[0](carry, t)
+        return jax.lax.switch(flat // n, gos, carry, t)
 
-        def go():
-            return jax.lax.switch(mi, fs, t) if len(fs) > 1 else fs[0](t)
+    if rank is None or not stored:
+        gos = [lambda carry, t, f=f: (carry, f(t)[0]) for f in fs]
 
-        return jax.lax.cond(skip, zero, go)
+        def one(a):
+            flat, skip = a
+            t = thresholds[flat % n]
+            return jax.lax.cond(
+                skip, lambda: zero(shapes[0][0]), lambda: pick(flat, t, gos, None)[1]
+            )
 
-    kept = None
-    if rank is None:
-        got = jax.lax.map(lambda a: exact(*a)[0], (chosen, dup))
+        got = jax.lax.map(one, (chosen, dup))
+        kept = None
     else:
+        bzero = tuple(stored[0])
+
+        def exact(flat, skip):  # (measurement, branches: zeros where not stored)
+            t = thresholds[flat % n]
+            gos = [
+                lambda t, f=f, st=(s[1] is not None): (
+                    lambda m, bs: (m, tuple(bs) if st else zero(bzero))
+                )(*f(t))
+                for f, s in zip(fs, shapes, strict=True)
+            ]
+
+            def go():
+                return jax.lax.switch(flat // n, gos, t) if len(gos) > 1 else gos[0](t)
+
+            return jax.lax.cond(skip, lambda: (zero(shapes[0][0]), zero(bzero)), go)
+
+        keeps = jnp.array([s[1] is not None for s in shapes])
 
         def step(best, a):
             m, bs = exact(*a)
-            r = jnp.where(a[1], jnp.inf, rank(m)).astype(jnp.float32)
+            keep = keeps[a[0] // n] & ~a[1]
+            r = jnp.where(keep, rank(m), jnp.inf).astype(jnp.float32)
             better = (r < best[0]) | ((r == best[0]) & (a[0] < best[1]) & jnp.isfinite(r))
             return jax.lax.cond(better, lambda: (r, a[0], bs), lambda: best), m
 
-        init = (jnp.float32(jnp.inf), jnp.asarray(total, chosen.dtype), zero()[1])
+        init = (jnp.float32(jnp.inf), jnp.asarray(total, chosen.dtype), zero(tuple(stored[0])))
         (_, flat, bs), got = jax.lax.scan(step, init, (chosen, dup))
         kept = (flat, bs)
     at = jnp.where(dup, total, chosen)  # repeats dropped from the scatter

@@ -38,7 +38,13 @@ import numpy as np
 
 from jaxsplit import kernels, quant, screen
 from jaxsplit.config import AUTO_METHODS, Auto
-from jaxsplit.measure import Measurement, measure, measure_counted, reduction
+from jaxsplit.measure import (
+    Measurement,
+    measure,
+    measure_candidate,
+    measure_counted,
+    reduction,
+)
 from jaxsplit.thresholds import channel_axis
 
 __all__ = [
@@ -115,7 +121,9 @@ def _axis(w: jax.Array, spec: quant.QuantSpec) -> int | None:
     return channel_axis(w.ndim, spec.axis)
 
 
-def candidate_thresholds(w: jax.Array, spec: quant.QuantSpec, n: int) -> jax.Array:
+def candidate_thresholds(
+    w: jax.Array, spec: quant.QuantSpec, n: int, *, sampled: screen.Sample | None = None
+) -> jax.Array:
     """``n`` candidate thresholds for ``w``: shape ``(n,)`` per tensor, else ``(n, *b)``.
 
     ``b`` broadcasts against ``w`` (size 1 except on the channel axis). The first
@@ -123,7 +131,8 @@ def candidate_thresholds(w: jax.Array, spec: quant.QuantSpec, n: int) -> jax.Arr
     (per channel), so that ``k`` values are split, for ``k`` geometric in ``[1, R/2]``.
     Per tensor on kernels of ``screen.MIN_SIZE`` values or more, the ``k``-th largest is
     exact for ``k < screen.TAIL`` and read from ``screen.sample`` beyond (so that about
-    ``k`` values are split) instead of sorting the whole kernel.
+    ``k`` values are split) instead of sorting the whole kernel; ``sampled``: that sample
+    of ``w`` where the caller has taken it already (``screen.sample(w)``).
 
     Example:
       >>> import jax.numpy as jnp
@@ -141,7 +150,7 @@ def candidate_thresholds(w: jax.Array, spec: quant.QuantSpec, n: int) -> jax.Arr
     ks = np.unique(np.round(np.geomspace(1, max(rows // 2, 1), n - n_rel)).astype(int))
     ks = np.resize(ks, n - n_rel)  # repeat if the geometric grid has fewer distinct sizes
     if ax is None and rows >= screen.MIN_SIZE:  # no full sort: exact tail, sampled rest
-        top = screen.order_stats(screen.sample(w), ks)[:, None]
+        top = screen.order_stats(screen.sample(w) if sampled is None else sampled, ks)[:, None]
     else:
         desc = jnp.sort(cols, axis=0)[::-1]
         top = desc[np.clip(ks, 0, rows - 1)]
@@ -211,11 +220,10 @@ def measure_all(
     """
 
     def one(thr):
-        bs = kernels.split(
+        return measure_candidate(
             method, w, thr, key, branches=branches, spec=spec, twin_spec=twin_spec,
             calibration=calibration,
-        )  # fmt: skip
-        return measure(w, bs, spec, calibration=calibration, twin_spec=twin_spec)
+        )[0]  # fmt: skip
 
     return jax.lax.map(one, thresholds)
 
@@ -377,9 +385,10 @@ def _screened_curve(
     zeroed)."""
     methods = search_methods(method, spec)
     wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
-    thr = candidate_thresholds(wf, spec, candidates)
+    s = screen.sample(wf)  # taken once, for the thresholds and the predictions
+    thr = candidate_thresholds(wf, spec, candidates, sampled=s)
     p_score, p_extra = screen.predictions(
-        wf, thr, methods, spec, branches=branches, key=key, calibration=calibration
+        wf, thr, methods, spec, branches=branches, key=key, calibration=calibration, sampled=s
     )
     chosen = screen.tree_picks(p_score, p_extra, budget, w.size, top=top, levels=levels)
     m = screen.measure_picks(

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxsplit as js
-from jaxsplit import kernels, screen
+from jaxsplit import blocks, kernels, screen
 from jaxsplit import search as auto
 from jaxsplit.quant import QuantSpec
 
@@ -194,16 +194,18 @@ def test_screened_search_reuses_the_measured_branches_bit_for_bit(calibrated, no
         assert np.array_equal(np.asarray(got).view(np.uint32), np.asarray(want).view(np.uint32))
 
 
-def test_measure_picks_rank_keeps_the_best_picks_branches():
+def test_measure_picks_rank_keeps_the_best_stored_picks_branches():
     w = _student_t(SHAPE, seed=6)
     spec = QuantSpec(bits=4)
     thr = jnp.array([0.02, 0.04, 0.08])
-    methods = ("clip", "snap")
-    chosen = jnp.array([4, 0, 4, 2])  # a repeat, measured once
+    methods = ("clip", "compensate")  # clip measured in blocks unstored, compensate stored
+    chosen = jnp.array([4, 0, 4, 2, 5])  # a repeat, measured once
     m = screen.measure_picks(w, thr, chosen, methods, spec)
     m2, (flat, bs) = screen.measure_picks(w, thr, chosen, methods, spec, rank=lambda m: m.mse)
     assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(m, m2, strict=True))
-    best = int(jnp.argmin(m.mse.reshape(-1)))
+    stored = (3, 4, 5) if blocks.blocked(SHAPE) else tuple(range(6))
+    flat_mse = np.asarray(m.mse).reshape(-1)
+    best = min(stored, key=lambda i: (flat_mse[i], i))
     assert int(flat) == best
     want = kernels.split(methods[best // 3], w, thr[best % 3], spec=spec)
     assert all(np.array_equal(a, b) for a, b in zip(bs, want, strict=True))
@@ -211,3 +213,6 @@ def test_measure_picks_rank_keeps_the_best_picks_branches():
         w, thr, chosen, methods, spec, rank=lambda m: jnp.inf * m.mse
     )
     assert int(flat) == 6 and not any(bool(jnp.any(b)) for b in bs)  # nothing ranked
+    # no pick stores its branches (methods recomputed in blocks): nothing is kept
+    _, kept = screen.measure_picks(w, thr, chosen[:4], ("clip", "snap"), spec, rank=lambda m: m.mse)
+    assert (kept is None) == blocks.blocked(SHAPE)

@@ -39,7 +39,9 @@ Every figure jaxsplit reports is defined here, once:
 * ``sqnr_db(signal, noise)``: ``10 log10(signal / noise)``.
 
 ``Auto`` (``jaxsplit.search``), ``sweep``, ``quant_error``, the demo and the experiments
-all call ``measure``; nothing else computes these figures.
+all call ``measure`` (or ``measure_split``, the same figures of an elementwise split that is
+never written, and ``measure_candidate``, which picks between the two); nothing else
+computes these figures.
 """
 
 from __future__ import annotations
@@ -110,7 +112,10 @@ def measure(
     """The error and cost of splitting ``w`` into ``branches`` under ``spec``.
 
     Pure ``jnp``: call it inside ``jit``, ``lax.map`` or ``vmap``. Computed in float32
-    (float64 for float64 kernels).
+    (float64 for float64 kernels). Per-tensor specs without a calibration: the branches'
+    scales from their extremes, then the error and the counts, each in one pass of
+    cache-sized blocks (``jaxsplit.blocks``; float sums in that order, counts exact; the
+    CPU may count a subnormal value as zero, as it flushes computed subnormals).
 
     Args:
       w: the original kernel (normally ``sum(branches)``).

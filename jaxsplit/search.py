@@ -562,14 +562,16 @@ def _search(
             jax.lax.switch(mi, [apply(n) for n in methods]) if len(methods) > 1 else apply(method)()
         )
 
+    def unsplit():
+        return (w, *(jnp.zeros_like(w) for _ in range(branches - 1)))
+
     if c.get("kept") is None:
-        ws = split()
+        ws = jax.lax.cond(do_split, lambda: tuple(split()), unsplit)
     else:  # the screen kept the best pick's branches: reuse them where they are the choice's
         flat, kept = c["kept"]
         same = (flat == best) & jnp.all(jnp.isfinite(w))
-        ws = jax.lax.cond(same, lambda: tuple(kept), lambda: tuple(split()))
-    zero = jnp.zeros_like(w)
-    ws = (jnp.where(do_split, ws[0], w), *(jnp.where(do_split, b, zero) for b in ws[1:]))
+        which = jnp.where(do_split, jnp.where(same, 2, 1), 0)
+        ws = jax.lax.switch(which, [unsplit, lambda: tuple(split()), lambda: tuple(kept)])
     info = {
         "split": do_split,
         "method": mi,

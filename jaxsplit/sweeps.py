@@ -31,7 +31,7 @@ from jaxsplit import kernels
 from jaxsplit.config import Auto, SplitConfig, ThresholdSpec
 from jaxsplit.errors import ConfigError, ConfigTypeError, NonFiniteError
 from jaxsplit.evaluate import quant_error
-from jaxsplit.measure import measure, reduction, sqnr_db
+from jaxsplit.measure import Measurement, measure, measure_candidate, reduction, sqnr_db
 from jaxsplit.quant import QuantSpec
 from jaxsplit.split import check_layer, resolve_selection, split_with_report
 from jaxsplit.thresholds import as_threshold, channel_axis, resolve_rule
@@ -158,9 +158,8 @@ def _resolve_all(w, values, rules: tuple[tuple[str, int | None], ...]):
     return out
 
 
-def _measure(branches, w, spec: QuantSpec):
-    """``(mse, predicted, predicted_correlated, extra_nonzero)`` of one split."""
-    m = measure(w, branches, spec)
+def _figures(m: Measurement):
+    """``(mse, predicted, predicted_correlated, extra_nonzero)`` of one measurement."""
     return m.mse, m.mse_widrow, m.mse_widrow_correlated, m.extra_nonzero
 
 
@@ -175,10 +174,12 @@ def _sweep_kernel(w, values, key, *, rules, methods, specs):
     for method in methods:
 
         def one(t, method=method):
-            if method in kernels.QUANT_METHODS:  # shares depend on the spec's grid
-                return [_measure(kernels.split(method, w, t, key, spec=s), w, s) for s in specs]
-            branches = kernels.split(method, w, t, key)
-            return [_measure(branches, w, spec) for spec in specs]
+            if method in kernels.QUANT_METHODS or len(specs) == 1:
+                # shares on the spec's grid, or one spec: each its own candidate (a cheap
+                # split is then measured in blocks without being written)
+                return [_figures(measure_candidate(method, w, t, key, spec=s)[0]) for s in specs]
+            branches = kernels.split(method, w, t, key)  # one split measured under each spec
+            return [_figures(measure(w, branches, spec)) for spec in specs]
 
         grid.append(jax.lax.map(one, thr))
     signal = jnp.mean(jnp.square(w.astype(jnp.float32)))

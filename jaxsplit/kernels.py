@@ -557,8 +557,7 @@ def _compensate_elementwise(w, t, spec, tspec):
     blocks (``blocks.extremes_in_blocks``), then each value is independent."""
     ft = jnp.promote_types(w.dtype, jnp.float32)
     win = min(spec.qmax, COMPENSATE_WINDOW)
-    (ex,) = blocks.extremes_in_blocks(lambda x: (_excess(x, t)[3],), (w,))
-    step = quant.scale(ex, tspec)
+    step = _scale_in_blocks(lambda x: _excess(x, t)[3], w, tspec)
     e1, eg = blocks.extremes_in_blocks(lambda x: _snap_shares(x, t, step, tspec), (w,))
     r1, rg = quant.scale(e1.astype(ft), spec), quant.scale(eg.astype(ft), tspec)
     specs = ((spec, r1), (tspec, rg))
@@ -625,20 +624,25 @@ def elementwise(
     if method == "clip":
         return lambda x: clip(x, t)
     if method == "grid":
-        (e,) = blocks.extremes_in_blocks(lambda x: (_grid_half(x, t),), (w,))
-        step = quant.scale(e, tspec)
+        step = _scale_in_blocks(lambda x: _grid_half(x, t), w, tspec)
         return lambda x: _grid_shares(x, t, step)
     if method == "snap":
-        (e,) = blocks.extremes_in_blocks(lambda x: (_excess(x, t)[3],), (w,))
-        step = quant.scale(e, tspec)
+        step = _scale_in_blocks(lambda x: _excess(x, t)[3], w, tspec)
         return lambda x: _snap_shares(x, t, step, tspec)
     if method == "compensate":
         if calibration is not None and jnp.ndim(calibration) == 2:
             return None  # a matrix calibration couples the values of each column
         return _compensate_elementwise(w, t, spec, tspec)
     (e,) = blocks.extremes_in_blocks(lambda x: (x,), (w,))
-    qp = quant.qparams(e.astype(w.dtype), spec)
+    qp = quant.qparams(e, spec)
     return lambda x: _residual(x, t, spec, qp)
+
+
+def _scale_in_blocks(f, w, spec):
+    """``quant.scale(f(w), spec)`` (per tensor) of an elementwise ``f``, from its extremes
+    in blocks: ``f(w)`` is never written."""
+    (e,) = blocks.extremes_in_blocks(lambda x: (f(x),), (w,))
+    return quant.scale(e, spec)
 
 
 def window_start(a: jax.Array, qmax: int, win: int) -> jax.Array:

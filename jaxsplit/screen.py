@@ -392,39 +392,35 @@ def measure_picks(
     def zero(proto):  # a skipped pick's figures (or branches)
         return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), proto)
 
-    def pick(flat, t, gos, carry):
-        if len(gos) == 1:
-            return gos[0](carry, t)
-        return jax.lax.switch(flat // n, gos, carry, t)
+    def pick(flat, gos):  # ``gos[method](threshold)`` of a flat candidate
+        t = thresholds[flat % n]
+        return jax.lax.switch(flat // n, gos, t) if len(gos) > 1 else gos[0](t)
 
     if rank is None or not stored:
-        gos = [lambda carry, t, f=f: (carry, f(t)[0]) for f in fs]
+        gos = [lambda t, f=f: f(t)[0] for f in fs]
 
         def one(a):
             flat, skip = a
-            t = thresholds[flat % n]
-            return jax.lax.cond(
-                skip, lambda: zero(shapes[0][0]), lambda: pick(flat, t, gos, None)[1]
-            )
+            return jax.lax.cond(skip, lambda: zero(shapes[0][0]), lambda: pick(flat, gos))
 
         got = jax.lax.map(one, (chosen, dup))
         kept = None
     else:
         bzero = tuple(stored[0])
 
-        def exact(flat, skip):  # (measurement, branches: zeros where not stored)
-            t = thresholds[flat % n]
-            gos = [
-                lambda t, f=f, st=(s[1] is not None): (
-                    lambda m, bs: (m, tuple(bs) if st else zero(bzero))
-                )(*f(t))
-                for f, s in zip(fs, shapes, strict=True)
-            ]
+        def with_branches(f):  # a method's (measurement, branches: zeros if not stored)
+            def go(t):
+                m, bs = f(t)
+                return m, zero(bzero) if bs is None else tuple(bs)
 
-            def go():
-                return jax.lax.switch(flat // n, gos, t) if len(gos) > 1 else gos[0](t)
+            return go
 
-            return jax.lax.cond(skip, lambda: (zero(shapes[0][0]), zero(bzero)), go)
+        gos = [with_branches(f) for f in fs]
+
+        def exact(flat, skip):
+            return jax.lax.cond(
+                skip, lambda: (zero(shapes[0][0]), zero(bzero)), lambda: pick(flat, gos)
+            )
 
         keeps = jnp.array([s[1] is not None for s in shapes])
 
@@ -435,7 +431,7 @@ def measure_picks(
             better = (r < best[0]) | ((r == best[0]) & (a[0] < best[1]) & jnp.isfinite(r))
             return jax.lax.cond(better, lambda: (r, a[0], bs), lambda: best), m
 
-        init = (jnp.float32(jnp.inf), jnp.asarray(total, chosen.dtype), zero(tuple(stored[0])))
+        init = (jnp.float32(jnp.inf), jnp.asarray(total, chosen.dtype), zero(bzero))
         (_, flat, bs), got = jax.lax.scan(step, init, (chosen, dup))
         kept = (flat, bs)
     at = jnp.where(dup, total, chosen)  # repeats dropped from the scatter

@@ -22,8 +22,29 @@ def _same(a, b):
     return all(np.array_equal(_bits(x), _bits(y)) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("n", [2 * blocks.BLOCK, 3 * blocks.BLOCK + 7, 65_792, 8191, 100])
-def test_in_blocks_matches_the_whole_array_run(n):
+#: A kernel of more than ``16 * BLOCK`` values runs in ``ceil(n / BLOCK)`` blocks; under that
+#: size in 16. The tests reach the first case at a small size with ``BLOCK`` set smaller.
+MANY = "25 blocks"
+
+
+@pytest.fixture
+def many(monkeypatch):
+    """``blocks.BLOCK = 4096``: 100_000 values run in 25 blocks. The jit caches are cleared
+    around it (they may hold programs traced under the other ``BLOCK``)."""
+    jax.clear_caches()
+    monkeypatch.setattr(blocks, "BLOCK", 4096)
+    assert blocks._count(100_000) == 25
+    yield 100_000
+    jax.clear_caches()
+
+
+def _size(n, request):
+    return request.getfixturevalue("many") if n == MANY else n
+
+
+@pytest.mark.parametrize("n", [2 * blocks.BLOCK, 3 * blocks.BLOCK + 7, 65_792, 8191, 100, MANY])
+def test_in_blocks_matches_the_whole_array_run(n, request):
+    n = _size(n, request)
     x = jnp.asarray(np.random.default_rng(n).standard_normal(n).astype("f4"))
     y = jnp.flip(x)
 
@@ -102,7 +123,7 @@ def test_blocked_compensate_is_bit_identical_to_the_whole_array_one(
     bits, dtype, narrow, monkeypatch
 ):
     rng = np.random.default_rng(bits)
-    n = 3 * blocks.BLOCK + 1000  # 4 blocks, the last one padded
+    n = 16 * 4096 + 1000  # 16 blocks, the last one padded
     w = (rng.standard_t(3, size=n) * 0.02).astype("f4")
     w[:6] = [0.0, -0.0, 1e-40, -1e-39, 0.5, -0.7]  # zeros, subnormals, the maxima
     t = float(np.quantile(np.abs(w), 0.9))
@@ -157,8 +178,9 @@ def _kernel(n, dtype, seed=0, subnormal=True):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("n", [3 * blocks.BLOCK + 1000, 65_792, 300])
-def test_elementwise_split_in_blocks_is_split_bit_for_bit(n, dtype):
+@pytest.mark.parametrize("n", [MANY, 65_792, 300])
+def test_elementwise_split_in_blocks_is_split_bit_for_bit(n, dtype, request):
+    n = _size(n, request)
     w = _kernel(n, dtype)
     t = jnp.float32(0.03)
     for spec, method, branches in _cases():
@@ -223,7 +245,7 @@ def _check(m, want):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("n", [3 * blocks.BLOCK + 1000, 300])
+@pytest.mark.parametrize("n", [65_792 + 1000, 300])
 def test_blocked_measure_matches_the_whole_array_figures(n, dtype):
     w = _kernel(n, dtype, seed=2, subnormal=False)
     t = jnp.float32(0.03)

@@ -510,18 +510,22 @@ def _nearest_codes(w, w1s, w2s, s1, sg, specs, win):
     free = (w2s != 0) & ~pin & (s1 > 0) & (sg > 0)
     safe = jnp.where(sg > 0, sg, 1)
 
+    zero = _unknown_zero(wf)
+
     def reach(a):  # the error of code ``a`` on branch_0, and whether it keeps the scales
-        v1 = a * s1
+        v1 = _rounded(a * s1, zero)
         rest = wf - v1
         k = jnp.clip(jnp.round(rest / safe), -q2, q2)
-        return v1 + k * sg - wf, jnp.abs(rest) <= top2
+        return v1 + _rounded(k * sg, zero) - wf, jnp.abs(rest) <= top2
 
     def nearest_zero(a, best):
         e, ok = reach(a.astype(ft))
         better = ok & (jnp.abs(e) < jnp.abs(best[1]))
         return jnp.where(better, a, best[0]), jnp.where(better, e, best[1])
 
-    e_snap = _quantize(b1, spec1, r1) + _quantize(b2, spec2, r2) - wf
+    e_snap = (
+        _rounded(_quantize(b1, spec1, r1), zero) + _rounded(_quantize(b2, spec2, r2), zero) - wf
+    )
     a_snap = jnp.round(b1 / jnp.where(s1 > 0, s1, 1))
     lo = window_start(a_snap, q1, win)
 
@@ -531,6 +535,23 @@ def _nearest_codes(w, w1s, w2s, s1, sg, specs, win):
     a0, e0 = lax.fori_loop(0, 2 * win + 1, scan, (a_snap, e_snap))
     moved = free & (jnp.abs(e0) < jnp.abs(e_snap))  # otherwise snap's shares stay
     return jnp.where(moved, a0, a_snap), moved, jnp.where(moved, e0, e_snap), a_snap, free
+
+
+def _unknown_zero(w):
+    """Integer zeros of ``w``'s float width that no compiler can prove zero (``isnan(w)``;
+    a ``nan`` position gets ``1``, but ``compensate`` never moves one)."""
+    ints = jnp.int64 if w.dtype == jnp.float64 else jnp.int32
+    return jnp.isnan(w).astype(ints)
+
+
+def _rounded(p, zero):
+    """The product ``p`` rounded on its own: its bits or-ed with ``zero`` (``_unknown_zero``),
+    so that no compiler contracts it with a following sum into a fused multiply-add. XLA's
+    CPU backend does that under its default LLVM optimisation, and then a jitted program and
+    the same ops run eagerly (or fused differently: in blocks, sharded) disagree in the last
+    bit of ``compensate``'s errors, hence in the codes it picks."""
+    ints = zero.dtype
+    return lax.bitcast_convert_type(lax.bitcast_convert_type(p, ints) | zero, p.dtype)
 
 
 def _quantize(x, spec, s):

@@ -2,7 +2,8 @@
 XLA's defaults. This re-checks the core exactness properties in a subprocess with XLA's
 default flags: the quantizer bit-identical to the independent reference (per tensor, per
 channel, per group, bits 2-16, heavy-tailed weights) and every method's split merging back
-bit for bit (float32 and bfloat16, with zeros, ties and huge values)."""
+bit for bit (float32 and bfloat16, with zeros, ties and huge values), and ``compensate``
+choosing the same split eagerly, jitted and op by op (its products rounded on their own)."""
 
 import os
 import subprocess
@@ -48,6 +49,21 @@ SCRIPT = textwrap.dedent(
             back = np.asarray(js.merge_params(p2)["d"]["kernel"])
             bits = np.uint16 if dtype is not np.float32 else np.uint32
             assert np.array_equal(back.view(bits), x.view(bits)), (method, dtype)
+    # compensate picks the same codes however XLA compiles it (kernels._rounded): eager
+    # (blocked), one jitted program, and its elementwise function op by op on the whole kernel
+    import jax, jax.numpy as jnp
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        x = jnp.asarray((np.random.default_rng(1).standard_t(3, (257, 63)) * 0.02).astype(dtype))
+        t = float(np.quantile(np.abs(np.asarray(x, np.float32)), 0.95))
+        bits = np.uint16 if dtype is not np.float32 else np.uint32
+        for spec in (quant.QuantSpec(bits=4), quant.QuantSpec(bits=8)):
+            eager = kernels.compensate(x, t, spec)
+            jitted = jax.jit(lambda v: kernels.compensate(v, t, spec))(x)
+            whole = kernels.elementwise("compensate", x, t, spec=spec)(x)
+            for other in (jitted, whole):
+                for a, b in zip(eager, other, strict=True):
+                    assert np.array_equal(np.asarray(a).view(bits), np.asarray(b).view(bits)), (
+                        dtype, spec)
     print("ok", len(specs), len(kernels.METHODS))
     """
 )

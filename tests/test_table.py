@@ -114,7 +114,8 @@ def test_applies_only_where_the_split_is_a_function_of_each_value():
 
 
 def _bf16_tree():
-    sizes = {"a": (512, 512), "b": (1024, 256), "c": (256, 2048), "small": (64, 32)}
+    # two layers of one shape (one compile of each program), one twice the size
+    sizes = {"a": (512, 512), "b": (512, 512), "c": (256, 2048), "small": (64, 32)}
     return {
         "params": {
             k: {"kernel": _student_t(s, 10 + i, df=3 + 2 * i)}

@@ -17,10 +17,15 @@ SCRIPT = textwrap.dedent(
     """
     import os, sys
     import numpy as np, ml_dtypes
+    import jax, jax.numpy as jnp
     import jaxsplit as js
     from jaxsplit import kernels, quant
     sys.path.insert(0, sys.argv[1])
     from quant_reference import ref_quantize_exact
+
+    def bits(a):  # the raw bits, to compare floats exactly
+        a = np.asarray(a)
+        return a.view(f"u{a.dtype.itemsize}")
 
     flags = os.environ.get("XLA_FLAGS", "")
     for name in sys.argv[2:]:
@@ -46,24 +51,20 @@ SCRIPT = textwrap.dedent(
             if spec is not None:
                 kw["spec"] = spec
             p2 = js.split_params({"d": {"kernel": x}}, js.SplitConfig(layers=["d"], **kw))
-            back = np.asarray(js.merge_params(p2)["d"]["kernel"])
-            bits = np.uint16 if dtype is not np.float32 else np.uint32
-            assert np.array_equal(back.view(bits), x.view(bits)), (method, dtype)
+            back = js.merge_params(p2)["d"]["kernel"]
+            assert np.array_equal(bits(back), bits(x)), (method, dtype)
     # compensate picks the same codes however XLA compiles it (kernels._rounded): eager
     # (blocked), one jitted program, and its elementwise function op by op on the whole kernel
-    import jax, jax.numpy as jnp
     for dtype in (np.float32, ml_dtypes.bfloat16):
         x = jnp.asarray((np.random.default_rng(1).standard_t(3, (257, 63)) * 0.02).astype(dtype))
         t = float(np.quantile(np.abs(np.asarray(x, np.float32)), 0.95))
-        bits = np.uint16 if dtype is not np.float32 else np.uint32
         for spec in (quant.QuantSpec(bits=4), quant.QuantSpec(bits=8)):
             eager = kernels.compensate(x, t, spec)
             jitted = jax.jit(lambda v: kernels.compensate(v, t, spec))(x)
             whole = kernels.elementwise("compensate", x, t, spec=spec)(x)
             for other in (jitted, whole):
                 for a, b in zip(eager, other, strict=True):
-                    assert np.array_equal(np.asarray(a).view(bits), np.asarray(b).view(bits)), (
-                        dtype, spec)
+                    assert np.array_equal(bits(a), bits(b)), (dtype, spec)
     print("ok", len(specs), len(kernels.METHODS))
     """
 )

@@ -302,6 +302,7 @@ def test_readme_methods_example_runs_and_prints_what_it_says(capsys):
     assert f"# {printed}" in code, printed
 
 
+@pytest.mark.optimized
 def test_readme_methods_table_is_what_the_code_produces():
     from experiments import methods_table
 

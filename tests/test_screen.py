@@ -26,10 +26,10 @@ def _student_t(shape, seed=0, df=3):
         ("clip", 4, 0.02, 0, 64),
         ("clip", 8, 0.02, 1, 64),
         ("clip", 4, None, 2, 64),
-        ("auto", 4, 0.02, 3, 64),
+        pytest.param("auto", 4, 0.02, 3, 64, marks=pytest.mark.optimized),
         # int8 compensate's scan is the suite's slowest measurement: 16 candidates (the
         # exhaustive side measures them all) keep the same check in a third of the time (53 -> 18 s)
-        ("auto", 8, 0.005, 4, 16),
+        pytest.param("auto", 8, 0.005, 4, 16, marks=pytest.mark.optimized),
         ("balance", 4, 0.05, 5, 64),
     ],
 )
@@ -128,7 +128,11 @@ def _tree_totals(curves, picks):
 
 @pytest.mark.parametrize(
     ("method", "calibrated", "candidates"),
-    [("clip", False, 32), ("auto", False, 16), ("clip", True, 32)],
+    [
+        ("clip", False, 32),
+        pytest.param("auto", False, 16, marks=pytest.mark.optimized),
+        ("clip", True, 32),
+    ],
 )
 def test_tree_scope_screen_within_two_percent_of_exhaustive(method, calibrated, candidates):
     """Screened tree-scope curves (a few candidates measured per layer): the allocation

@@ -72,7 +72,11 @@ def test_split_table_with_four_branches_and_a_twin_spec():
         assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize(
+    "spec",
+    [pytest.param(s, marks=pytest.mark.optimized) if s.bits == 8 else s for s in SPECS],
+    ids=str,
+)
 def test_table_curve_equals_the_exhaustive_curve(spec):
     w = jnp.asarray(_student_t(SHAPE, 4))
     t = table.value_table(w)

@@ -11,6 +11,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 import conftest
 
 SCRIPT = textwrap.dedent(
@@ -29,7 +31,8 @@ SCRIPT = textwrap.dedent(
 
     flags = os.environ.get("XLA_FLAGS", "")
     for name in sys.argv[2:]:
-        assert name not in flags, flags
+        assert name not in flags and name not in os.environ, (name, flags)
+    assert not jax.config.read("jax_disable_most_optimizations")
     rng = np.random.default_rng(5)
     w = (rng.standard_t(2, size=(96, 40)) * 0.02).astype(np.float32)
     specs = [quant.QuantSpec(bits=b) for b in (2, 3, 4, 6, 8, 12, 16)]
@@ -78,11 +81,30 @@ def test_exactness_under_xla_default_flags():
         if f.split("=", 1)[0] not in {g.split("=", 1)[0] for g in conftest.FAST_COMPILE_FLAGS}
     ]
     env["XLA_FLAGS"] = " ".join(flags)
+    for name in conftest.FAST_COMPILE_ENV:
+        env.pop(name, None)
     tests = Path(__file__).resolve().parent
-    names = [f.split("=", 1)[0] for f in conftest.FAST_COMPILE_FLAGS]
+    names = [f.split("=", 1)[0] for f in conftest.FAST_COMPILE_FLAGS] + list(
+        conftest.FAST_COMPILE_ENV
+    )
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tests), *names],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok"), proc.stdout
+
+
+def _optimizations_off() -> bool:
+    import jax
+
+    return jax.config.read("jax_disable_most_optimizations")
+
+
+def test_session_compiles_fast_unless_asked_for_defaults():
+    assert _optimizations_off() == (os.environ.get("JAXSPLIT_TEST_XLA_DEFAULT", "") in ("", "0"))
+
+
+@pytest.mark.optimized
+def test_an_optimized_test_compiles_with_the_optimizations():
+    assert not _optimizations_off()

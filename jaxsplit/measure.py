@@ -46,6 +46,7 @@ computes these figures.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -101,6 +102,7 @@ class Measurement(NamedTuple):
     twin_nonzero: jax.Array
 
 
+@functools.partial(jax.jit, static_argnames=("spec", "twin_spec"))
 def measure(
     w: jax.Array,
     branches,
@@ -111,7 +113,10 @@ def measure(
 ) -> Measurement:
     """The error and cost of splitting ``w`` into ``branches`` under ``spec``.
 
-    Pure ``jnp``: call it inside ``jit``, ``lax.map`` or ``vmap``. Computed in float32
+    Pure ``jnp``: call it inside ``jit``, ``lax.map`` or ``vmap``; it is jitted itself
+    (``spec``, ``twin_spec`` static), so eager calls compile once per shape and
+    configuration (its blocked passes are loops that would otherwise compile anew at every
+    call: 0.46 s -> 2 ms a call on 512²). Computed in float32
     (float64 for float64 kernels). Per-tensor specs without a calibration: the branches'
     scales from their extremes, then the error and the counts, each in one pass of
     cache-sized blocks (``jaxsplit.blocks``; float sums in that order, counts exact; the
@@ -225,6 +230,7 @@ def measure_split(
     return _measured(w, (w,), split, spec, twin_spec)
 
 
+@functools.partial(jax.jit, static_argnames=("method", "spec", "branches", "twin_spec"))
 def measure_candidate(
     method: str,
     w: jax.Array,
@@ -241,7 +247,8 @@ def measure_candidate(
     Where the split is cheap to recompute (``kernels.RECOMPUTED``), elementwise
     (``kernels.elementwise``), measured without a calibration and run in blocks here
     (``blocks.blocked``), the branches are never written (``measure_split``) and come back
-    as ``None``; otherwise the kernel is split, the branches measured and returned.
+    as ``None``; otherwise the kernel is split, the branches measured and returned. Jitted
+    (``method``, ``spec``, ``branches``, ``twin_spec`` static), like ``measure``.
 
     Returns:
       ``(Measurement, branches or None)``.

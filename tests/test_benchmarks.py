@@ -54,3 +54,16 @@ def test_search_peak_reports_a_peak_at_least_the_start():
 
     res = search_peak.main(["--size", "64", "--method", "clip"])
     assert res["peak_after"] >= res["peak_before"] > 0 and res["layer_bytes"] == 64 * 64 * 4
+
+
+def test_eager_calls_reports_every_function():
+    from benchmarks import eager_calls
+
+    table = eager_calls.rows(sizes=(8,), reps=1)
+    assert [r["function"].split("(")[0] for r in table] == [
+        "kernels.compensate",
+        "measure.measure",
+        "measure.measure_candidate",
+    ]
+    assert all(r["first_ms"] > 0 and r["repeat_ms"] > 0 for r in table)
+    assert "| kernels.compensate | 8x8 |" in eager_calls.markdown(table)

@@ -37,7 +37,10 @@ on ``branch_0`` and counts them.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
+import os
 
 import jax
 import ml_dtypes
@@ -45,10 +48,10 @@ import numpy as np
 
 from jaxsplit.tree import x64
 
-__all__ = ["BLOCK", "MIN_BYTES", "supports", "split"]
+__all__ = ["BLOCK", "MIN_BYTES", "hugetlb_tunable", "malloc_huge_pages", "supports", "split"]
 
 #: Elements per block: the block's input, temporaries and outputs stay in a core's L2.
-BLOCK = 1 << 15
+BLOCK = 1 << 17
 #: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``). From
 #: 32 MiB on, glibc's ``malloc`` maps every block afresh (its ``mmap`` threshold never rises
 #: above 32 MiB), so each XLA output is faulted in 4 KiB pages and this path wins (64 MiB:
@@ -110,6 +113,45 @@ def _threshold_bits(value, dtype: np.dtype, method: str) -> int | None:
     return tb if low << fmt.mant <= tb < fmt.inf else None
 
 
+def hugetlb_tunable(environ: bytes) -> bool:
+    """Whether a process environment (``/proc/<pid>/environ``: ``NAME=value`` entries
+    separated by NUL bytes) sets glibc's ``glibc.malloc.hugetlb=1`` tunable.
+
+    Example:
+      >>> hugetlb_tunable(b"HOME=/root\\0GLIBC_TUNABLES=glibc.malloc.hugetlb=1\\0")
+      True
+      >>> hugetlb_tunable(b"GLIBC_TUNABLES=glibc.malloc.hugetlb=0:glibc.malloc.arena_max=2\\0")
+      False
+    """
+    for entry in environ.split(b"\0"):
+        name, _, value = entry.partition(b"=")
+        if name == b"GLIBC_TUNABLES":
+            settings = dict(t.partition(b"=")[::2] for t in value.split(b":"))
+            return settings.get(b"glibc.malloc.hugetlb") == b"1"
+    return False
+
+
+@functools.cache
+def malloc_huge_pages() -> bool:
+    """Whether this process's ``malloc`` asks for transparent huge pages: it was started
+    with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc reads its tunables at start, so
+    this reads the environment the process started with, ``/proc/self/environ``).
+
+    Then XLA's CPU outputs fault 2 MiB at a time too, and the compiled program, fused and
+    multi-threaded, is faster than this module (``benchmarks/RESULTS.md``): ``jaxsplit.split``
+    takes the host path only when this is ``False``.
+
+    Example:
+      >>> isinstance(malloc_huge_pages(), bool)
+      True
+    """
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            return hugetlb_tunable(f.read())
+    except OSError:  # not Linux
+        return False
+
+
 def supports(w, value, *, kind: str, axis, method: str, branches: int, min_bytes: int = 0) -> bool:
     """Whether ``split`` handles this kernel and rule (else the compiled program runs).
 
@@ -144,23 +186,42 @@ def _empty(shape, dtype: np.dtype) -> np.ndarray:
 
 
 class _Scratch:
-    """The block temporaries of one dtype (two integer blocks and a mask)."""
+    """One worker's block temporaries for one dtype: integer blocks and a mask."""
 
     def __init__(self, fmt: _Format, dtype: np.dtype):
-        self.a = np.empty(BLOCK, fmt.int)
-        self.b = np.empty(BLOCK, fmt.int)
+        self.a, self.b, self.c, self.d = (np.empty(BLOCK, fmt.int) for _ in range(4))
         self.m = np.empty(BLOCK, bool)
         self.dtype = dtype
+
+
+def _split_mask(a, d, fmt: _Format, tb: int):
+    """``d = -1`` where ``|w| > t`` (``a`` holds ``|w|``'s bits, all finite), else ``0``:
+    ``(tb - a) >> (width - 1)``, two integer passes (no bool casts)."""
+    np.subtract(tb, a, out=d)  # both in [0, inf): no overflow
+    np.right_shift(d, 8 * fmt.int.itemsize - 1, out=d)
 
 
 def _balance_block(x, o1, o2, fmt: _Format, tb: int, s: _Scratch) -> tuple[int, int]:
     """``balance`` of one block of bits ``x`` into ``o1``, ``o2`` (integer views)."""
     k = x.size
+    a, d = s.a[:k], s.d[:k]
+    np.bitwise_and(x, fmt.absmask, out=a)
+    if a.max() >= fmt.inf:  # a NaN or inf in this block: counted, never split
+        return _balance_slow(x, o1, o2, fmt, tb, s)
+    _split_mask(a, d, fmt, tb)
+    np.bitwise_and(d, -(1 << fmt.mant), out=a)  # minus one in the exponent where split
+    np.add(x, a, out=o1)
+    np.bitwise_and(o1, d, out=o2)
+    return int(np.count_nonzero(d)), 0
+
+
+def _balance_slow(x, o1, o2, fmt: _Format, tb: int, s: _Scratch) -> tuple[int, int]:
+    """``balance`` of a block holding NaN or inf: ``tb < |w| < inf`` as one unsigned
+    compare of ``|w| - tb - 1``, which rejects both."""
+    k = x.size
     a, m = s.a[:k], s.m[:k]
     np.bitwise_and(x, fmt.absmask, out=a)
-    bad = 0
-    if a.max() >= fmt.inf:  # a NaN or inf in this block: counted, never split
-        bad = int(np.count_nonzero(a >= fmt.inf))
+    bad = int(np.count_nonzero(a >= fmt.inf))
     np.subtract(a, tb + 1, out=a)
     np.less(a.view(fmt.uint), fmt.uint.type(fmt.inf - tb - 1), out=m)
     n = int(np.count_nonzero(m))
@@ -171,25 +232,33 @@ def _balance_block(x, o1, o2, fmt: _Format, tb: int, s: _Scratch) -> tuple[int, 
 
 
 def _clip_block(x, o1, o2, fmt: _Format, tb: int, s: _Scratch) -> tuple[int, int]:
-    """``clip`` of one block of bits ``x`` into ``o1``, ``o2`` (integer views)."""
+    """``clip`` of one block of bits ``x`` into ``o1``, ``o2`` (integer views).
+
+    ``e / ulp`` is computed as ``e * (1 / ulp)``: the same correctly rounded quotient, as
+    ``1 / ulp`` is a power of two and a normal number for every value that splits
+    (``ulp(t) >= tiny``); it is ``2 ** (2 * bias + mant - exponent)``, one integer pass.
+    """
     k = x.size
     dt = s.dtype
-    a, b, m = s.a[:k], s.b[:k], s.m[:k]
-    af, bf = a.view(dt), b.view(dt)
+    a, b, c, d = s.a[:k], s.b[:k], s.c[:k], s.d[:k]
+    af, bf, cf = a.view(dt), b.view(dt), c.view(dt)
     w = x.view(dt)
     t = np.asarray(tb, fmt.int).view(dt)
     np.bitwise_and(x, fmt.absmask, out=a)  # |w|
     if a.max() >= fmt.inf - 1:  # NaN, inf or the largest finite value (ulp: inf)
         return _clip_slow(w, o1.view(dt), o2.view(dt), t)
-    np.greater(af, t, out=m)
-    np.bitwise_and(a, fmt.inf, out=b)  # ulp(|w|) = 2**(exponent - mant), as bits
-    np.subtract(b, fmt.mant << fmt.mant, out=b)  # (garbage where |w| <= t: masked below)
+    _split_mask(a, d, fmt, tb)
+    np.bitwise_and(a, fmt.inf, out=b)  # the exponent field (garbage where |w| <= t: masked)
+    bias = fmt.inf >> fmt.mant >> 1
+    inv = fmt.uint.type((2 * bias + fmt.mant) << fmt.mant)  # minus the exponent: 1 / ulp(|w|)
+    np.subtract(inv, b.view(fmt.uint), out=c.view(fmt.uint))
+    np.subtract(b, fmt.mant << fmt.mant, out=b)  # ulp(|w|) = 2**(exponent - mant), as bits
     np.subtract(af, t, out=af)  # excess |w| - t
-    np.divide(af, bf, out=af)
+    np.multiply(af, cf, out=af)
     np.rint(af, out=af)
     np.multiply(af, bf, out=af)  # snapped to a multiple of ulp(w)
     np.copysign(af, w, out=af)
-    np.multiply(a, m, out=o2)  # branch_1: the signed excess where split, +0 elsewhere
+    np.bitwise_and(a, d, out=o2)  # branch_1: the signed excess where split, +0 elsewhere
     np.subtract(w, o2.view(dt), out=o1.view(dt))
     return int(np.count_nonzero(o2.view(dt))), 0
 
@@ -212,23 +281,49 @@ def _clip_slow(w, o1, o2, t) -> tuple[int, int]:
 _BLOCKS = {"balance": _balance_block, "clip": _clip_block}
 
 
-def _run(jobs, method: str, scratch: dict) -> list[list[int]]:
-    """Runs ``jobs`` (``(x, o1, o2, fmt, tb, dtype)``) block by block, on this thread;
-    returns the summed ``[n_split, n_nonfinite]`` of each job."""
+def _workers() -> int:
+    """The cores this process may run on (numpy's ufunc loops release the GIL)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _run(jobs, method: str, workers: int) -> list[list[int]]:
+    """Runs ``jobs`` (``(x, o1, o2, fmt, tb, dtype)``) block by block on ``workers``
+    threads (block ``i`` of the flat block list on thread ``i % workers``); returns the
+    summed ``[n_split, n_nonfinite]`` of each job. The blocks are independent, so the bits
+    do not depend on ``workers``."""
     fn = _BLOCKS[method]
-    totals = []
-    with np.errstate(all="ignore"):  # ``clip``'s masked-out lanes may divide by 0
-        for x, o1, o2, fmt, tb, dtype in jobs:
-            n = bad = 0
-            for i in range(0, x.size, BLOCK):
+    tasks = [(j, i) for j, job in enumerate(jobs) for i in range(0, job[0].size, BLOCK)]
+    workers = max(1, min(workers, len(tasks)))
+
+    def work(k: int) -> list[tuple[int, int, int]]:
+        scratch: dict = {}
+        done = []
+        with np.errstate(all="ignore"):  # ``clip``'s masked-out lanes may divide by 0
+            for j, i in tasks[k::workers]:
+                x, o1, o2, fmt, tb, dtype = jobs[j]
+                if dtype not in scratch:
+                    scratch[dtype] = _Scratch(fmt, dtype)
                 e = min(i + BLOCK, x.size)
-                dn, dbad = fn(x[i:e], o1[i:e], o2[i:e], fmt, tb, scratch[dtype])
-                n, bad = n + dn, bad + dbad
-            totals.append([n, bad])
+                done.append((j, *fn(x[i:e], o1[i:e], o2[i:e], fmt, tb, scratch[dtype])))
+        return done
+
+    if workers == 1:
+        parts = [work(0)]
+    else:
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(work, range(workers)))
+    totals = [[0, 0] for _ in jobs]
+    for part in parts:
+        for j, n, bad in part:
+            totals[j][0] += n
+            totals[j][1] += bad
     return totals
 
 
-def split(kernels, values, method: str):
+def split(kernels, values, method: str, *, workers: int | None = None):
     """The 2-way split of each kernel on the host: ``[(branches, counts, threshold)]``.
 
     Args:
@@ -236,6 +331,8 @@ def split(kernels, values, method: str):
         ``supports`` accepts for its threshold.
       values: one absolute threshold per kernel.
       method: ``"balance"`` or ``"clip"``.
+      workers: threads that split the blocks (default: every core this process may
+        use). The blocks are independent, so the bits never depend on it.
 
     Returns:
       Per kernel ``((branch_0, branch_1), counts, threshold)`` as ``programs.fused``
@@ -248,18 +345,19 @@ def split(kernels, values, method: str):
       >>> w1.tolist(), w2.tolist(), n.tolist()
       ([[0.5, -2.0]], [[0.0, -2.0]], [1, 0])
     """
-    jobs, outs, scratch = [], [], {}
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
+                                or workers < 1):  # fmt: skip
+        raise ValueError(f"workers must be a positive int or None (all cores), got {workers!r}")
+    jobs, outs = [], []
     for w, value in zip(kernels, values, strict=True):
         x = np.ascontiguousarray(_host_array(w))
         dtype = np.dtype(x.dtype)
         fmt = _FORMATS[dtype]
-        if dtype not in scratch:
-            scratch[dtype] = _Scratch(fmt, dtype)
         o1, o2 = _empty(x.shape, dtype), _empty(x.shape, dtype)
         flat = [y.reshape(-1).view(fmt.int) for y in (x, o1, o2)]
         jobs.append((*flat, fmt, _threshold_bits(value, dtype, method), dtype))
         outs.append((w, o1, o2, value))
-    totals = _run(jobs, method, scratch)
+    totals = _run(jobs, method, _workers() if workers is None else workers)
     groups: dict = {}  # one batched, zero-copy device_put per target (jax's per-call cost
     for k, (w, *_) in enumerate(outs):  # is ~0.1 ms: 200 small layers pay it once)
         target = w.sharding if isinstance(w, jax.Array) else None

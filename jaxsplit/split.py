@@ -958,7 +958,7 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
     outs, on_host, groups = [None] * len(todo), [], {}
     for i, (layer, w) in enumerate(zip(todo, ws, strict=True)):
         kind, value, axis = _rule(cfg, w, rule)
-        if cfg.method in HOST_METHODS and host.supports(
+        if cfg.method in HOST_METHODS and not host.malloc_huge_pages() and host.supports(
             w, value, kind=kind, axis=axis, method=cfg.method, branches=cfg.branches,
             min_bytes=host.MIN_BYTES,
         ):  # fmt: skip

@@ -86,6 +86,32 @@ def test_host_split_is_bit_identical_to_the_compiled_program(method, dtype):
         _assert_same(w.reshape(-1)[:12288].reshape(3, 4, 1024), t, method)
 
 
+@pytest.mark.parametrize(("method", "dtype"), CASES)
+def test_fast_and_slow_blocks_agree_on_any_thread_count(method, dtype):
+    # specials only in block 1 of 3.1: blocks 0 and 2 take the integer fast path, block 1
+    # the NaN/inf path; every thread count gives the compiled program's bits and counts
+    rng = np.random.default_rng(3)
+    w = (rng.standard_t(2, size=3 * host.BLOCK + 777) * 0.8).astype(dtype)
+    sp = _specials(dtype)
+    w[host.BLOCK + rng.choice(host.BLOCK, sp.size, replace=False)] = sp
+    assert (
+        not (~np.isfinite(w[: host.BLOCK])).any() and not (~np.isfinite(w[2 * host.BLOCK :])).any()
+    )
+    _assert_same(w, 0.9, method)
+    runs = [host.split([w, w[::-1].copy()], [0.9, 1.7], method, workers=k) for k in (1, 2, 5)]
+    for run in runs[1:]:
+        for ((a1, a2), an, _), ((b1, b2), bn, _) in zip(runs[0], run, strict=True):
+            assert np.array_equal(_bits(a1), _bits(b1)) and np.array_equal(_bits(a2), _bits(b2))
+            assert an.tolist() == bn.tolist()
+
+
+@pytest.mark.parametrize("workers", [0, -1, 1.5, True, "2"])
+def test_host_split_rejects_bad_worker_counts(workers):
+    w = np.ones((4, 4), np.float32)
+    with pytest.raises(ValueError, match=r"workers must be a positive int or None.*got"):
+        host.split([w], [1.0], "balance", workers=workers)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_host_clip_matches_at_every_scale(dtype):
     # thresholds from the smallest the host path takes to the huge: excesses of every size
@@ -166,6 +192,33 @@ def test_split_params_routes_only_host_methods_to_the_host(monkeypatch, method):
     (c1, c2), _, _ = _compiled(w, 1.0, method)
     assert np.array_equal(_bits(out["a"]["branch_0"]["kernel"]), _bits(c1))
     assert np.array_equal(_bits(out["a"]["branch_1"]["kernel"]), _bits(c2))
+
+
+def test_huge_page_malloc_sends_split_params_to_the_compiled_program(monkeypatch):
+    calls = []
+    real = host.split
+    monkeypatch.setattr(host, "MIN_BYTES", 0)
+    monkeypatch.setattr(host, "split", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    w = _kernel(np.float32, 5000).reshape(50, 100)
+    cfg = SplitConfig(layers=["*"], threshold=1.0, method="balance", allow_nonfinite=True)
+    outs = []
+    for huge in (False, True):
+        monkeypatch.setattr(host, "malloc_huge_pages", lambda huge=huge: huge)
+        outs.append(split_params({"a": {"kernel": w}}, cfg))
+    assert calls == ["balance"]  # only the process without huge-page malloc took the host
+    a, b = (jax.tree.leaves(o) for o in outs)
+    assert all(np.array_equal(_bits(x), _bits(y)) for x, y in zip(a, b, strict=True))
+
+
+def test_hugetlb_tunable_reads_only_glibc_malloc_hugetlb_1():
+    env = b"PATH=/bin\0GLIBC_TUNABLES=%s\0LANG=C\0"
+    assert host.hugetlb_tunable(env % b"glibc.malloc.hugetlb=1")
+    assert host.hugetlb_tunable(env % b"glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    assert not host.hugetlb_tunable(env % b"glibc.malloc.hugetlb=0")
+    assert not host.hugetlb_tunable(env % b"glibc.malloc.hugetlb=2")  # hugetlbfs: reserved only
+    assert not host.hugetlb_tunable(env % b"glibc.malloc.arena_max=2")
+    assert not host.hugetlb_tunable(b"PATH=/bin\0HUGETLB=glibc.malloc.hugetlb=1\0")
+    assert not host.hugetlb_tunable(b"")
 
 
 def test_split_params_under_jit_uses_the_compiled_program_and_agrees():

@@ -6,9 +6,12 @@ CPU client takes every output from ``malloc``, which hands out large blocks as f
 each on an idle VM and several µs under load). Numpy asks the kernel for transparent huge
 pages (``madvise``) on the arrays it allocates, so its fresh arrays fault 2 MiB at a time.
 This module computes a split with numpy, one cache-sized block at a time (one read of
-``w``, one write of each branch), into numpy-allocated, 64-byte aligned outputs, and wraps
-them as ``jax.Array`` without a copy (``jax.device_put(..., may_alias=True)``, one
-batched call).
+``w``, one write of each branch; integer passes on the bits, no bool casts), on every core
+(threads: numpy's loops release the GIL), into numpy-allocated, 64-byte aligned outputs,
+and wraps them as ``jax.Array`` without a copy (``jax.device_put(..., may_alias=True)``,
+one batched call). In a process started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``,
+XLA's outputs get huge pages too and the compiled program is the faster route
+(``malloc_huge_pages``).
 
 It covers what the benchmarks need and what its arithmetic is proven for, and returns
 ``None`` for everything else (``split`` then runs the compiled program):
@@ -50,7 +53,9 @@ from jaxsplit.tree import x64
 
 __all__ = ["BLOCK", "MIN_BYTES", "hugetlb_tunable", "malloc_huge_pages", "supports", "split"]
 
-#: Elements per block: the block's input, temporaries and outputs stay in a core's L2.
+#: Elements per block (512 KiB of float32): with two threads, 1.40x the fresh-output floor
+#: on 1 x 4096² ``balance`` vs 1.79x at 1 << 16 and 1.92x for the single-threaded
+#: 1 << 15 blocks before (same process; ``benchmarks/RESULTS.md``).
 BLOCK = 1 << 17
 #: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``). From
 #: 32 MiB on, glibc's ``malloc`` maps every block afresh (its ``mmap`` threshold never rises

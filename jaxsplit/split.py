@@ -933,11 +933,11 @@ def _stats(w, kind, value, axis, key=None, **method):
         return programs.stats(w, value, key, kind=kind, axis=axis, **method)
 
 
-#: Methods that concrete CPU kernels of ``host.MIN_BYTES`` and up split on the host: only
-#: ``balance`` (integer arithmetic on the bits, 1.5x the fresh-output floor on 1 x 4096² vs 2.3x
-#: compiled, load 1.5). For ``clip`` the compiled program was faster on an idle box (69 vs 88
-#: ms, 81 vs 110 ms in a second run; ``benchmarks/RESULTS.md``), so ``host.split``'s ``clip`` is
-#: there for callers who choose it.
+#: Methods that concrete CPU kernels of ``host.MIN_BYTES`` and up split on the host (unless
+#: ``host.malloc_huge_pages()``): only ``balance`` (integer arithmetic on the bits, 1.4x the
+#: fresh-output floor on 1 x 4096² vs 3.0x compiled, same process). ``host.split``'s ``clip``
+#: was on par with the compiled program there (49 vs 52 ms, 51 vs 49 ms in a second run;
+#: ``benchmarks/RESULTS.md``), so it stays there for callers who choose it.
 HOST_METHODS = ("balance",)
 #: Same-shape kernels of at most this many bytes are split ``GROUP`` at a time by one
 #: program (``programs.fused_group``): for them the per-call dispatch is the cost.

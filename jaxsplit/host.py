@@ -59,12 +59,12 @@ __all__ = ["BLOCK", "MIN_BYTES", "hugetlb_tunable", "malloc_huge_pages", "suppor
 BLOCK = 1 << 17
 #: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``). From
 #: 32 MiB on, glibc's ``malloc`` maps every block afresh (its ``mmap`` threshold never rises
-#: above 32 MiB), so each XLA output is faulted in 4 KiB pages and this path wins (64 MiB:
-#: 41 ms vs 82 ms compiled, same process, interleaved). Below, freed blocks are often
-#: reused, and the compiled program (vectorised, multi-threaded) is faster than numpy's
-#: passes more often than not (16 MiB: 442 vs 176 ms in one run, 293 vs 320 in another; 4 MiB:
-#: 116 vs 79 ms; ``benchmarks/RESULTS.md``).
-MIN_BYTES = 32 << 20
+#: above 32 MiB), so each XLA output is faulted in 4 KiB pages and this path wins. Below,
+#: freed blocks are often reused, so the compiled program's faults vary from run to run:
+#: ``balance`` on 16 x 2048² (16 MiB each), host vs compiled, same process: 52 vs 124 ms,
+#: 97 vs 185, 102 vs 84; 12 MiB: 85 vs 152, 79 vs 107; 8 MiB: 109 vs 109, 81 vs 59; 4 MiB:
+#: 159 vs 116, 117 vs 98 (``benchmarks/RESULTS.md``).
+MIN_BYTES = 16 << 20
 _ALIGN = 64  # jax wraps a numpy buffer without copying iff it is 64-byte aligned
 
 

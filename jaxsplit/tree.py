@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -194,10 +195,15 @@ def weight_leaves(node: Mapping, weights: Weights = WEIGHT_NAMES, path: str = ""
       ['w']
     """
     out = []
+    named = not callable(weights)
     for k, v in raw(node).items():
-        leaf_path = f"{path}/{k}" if path else str(k)
-        plain = not isinstance(v, Mapping) and is_array(v)
-        if leaf_branch_count(v) or (plain and _is_weight(weights, k, leaf_path, v)):
+        if isinstance(v, Mapping):
+            if leaf_branch_count(v):
+                out.append(k)
+        elif named:  # the cheap name test first: most leaves are not weights
+            if str(k) in weights and is_array(v):
+                out.append(k)
+        elif is_array(v) and _is_weight(weights, k, f"{path}/{k}" if path else str(k), v):
             out.append(k)
     return out
 
@@ -295,9 +301,10 @@ class Layer:
     branches: int = 0
     leaf: bool = False
 
-    @property
+    @functools.cached_property
     def array(self):
-        """The layer's weight array (``branch_0``'s for a split layer), unwrapped."""
+        """The layer's weight array (``branch_0``'s for a split layer), unwrapped (read
+        once: a ``Layer`` lives for one call over a tree that call does not change)."""
         if self.leaf:
             w = raw(self.node)[self.weight]
             return unwrap(raw(w)["branch_0"] if self.branches else w)

@@ -940,7 +940,8 @@ def _stats(w, kind, value, axis, key=None, **method):
 #: ``benchmarks/RESULTS.md``), so it stays there for callers who choose it.
 HOST_METHODS = ("balance",)
 #: Same-shape kernels of at most this many bytes are split ``GROUP`` at a time by one
-#: program (``programs.fused_group``): for them the per-call dispatch is the cost.
+#: program (``programs.fused_group``; the rest of a run as one more group): for them the
+#: per-call dispatch is the cost (16 x 256²: 5.7 ms one program a kernel, PPQ 2.4 ms).
 GROUP_MAX_BYTES = 256 * 1024
 GROUP = 32
 #: Methods grouped: plain elementwise programs, which compile in ~10 ms a kernel (``random``'s
@@ -974,14 +975,15 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
             )
     grouped = []
     for (_, dtype, _, kind, axis), idx in groups.items():
-        full = len(idx) - len(idx) % GROUP
-        for i in idx[full:]:  # the rest of a run: one program per kernel
+        if len(idx) == 1:  # a kernel of its own shape: its own program
+            (i,) = idx
             with x64(dtype):
                 outs[i] = programs.fused(
                     ws[i], rule.value, _key(cfg, todo[i]), kind=kind, axis=axis,
                     **_method_args(cfg),
                 )  # fmt: skip
-        for s in range(0, full, GROUP):
+            continue
+        for s in range(0, len(idx), GROUP):  # groups of GROUP, then one of the rest
             part = idx[s : s + GROUP]
             with x64(dtype):
                 res = programs.fused_group(

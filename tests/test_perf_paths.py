@@ -254,7 +254,7 @@ def js_split(cfg, w):
 def test_grouped_small_kernels_match_one_program_per_kernel(method, threshold, monkeypatch):
     from jaxsplit import split as split_mod
 
-    n = split_mod.GROUP + 3  # one full group and three kernels of their own
+    n = split_mod.GROUP + 3  # one full group and a group of the three left
     ws = [_weights((6, 8), seed=i) for i in range(n)]
     tree = {f"L{i}": {"kernel": jnp.asarray(w)} for i, w in enumerate(ws)}
     cfg = SplitConfig(layers=["*"], threshold=threshold, method=method, allow_nonfinite=True)
@@ -263,7 +263,7 @@ def test_grouped_small_kernels_match_one_program_per_kernel(method, threshold, m
         dispatch, "fused_group", lambda ws, *a, **k: sizes.append(len(ws)) or real(ws, *a, **k)
     )
     out, rep = split_with_report(tree, cfg)
-    assert sizes == [split_mod.GROUP]
+    assert sizes == [split_mod.GROUP, 3]
     kind, value, axis = split_mod._rule(cfg, ws[0])
     for i, w in enumerate(ws):
         branches, counts, thr = dispatch.fused(

@@ -37,6 +37,7 @@ __all__ = [
     "count_codes",
     "balance_fused",
     "stats",
+    "threshold",
     "apply",
     "apply_donated",
     "fused",
@@ -143,6 +144,20 @@ def stats(
     """
     thr = resolve_rule(kind, value, w, axis)
     return count_codes(w, thr, _branches(w, thr, key, method, branches, spec)), thr
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "axis"))
+def threshold(w, value, *, kind: str, axis: int | None = None):
+    """``thresholds.resolve_rule`` compiled alone: the float32 threshold that ``fused``
+    computes inside its program, from one read of ``w`` (for ``relative``, ``value`` times
+    the largest finite ``|w|``: a max and one multiply, so the same bits in any program).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> float(threshold(jnp.array([0.5, -4.0]), 0.5, kind="relative"))
+      2.0
+    """
+    return resolve_rule(kind, value, w, axis)
 
 
 def _apply(

@@ -949,6 +949,32 @@ GROUP = 32
 GROUP_METHODS = ("balance", "clip")
 
 
+def _host_value(w, kind: str, value, axis, cfg: SplitConfig):
+    """The absolute threshold at which ``host.split`` splits ``w`` for ``cfg``, or ``None``
+    (the compiled program runs): ``HOST_METHODS``, kernels ``host.supports`` (concrete, on
+    the CPU, ``host.MIN_BYTES`` and up), no huge-page ``malloc``, and an absolute or a
+    per-tensor ``relative`` rule (``programs.threshold`` resolves it first: the same
+    float32 the compiled program computes)."""
+    if cfg.method not in HOST_METHODS or axis is not None or host.malloc_huge_pages():
+        return None
+    if kind not in ("absolute", "relative"):
+        return None
+
+    def ok(t) -> bool:
+        return host.supports(
+            w, t, kind="absolute", axis=None, method=cfg.method, branches=cfg.branches,
+            min_bytes=host.MIN_BYTES,
+        )  # fmt: skip
+
+    if kind == "relative":
+        if not ok(1.0):  # placement, dtype and size first: no statistic for nothing
+            return None
+        with x64(w.dtype):  # a numpy kernel is read in place where it is 64-byte aligned
+            x = jax.device_put(w, may_alias=True) if isinstance(w, np.ndarray) else w
+            value = float(programs.threshold(x, value, kind=kind))  # one sync, big kernels only
+    return value if ok(value) else None
+
+
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
     """Yields ``(layer, branches, n_split, threshold)``: every kernel dispatched before the
     single host sync; counts are ``None`` when traced. Concrete CPU kernels that ``host``
@@ -959,11 +985,9 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
     outs, on_host, groups = [None] * len(todo), [], {}
     for i, (layer, w) in enumerate(zip(todo, ws, strict=True)):
         kind, value, axis = _rule(cfg, w, rule)
-        if cfg.method in HOST_METHODS and not host.malloc_huge_pages() and host.supports(
-            w, value, kind=kind, axis=axis, method=cfg.method, branches=cfg.branches,
-            min_bytes=host.MIN_BYTES,
-        ):  # fmt: skip
-            on_host.append(i)
+        absolute = _host_value(w, kind, value, axis, cfg)
+        if absolute is not None:
+            on_host.append((i, absolute))
             continue
         if cfg.method in GROUP_METHODS and not is_traced(w) and w.nbytes <= GROUP_MAX_BYTES:
             sharding = getattr(w, "sharding", None)
@@ -993,9 +1017,8 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
                 )  # fmt: skip
             grouped.append((part, res))
     if on_host:
-        kernels = [ws[i] for i in on_host]
-        done = host.split(kernels, [rule.value] * len(kernels), cfg.method)
-        for i, out in zip(on_host, done, strict=True):
+        done = host.split([ws[i] for i, _ in on_host], [t for _, t in on_host], cfg.method)
+        for (i, _), out in zip(on_host, done, strict=True):
             outs[i] = out
     for part, (branches, counts, thrs) in grouped:
         for j, i in enumerate(part):  # the group's arrays, and this layer's row of them

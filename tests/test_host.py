@@ -194,6 +194,48 @@ def test_split_params_routes_only_host_methods_to_the_host(monkeypatch, method):
     assert np.array_equal(_bits(out["a"]["branch_1"]["kernel"]), _bits(c2))
 
 
+@pytest.mark.parametrize("dtype", DTYPES["balance"])
+def test_relative_thresholds_take_the_host_path_with_the_compiled_bits(monkeypatch, dtype):
+    from jaxsplit import Relative
+
+    calls = []
+    real = host.split
+    monkeypatch.setattr(host, "MIN_BYTES", 0)
+    monkeypatch.setattr(host, "split", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    w = _kernel(dtype, 6000, seed=2).reshape(60, 100)  # NaN/inf included: stats skip them
+    cfg = SplitConfig(layers=["*"], threshold=Relative(0.3), method="balance", allow_nonfinite=True)
+    with x64(w.dtype):
+        tree = {"a": {"kernel": w}, "b": {"kernel": jnp.asarray(w)}}  # numpy, and on device
+    out, rep = split_with_report(tree, cfg)
+    with np.errstate(over="ignore", invalid="ignore"):  # the statistic is in float32 (max: inf)
+        a = np.abs(w.astype(np.float32))
+    t = np.float32(0.3) * a[np.isfinite(a)].max()
+    assert calls == [[float(t), float(t)]]  # both kernels, at the resolved float32 threshold
+    with x64(w.dtype):
+        (c1, c2), cn, ct = programs.fused(jnp.asarray(w), 0.3, None, kind="relative",
+                                          method="balance")  # fmt: skip
+    nan = np.isnan(w)
+    for name in ("a", "b"):
+        b0, b1 = (out[name][f"branch_{i}"]["kernel"] for i in (0, 1))
+        assert np.array_equal(_bits(b0)[~nan], _bits(c1)[~nan])
+        assert np.array_equal(_bits(b1), _bits(c2))
+    assert [lay.n_split for lay in rep.layers] == [int(cn[0])] * 2
+    assert [lay.threshold for lay in rep.layers] == [float(ct)] * 2
+
+
+def test_per_channel_and_other_rules_stay_compiled(monkeypatch):
+    from jaxsplit import Relative, Sigma
+
+    calls = []
+    monkeypatch.setattr(host, "MIN_BYTES", 0)
+    monkeypatch.setattr(host, "split", lambda *a, **k: calls.append(a[1]))
+    w = _kernel(np.float32, 6000, seed=2).reshape(60, 100)
+    for thr in (Relative(0.3, per_channel=True), Sigma(2.0)):
+        cfg = SplitConfig(layers=["*"], threshold=thr, method="balance", allow_nonfinite=True)
+        split_params({"a": {"kernel": w}}, cfg)
+    assert calls == []
+
+
 def test_huge_page_malloc_sends_split_params_to_the_compiled_program(monkeypatch):
     calls = []
     real = host.split

@@ -993,9 +993,10 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
             sharding = getattr(w, "sharding", None)
             groups.setdefault((w.shape, w.dtype, sharding, kind, axis), []).append(i)
             continue
-        with x64(w.dtype):
+        with x64(w.dtype):  # a numpy kernel is read in place where it is 64-byte aligned
+            x = jax.device_put(w, may_alias=True) if isinstance(w, np.ndarray) else w
             outs[i] = programs.fused(
-                w, value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
+                x, value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
             )
     grouped = []
     for (_, dtype, _, kind, axis), idx in groups.items():

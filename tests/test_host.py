@@ -278,3 +278,23 @@ def test_nonfinite_kernels_still_raise_on_the_host_path():
     w = np.array([[0.5, np.nan, 3.0]], np.float32)
     with pytest.raises(ValueError, match="non-finite"):
         split_params({"d": {"kernel": w}}, SplitConfig(layers=["d"], threshold=1.0))
+
+
+@pytest.mark.parametrize("method", ["clip", "balance"])
+def test_numpy_kernels_read_in_place_are_never_written_or_kept(method):
+    # a 64-byte aligned numpy kernel is read by the compiled program without a copy
+    # (device_put may_alias); the split must neither write it nor keep a view of it
+    raw = np.empty(4000 * 4 + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    w = raw[off : off + 16000].view(np.float32).reshape(40, 100)
+    w[...] = _kernel(np.float32, 4000, seed=5).reshape(40, 100)
+    w[~np.isfinite(w)] = 0.0
+    keep = w.copy()
+    cfg = SplitConfig(layers=["*"], threshold=0.8, method=method)
+    out = split_params({"a": {"kernel": w}}, cfg)
+    assert np.array_equal(_bits(w), _bits(keep))
+    b0, b1 = (np.asarray(out["a"][f"branch_{i}"]["kernel"]).copy() for i in (0, 1))
+    w[...] = 7.0  # the caller reuses its buffer: the branches must not change
+    assert np.array_equal(_bits(out["a"]["branch_0"]["kernel"]), _bits(b0))
+    assert np.array_equal(_bits(out["a"]["branch_1"]["kernel"]), _bits(b1))
+    assert np.array_equal(_bits(merge_params(out)["a"]["kernel"]), _bits(keep))

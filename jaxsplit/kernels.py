@@ -766,8 +766,44 @@ def snap_to_ulp(x: jax.Array, w: jax.Array) -> jax.Array:
       >>> float(snap_to_ulp(jnp.float32(1e-9), jnp.float32(1.0)))
       0.0
     """
+    if _bit_ulp(x, w):
+        return _snap_bits(x, w)
     u = jnp.spacing(jnp.abs(w))
     return jnp.round(x / u) * u
+
+
+def _bit_ulp(x, w) -> bool:
+    """Whether ``snap_to_ulp`` builds ``ulp(w)`` from ``w``'s bits (``_snap_bits``): float32
+    and float64 on the CPU, where it gives ``jnp.spacing``'s results (2x faster on 4096²)."""
+    dt = jnp.result_type(w)
+    return (
+        dt in (jnp.float32, jnp.float64) and jnp.result_type(x) == dt
+        and jax.default_backend() == "cpu"
+    )  # fmt: skip
+
+
+def _snap_bits(x, w):
+    """``round(x / ulp(w)) * ulp(w)`` with ``ulp(w)`` and ``1 / ulp(w)`` built from the
+    exponent bits of ``w`` and no division (the quotient is the same correctly rounded
+    value: ``1 / ulp`` is a power of two, normal wherever the spacing is).
+
+    Lanes where ``jnp.spacing`` is not a normal number (``|w|`` whose spacing is
+    subnormal, below ``2 ** (mant + 1)`` times the smallest normal; ``±max``, whose
+    spacing is inf; inf; NaN) give NaN, as ``round(x / spacing) * spacing`` does there
+    under XLA's denormals-are-zero on the CPU (the NaN's sign may differ; every caller
+    keeps such a value whole through ``exact_or_keep``)."""
+    dt = jnp.result_type(w)
+    fi = jnp.finfo(dt)
+    mant, bias = fi.nmant, fi.maxexp - 1
+    ut = jnp.uint32 if dt.itemsize == 4 else jnp.uint64
+    expmask = (fi.maxexp * 2 - 1) << mant  # all exponent bits: inf and NaN
+    bits = lax.bitcast_convert_type(w, ut) & ut(expmask | ((1 << mant) - 1))  # |w|
+    e = bits & ut(expmask)
+    fast = (e >= ut((mant + 1) << mant)) & (e < ut(expmask)) & (bits != ut(expmask - 1))
+    u = lax.bitcast_convert_type(e - ut(mant << mant), dt)
+    inv = lax.bitcast_convert_type(ut((2 * bias + mant) << mant) - e, dt)
+    nan = jnp.asarray(jnp.nan, dt)
+    return jnp.where(fast, jnp.round(x * inv) * u, nan)
 
 
 def branch_sum(branches) -> jax.Array:

@@ -179,3 +179,59 @@ def test_random_near_smallest_normal_stays_exact(dtype):
     w = np.full(256, 4 * np.finfo(dtype).smallest_normal, dtype)
     w1, w2 = (np.asarray(x) for x in _random(w, 0.0, jax.random.key(0)))
     assert exact_sum(w1, w2, w)
+
+
+def _spacing_snap(x, w):
+    """``snap_to_ulp`` as it was: through ``jnp.spacing`` and a division."""
+    u = jnp.spacing(jnp.abs(w))
+    return jnp.round(x / u) * u
+
+
+def _any_bits(dtype, n, seed):
+    """Random bit patterns of ``dtype`` (every binade, subnormals, NaNs, infs), plus the
+    extremes, and small exponents oversampled."""
+    uint = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, np.iinfo(uint).max, n, dtype=uint, endpoint=True)
+    w = bits.view(dtype).copy()
+    fi = np.finfo(dtype)
+    sp = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, fi.max, -fi.max, fi.tiny, -fi.tiny,
+                   fi.smallest_subnormal, fi.tiny * 2.0**fi.nmant, 1.0, -3.0], dtype)  # fmt: skip
+    w[: sp.size] = sp
+    mant = fi.nmant
+    small = rng.integers(0, 2 * mant + 4, n // 4).astype(uint) << uint.type(mant)
+    keep = uint.type(np.iinfo(uint).max) ^ uint.type(
+        ((1 << (8 * uint.itemsize - 1 - mant)) - 1) << mant
+    )
+    w[-(n // 4) :] = ((bits[-(n // 4) :] & keep) | small).view(dtype)
+    return w
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("method", "kw"),
+    [("clip", {}), ("balance", {"branches": 4}), ("grid", {"spec": "q4"}),
+     ("snap", {"spec": "q4"}), ("residual", {"spec": "q4"}), ("compensate", {"spec": "q4"})],
+)  # fmt: skip
+def test_bit_built_ulps_give_the_spacing_results(monkeypatch, method, kw, dtype):
+    # snap_to_ulp builds ulp(w) from the bits on the CPU (no division, no jnp.spacing);
+    # every method that snaps gives the same branches, bit for bit, as through jnp.spacing
+    from jaxsplit import quant
+    from jaxsplit.tree import x64
+
+    kw = {k: quant.QuantSpec(bits=4) if v == "q4" else v for k, v in kw.items()}
+    w = _any_bits(dtype, 1 << 14, seed=7)
+    uint = np.dtype(f"u{np.dtype(dtype).itemsize}")
+    with x64(dtype):
+        wj = jnp.asarray(w)
+        for t in (0.0, 1e-30, 0.7):
+            assert kernels._bit_ulp(wj, wj)
+            new = jax.jit(lambda w, t: kernels.split(method, w, t, **kw))(wj, t)
+            with monkeypatch.context() as m:
+                m.setattr(kernels, "snap_to_ulp", _spacing_snap)
+                old = jax.jit(lambda w, t: kernels.split(method, w, t, **kw))(wj, t)
+            for a, b in zip(new, old, strict=True):
+                a, b = np.asarray(a), np.asarray(b)
+                nan = np.isnan(a) & np.isnan(b)
+                assert np.array_equal(a.view(uint)[~nan], b.view(uint)[~nan]), (method, t)
+                assert np.array_equal(np.isnan(a), np.isnan(b))

@@ -57,14 +57,15 @@ __all__ = ["BLOCK", "MIN_BYTES", "hugetlb_tunable", "malloc_huge_pages", "suppor
 #: on 1 x 4096² ``balance`` vs 1.79x at 1 << 16 and 1.92x for the single-threaded
 #: 1 << 15 blocks before (same process; ``benchmarks/RESULTS.md``).
 BLOCK = 1 << 17
-#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``). From
-#: 32 MiB on, glibc's ``malloc`` maps every block afresh (its ``mmap`` threshold never rises
-#: above 32 MiB), so each XLA output is faulted in 4 KiB pages and this path wins. Below,
-#: freed blocks are often reused, so the compiled program's faults vary from run to run:
-#: ``balance`` on 16 x 2048² (16 MiB each), host vs compiled, same process: 52 vs 124 ms,
-#: 97 vs 185, 102 vs 84; 12 MiB: 85 vs 152, 79 vs 107; 8 MiB: 109 vs 109, 81 vs 59; 4 MiB:
-#: 159 vs 116, 117 vs 98 (``benchmarks/RESULTS.md``).
-MIN_BYTES = 16 << 20
+#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``): numpy
+#: asks for huge pages from 4 MiB on, so from there this path's faults are 2 MiB ones in
+#: every process. The compiled program's vary: glibc maps blocks of 32 MiB and more afresh
+#: (4 KiB faults), and below that reuses freed blocks only once its mmap threshold has
+#: risen. ``balance`` on 64 x 1024² (4 MiB each), host vs compiled, same process: 122 vs
+#: 160 ms, 125 vs 159, 123 vs 227 (PPQ's process), but 159 vs 116 and 117 vs 98 in two
+#: earlier runs; 16 MiB: 52 vs 124, 97 vs 185, 102 vs 84; conv 3x3x256x256 (2.25 MiB, no
+#: huge pages): 15 vs 6 (``benchmarks/RESULTS.md``).
+MIN_BYTES = 4 << 20
 _ALIGN = 64  # jax wraps a numpy buffer without copying iff it is 64-byte aligned
 
 

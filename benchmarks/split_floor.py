@@ -1,7 +1,7 @@
 """Warm ``split_params`` against the fresh-output numpy floor, route by route, in one process.
 
 ``python -m benchmarks.split_floor [--trees 1x4096,16x2048,64x1024,conv16,small200]
-[--reps 7] [--methods balance,clip] [--ppq] [--json out.json]``
+[--reps 7] [--methods balance,clip] [--ppq] [--host-min-bytes N] [--json out.json]``
 
 Per tree (float32, threshold 1.0, about half the values split), interleaved rep by rep,
 medians (and the minor page faults of each call, which load does not change):
@@ -17,6 +17,9 @@ medians (and the minor page faults of each call, which load does not change):
 * ``ppq`` (``--ppq``, needs PPQ 0.6.6, see ``../shared/bench/README.md``): PPQ's
   ``HorizontalLayerSplitPass.optimize`` (``balance``) on an ONNX graph of the same weights
   (Gemm layers, or Conv layers for ``conv16``).
+
+``--host-min-bytes N`` moves ``jaxsplit.host.MIN_BYTES`` (the smallest kernel the host path
+takes) for the run: ``0`` sends every kernel it supports there, a huge value none.
 
 Run the compiled route under ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (a process-level
 setting: glibc then asks for huge pages on its ``mmap`` blocks, XLA's outputs included) to
@@ -187,6 +190,17 @@ def candidates(ws, methods, routes, conv: bool) -> dict:
     return {k: v for k, v in c.items() if route(k) in routes}
 
 
+@contextlib.contextmanager
+def host_min_bytes(n: int | None):
+    """``jaxsplit.host.MIN_BYTES`` set to ``n`` (``None``: unchanged) for this block only."""
+    keep = host.MIN_BYTES
+    host.MIN_BYTES = keep if n is None else n
+    try:
+        yield
+    finally:
+        host.MIN_BYTES = keep
+
+
 def measure(name: str, methods, reps: int, routes=ROUTES) -> dict:
     """One tree: every route's median and fastest time, page faults, ratios."""
     fns = candidates(weights(name), methods, routes, conv=name.startswith("conv"))
@@ -217,23 +231,37 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--routes", default=",".join(r for r in ROUTES if r != "ppq"))
     ap.add_argument("--reps", type=int, default=int(os.environ.get("REPS", 7)))
     ap.add_argument("--ppq", action="store_true", help="add the ppq route")
+    ap.add_argument(
+        "--host-min-bytes", type=int, default=None, metavar="N",
+        help="jaxsplit.host.MIN_BYTES for this run (default: the library's)",
+    )  # fmt: skip
     ap.add_argument("--json")
     args = ap.parse_args(argv)
+    if args.host_min_bytes is not None and args.host_min_bytes < 0:
+        ap.error(f"--host-min-bytes must be >= 0, got {args.host_min_bytes}")
     methods = args.methods.split(",")
     routes = {"floor_fresh", *args.routes.split(","), *(["ppq"] if args.ppq else [])}
     rows = []
-    print(f"load {os.getloadavg()[0]:.2f}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
-    for name in args.trees.split(","):
-        r = measure(name, methods, args.reps, routes)
-        rows.append(r)
-        cells = ", ".join(
-            f"{k} {v:.1f} ms ({r['vs_fresh'][k]:.2f}x, {r['faults'][k]} flt)"
-            for k, v in r["ms"].items()
+    with host_min_bytes(args.host_min_bytes):
+        tunables = os.environ.get("GLIBC_TUNABLES", "")
+        print(
+            f"load {os.getloadavg()[0]:.2f}; GLIBC_TUNABLES={tunables}; "
+            f"malloc huge pages {host.malloc_huge_pages()}; host.MIN_BYTES {host.MIN_BYTES}"
         )
-        print(f"{name}: {cells} | load {os.getloadavg()[0]:.2f}", flush=True)
+        for name in args.trees.split(","):
+            rows.append(_report(measure(name, methods, args.reps, routes)))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def _report(r: dict) -> dict:
+    cells = ", ".join(
+        f"{k} {v:.1f} ms ({r['vs_fresh'][k]:.2f}x, {r['faults'][k]} flt)"
+        for k, v in r["ms"].items()
+    )
+    print(f"{r['tree']}: {cells} | load {os.getloadavg()[0]:.2f}", flush=True)
+    return r
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def test_split_floor_runs_every_route_on_tiny_trees(tmp_path):
     from benchmarks import split_floor, split_scaling
 
     out = tmp_path / "floor.json"
-    rows = split_floor.main(["--trees", "2x64,small3,conv1", "--reps", "1", "--json", str(out)])
+    rows = split_floor.main(
+        ["--trees", "2x64,small3,conv1", "--reps", "1", "--host-min-bytes", "0", "--json", str(out)]
+    )
     assert [r["tree"] for r in rows] == ["2x64", "small3", "conv1"]
     for r in rows:
         routes = {f"{m}{x}" for m in ("balance", "clip") for x in ("", " compiled", " donate")}

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxsplit import sparse_io
+from jaxsplit import host, sparse_io
 from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
 from jaxsplit.tree import leaf_items, set_in, unwrap
 
@@ -57,7 +57,6 @@ logger = logging.getLogger("jaxsplit")
 FORMATS = ("orbax", "msgpack", "safetensors", "npz")
 _SUFFIXES = {".msgpack": "msgpack", ".safetensors": "safetensors", ".npz": "npz"}
 _NPZ_DTYPES = "__jaxsplit_dtypes__"  # npz entry recording dtypes numpy cannot store (bfloat16)
-_ALIGN = 64  # bytes: jax wraps a numpy buffer without a copy (device_put may_alias) iff aligned
 #: The npz entry (a JSON string ``{key: dtype name}``) naming extension dtypes (bfloat16).
 NPZ_DTYPES_KEY = _NPZ_DTYPES
 
@@ -425,8 +424,7 @@ class CheckpointReader:
     def _read_safetensors(self, keys: tuple) -> np.ndarray:
         shape, dt = self._raw[keys]
         a, b = self._offsets[keys]
-        buf = np.empty(b - a + _ALIGN, np.uint8)  # 64-byte aligned: jax reads it in place
-        buf = buf[(-buf.ctypes.data) % _ALIGN :][: b - a]
+        buf = host.empty_aligned((b - a,), np.uint8)  # jax reads it in place
         self._file.seek(self._data_start + a)
         if self._file.readinto(memoryview(buf)) != b - a:
             raise CheckpointError(f"cannot read {str(self.path)!r}: tensor {keys} is truncated")

@@ -774,7 +774,8 @@ def snap_to_ulp(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _bit_ulp(x, w) -> bool:
     """Whether ``snap_to_ulp`` builds ``ulp(w)`` from ``w``'s bits (``_snap_bits``): float32
-    and float64 on the CPU, where it gives ``jnp.spacing``'s results (2x faster on 4096²)."""
+    and float64 on the CPU, where it gives ``jnp.spacing``'s results (a 4096² ``clip`` split
+    18-21 -> 13-15 ms with huge-page outputs; ``benchmarks/RESULTS.md``)."""
     dt = jnp.result_type(w)
     return (
         dt in (jnp.float32, jnp.float64) and jnp.result_type(x) == dt
@@ -788,7 +789,7 @@ def _snap_bits(x, w):
     value: ``1 / ulp`` is a power of two, normal wherever the spacing is).
 
     Lanes where ``jnp.spacing`` is not a normal number (``|w|`` whose spacing is
-    subnormal, below ``2 ** (mant + 1)`` times the smallest normal; ``±max``, whose
+    subnormal, below ``2 ** mant`` times the smallest normal; ``±max``, whose
     spacing is inf; inf; NaN) give NaN, as ``round(x / spacing) * spacing`` does there
     under XLA's denormals-are-zero on the CPU (the NaN's sign may differ; every caller
     keeps such a value whole through ``exact_or_keep``)."""

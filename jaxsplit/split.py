@@ -969,10 +969,24 @@ def _host_value(w, kind: str, value, axis, cfg: SplitConfig):
     if kind == "relative":
         if not ok(1.0):  # placement, dtype and size first: no statistic for nothing
             return None
-        with x64(w.dtype):  # a numpy kernel is read in place where it is 64-byte aligned
-            x = jax.device_put(w, may_alias=True) if isinstance(w, np.ndarray) else w
-            value = float(programs.threshold(x, value, kind=kind))  # one sync, big kernels only
+        with x64(w.dtype):
+            value = float(programs.threshold(_in_place(w), value, kind=kind))  # one sync
     return value if ok(value) else None
+
+
+def _in_place(w):
+    """A numpy kernel as a ``jax.Array`` over its own buffer where it is 64-byte aligned
+    (``device_put(may_alias=True)``; a copy elsewhere); anything else as it is. Call it
+    under ``x64(w.dtype)``: a program reads it before ``split_params`` returns."""
+    return jax.device_put(w, may_alias=True) if isinstance(w, np.ndarray) else w
+
+
+def _fused_one(w, value, layer: Layer, kind: str, axis, cfg: SplitConfig):
+    """``programs.fused`` of one kernel (read in place where it is a numpy array)."""
+    with x64(w.dtype):
+        return programs.fused(
+            _in_place(w), value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
+        )
 
 
 def _run_fused(todo: list[Layer], cfg: SplitConfig):
@@ -993,20 +1007,12 @@ def _run_fused(todo: list[Layer], cfg: SplitConfig):
             sharding = getattr(w, "sharding", None)
             groups.setdefault((w.shape, w.dtype, sharding, kind, axis), []).append(i)
             continue
-        with x64(w.dtype):  # a numpy kernel is read in place where it is 64-byte aligned
-            x = jax.device_put(w, may_alias=True) if isinstance(w, np.ndarray) else w
-            outs[i] = programs.fused(
-                x, value, _key(cfg, layer), kind=kind, axis=axis, **_method_args(cfg)
-            )
+        outs[i] = _fused_one(w, value, layer, kind, axis, cfg)
     grouped = []
     for (_, dtype, _, kind, axis), idx in groups.items():
         if len(idx) == 1:  # a kernel of its own shape: its own program
             (i,) = idx
-            with x64(dtype):
-                outs[i] = programs.fused(
-                    ws[i], rule.value, _key(cfg, todo[i]), kind=kind, axis=axis,
-                    **_method_args(cfg),
-                )  # fmt: skip
+            outs[i] = _fused_one(ws[i], rule.value, todo[i], kind, axis, cfg)
             continue
         for s in range(0, len(idx), GROUP):  # groups of GROUP, then one of the rest
             part = idx[s : s + GROUP]

@@ -7,7 +7,8 @@ each on an idle VM and several µs under load). Numpy asks the kernel for transp
 pages (``madvise``) on the arrays it allocates, so its fresh arrays fault 2 MiB at a time.
 This module computes a split with numpy, one cache-sized block at a time (one read of
 ``w``, one write of each branch; integer passes on the bits, no bool casts), on every core
-(threads: numpy's loops release the GIL), into numpy-allocated, 64-byte aligned outputs,
+(threads: numpy's loops release the GIL), into outputs mapped in huge pages
+(``empty_aligned``: one fault per 2 MiB, 0.17 ms here, against 512 faults of ~1.5–4.6 µs),
 and wraps them as ``jax.Array`` without a copy (``jax.device_put(..., may_alias=True)``,
 one batched call). In a process started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``,
 XLA's outputs get huge pages too and the compiled program is the faster route
@@ -43,6 +44,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import mmap
 import os
 
 import jax
@@ -53,6 +55,8 @@ from jaxsplit.tree import x64
 
 __all__ = [
     "BLOCK",
+    "HUGE_BYTES",
+    "HUGE_PAGE",
     "MIN_BYTES",
     "empty_aligned",
     "hugetlb_tunable",
@@ -65,16 +69,16 @@ __all__ = [
 #: on 1 x 4096² ``balance`` vs 1.79x at 1 << 16 and 1.92x for the single-threaded
 #: 1 << 15 blocks before (same process; ``benchmarks/RESULTS.md``).
 BLOCK = 1 << 17
-#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``): numpy
-#: asks for huge pages from 4 MiB on, so from there this path's faults are 2 MiB ones in
-#: every process. The compiled program's vary: glibc maps blocks of 32 MiB and more afresh
-#: (4 KiB faults), and below that reuses freed blocks only once its mmap threshold has
-#: risen. ``balance`` on 64 x 1024² (4 MiB each), host vs compiled, same process: 122 vs
-#: 160 ms, 125 vs 159, 123 vs 227 (PPQ's process), but 159 vs 116 and 117 vs 98 in two
-#: earlier runs; 16 MiB: 52 vs 124, 97 vs 185, 102 vs 84; conv 3x3x256x256 (2.25 MiB, no
-#: huge pages): 15 vs 6 (``benchmarks/RESULTS.md``).
+#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``): from there
+#: ``empty_aligned`` maps its outputs in huge pages. Below it the compiled program's outputs
+#: come from ``malloc``'s reused heap (conv 3x3x256x256, 2.25 MiB: compiled 6 ms vs host 15
+#: before; ``benchmarks/RESULTS.md``).
 MIN_BYTES = 4 << 20
 _ALIGN = 64  # jax wraps a numpy buffer without copying iff it is 64-byte aligned
+#: Transparent huge pages' size on x86-64 and most arm64 kernels.
+HUGE_PAGE = 2 << 20
+#: ``empty_aligned`` maps arrays of at least this size on their own, in huge pages.
+HUGE_BYTES = 2 * HUGE_PAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,19 +194,37 @@ def supports(w, value, *, kind: str, axis, method: str, branches: int, min_bytes
 
 
 def empty_aligned(shape, dtype) -> np.ndarray:
-    """A new, untouched, 64-byte aligned array, allocated as numpy allocates any array
-    (so the allocator treats it like the floor's: huge pages from 4 MiB on, freed
-    blocks reused). jax wraps such a buffer without a copy (``device_put(may_alias=True)``).
+    """A new, untouched, 64-byte aligned array that faults in huge pages where it can.
+
+    From ``HUGE_BYTES`` on it is its own anonymous mapping, aligned to 2 MiB and advised
+    ``MADV_HUGEPAGE`` over its whole 2 MiB pages (the tail faults in 4 KiB pages, so the
+    array never holds more than its size): each 2 MiB of it costs one fault, whatever
+    ``malloc`` would have done with a block that size (glibc maps blocks of 32 MiB and
+    more afresh in 4 KiB faults, trims freed heap and faults it again, and numpy's own
+    ``madvise`` covers only the 2 MiB pages that happen to fall inside its block). It is
+    unmapped when the last array (or ``jax.Array``) using it goes. Below that, or where
+    ``mmap`` cannot advise (not Linux), numpy allocates it. jax wraps such a buffer
+    without a copy (``device_put(may_alias=True)``).
 
     Example:
       >>> a = empty_aligned((3, 5), np.float32)
       >>> a.shape, a.dtype.name, a.ctypes.data % 64
       ((3, 5), 'float32', 0)
+      >>> b = empty_aligned((1024, 1024), np.float32)  # 4 MiB: its own huge-page mapping
+      >>> b.ctypes.data % HUGE_PAGE == 0 or not hasattr(mmap, "MADV_HUGEPAGE")
+      True
     """
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(n + _ALIGN, np.uint8)
-    off = (-raw.ctypes.data) % _ALIGN
+    if n >= HUGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # shared memory gets no THP
+        raw = np.frombuffer(mmap.mmap(-1, n + HUGE_PAGE, flags=private), np.uint8)
+        off = (-raw.ctypes.data) % HUGE_PAGE
+        whole = n - n % HUGE_PAGE
+        raw.base.obj.madvise(mmap.MADV_HUGEPAGE, off, whole)  # ``raw.base``: the memoryview
+    else:
+        raw = np.empty(n + _ALIGN, np.uint8)
+        off = (-raw.ctypes.data) % _ALIGN
     return raw[off : off + n].view(dtype).reshape(shape)
 
 
@@ -210,7 +232,7 @@ class _Scratch:
     """One worker's block temporaries for one dtype: integer blocks and a mask."""
 
     def __init__(self, fmt: _Format, dtype: np.dtype):
-        self.a, self.b, self.c, self.d = (np.empty(BLOCK, fmt.int) for _ in range(4))
+        self.a, self.b, self.d = (np.empty(BLOCK, fmt.int) for _ in range(3))
         self.m = np.empty(BLOCK, bool)
         self.dtype = dtype
 
@@ -255,14 +277,15 @@ def _balance_slow(x, o1, o2, fmt: _Format, tb: int, s: _Scratch) -> tuple[int, i
 def _clip_block(x, o1, o2, fmt: _Format, tb: int, s: _Scratch) -> tuple[int, int]:
     """``clip`` of one block of bits ``x`` into ``o1``, ``o2`` (integer views).
 
-    ``e / ulp`` is computed as ``e * (1 / ulp)``: the same correctly rounded quotient, as
-    ``1 / ulp`` is a power of two and a normal number for every value that splits
-    (``ulp(t) >= tiny``); it is ``2 ** (2 * bias + mant - exponent)``, one integer pass.
+    ``ulp(|w|)`` is built from the exponent field (two integer passes; a normal power of
+    two for every value that splits, as ``ulp(t) >= tiny``), and ``w``'s sign is put back
+    with two integer passes instead of ``np.copysign`` (which numpy does not vectorise:
+    3x an integer pass). 14 passes over the block, 2.5x ``balance``'s.
     """
     k = x.size
     dt = s.dtype
-    a, b, c, d = s.a[:k], s.b[:k], s.c[:k], s.d[:k]
-    af, bf, cf = a.view(dt), b.view(dt), c.view(dt)
+    a, b, d = s.a[:k], s.b[:k], s.d[:k]
+    af, bf = a.view(dt), b.view(dt)
     w = x.view(dt)
     t = np.asarray(tb, fmt.int).view(dt)
     np.bitwise_and(x, fmt.absmask, out=a)  # |w|
@@ -270,18 +293,18 @@ def _clip_block(x, o1, o2, fmt: _Format, tb: int, s: _Scratch) -> tuple[int, int
         return _clip_slow(w, o1.view(dt), o2.view(dt), t)
     _split_mask(a, d, fmt, tb)
     np.bitwise_and(a, fmt.inf, out=b)  # the exponent field (garbage where |w| <= t: masked)
-    bias = fmt.inf >> fmt.mant >> 1
-    inv = fmt.uint.type((2 * bias + fmt.mant) << fmt.mant)  # minus the exponent: 1 / ulp(|w|)
-    np.subtract(inv, b.view(fmt.uint), out=c.view(fmt.uint))
     np.subtract(b, fmt.mant << fmt.mant, out=b)  # ulp(|w|) = 2**(exponent - mant), as bits
     np.subtract(af, t, out=af)  # excess |w| - t
-    np.multiply(af, cf, out=af)
+    np.divide(af, bf, out=af)  # exact: a power of two (as fast as a multiply here)
     np.rint(af, out=af)
-    np.multiply(af, bf, out=af)  # snapped to a multiple of ulp(w)
-    np.copysign(af, w, out=af)
-    np.bitwise_and(a, d, out=o2)  # branch_1: the signed excess where split, +0 elsewhere
+    np.multiply(af, bf, out=af)  # |excess| snapped to a multiple of ulp(w) (>= +0)
+    np.bitwise_and(a, d, out=a)  # where split, +0 elsewhere
+    n = int(np.count_nonzero(a))  # integer count: no -0 among these bits yet
+    np.bitwise_and(d, x, out=d)  # w's bits where split
+    np.bitwise_and(d, ~fmt.absmask, out=d)  # its sign (copysign in two integer passes)
+    np.bitwise_or(a, d, out=o2)  # branch_1: the signed excess where split, +0 elsewhere
     np.subtract(w, o2.view(dt), out=o1.view(dt))
-    return int(np.count_nonzero(o2.view(dt))), 0
+    return n, 0
 
 
 def _clip_slow(w, o1, o2, t) -> tuple[int, int]:
@@ -323,7 +346,7 @@ def _run(jobs, method: str, workers: int) -> list[list[int]]:
         scratch: dict = {}
         done = []
         with np.errstate(all="ignore"):  # ``clip``'s masked-out lanes may divide by 0
-            for j, i in tasks[k::workers]:
+            for j, i in tasks[k * len(tasks) // workers : (k + 1) * len(tasks) // workers]:
                 x, o1, o2, fmt, tb, dtype = jobs[j]
                 if dtype not in scratch:
                     scratch[dtype] = _Scratch(fmt, dtype)

@@ -934,11 +934,10 @@ def _stats(w, kind, value, axis, key=None, **method):
 
 
 #: Methods that concrete CPU kernels of ``host.MIN_BYTES`` and up split on the host (unless
-#: ``host.malloc_huge_pages()``): only ``balance`` (integer arithmetic on the bits, 1.4x the
-#: fresh-output floor on 1 x 4096² vs 3.0x compiled, same process). ``host.split``'s ``clip``
-#: was on par with the compiled program there (49 vs 52 ms, 51 vs 49 ms in a second run;
-#: ``benchmarks/RESULTS.md``), so it stays there for callers who choose it.
-HOST_METHODS = ("balance",)
+#: ``host.malloc_huge_pages()``), into outputs mapped in huge pages: ``balance`` (1.04x the
+#: fresh-output floor on 1 x 4096² vs 2.90x compiled, same process) and ``clip`` (1.83x vs
+#: 2.72x; its 14 numpy passes a block are 2.5x ``balance``'s). ``benchmarks/RESULTS.md``.
+HOST_METHODS = ("balance", "clip")
 #: Same-shape kernels of at most this many bytes are split ``GROUP`` at a time by one
 #: program (``programs.fused_group``; the rest of a run as one more group): for them the
 #: per-call dispatch is the cost (16 x 256²: 5.7 ms one program a kernel, PPQ 2.4 ms).

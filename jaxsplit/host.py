@@ -7,8 +7,7 @@ each on an idle VM and several µs under load). Numpy asks the kernel for transp
 pages (``madvise``) on the arrays it allocates, so its fresh arrays fault 2 MiB at a time.
 This module computes a split with numpy, one cache-sized block at a time (one read of
 ``w``, one write of each branch; integer passes on the bits, no bool casts), on every core
-(threads: numpy's loops release the GIL), into outputs mapped in huge pages
-(``empty_aligned``: one fault per 2 MiB, 0.17 ms here, against 512 faults of ~1.5–4.6 µs),
+(threads: numpy's loops release the GIL), into numpy-allocated, 64-byte aligned outputs,
 and wraps them as ``jax.Array`` without a copy (``jax.device_put(..., may_alias=True)``,
 one batched call). In a process started with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``,
 XLA's outputs get huge pages too and the compiled program is the faster route
@@ -44,7 +43,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import mmap
 import os
 
 import jax
@@ -55,8 +53,6 @@ from jaxsplit.tree import x64
 
 __all__ = [
     "BLOCK",
-    "HUGE_BYTES",
-    "HUGE_PAGE",
     "MIN_BYTES",
     "empty_aligned",
     "hugetlb_tunable",
@@ -69,16 +65,14 @@ __all__ = [
 #: on 1 x 4096² ``balance`` vs 1.79x at 1 << 16 and 1.92x for the single-threaded
 #: 1 << 15 blocks before (same process; ``benchmarks/RESULTS.md``).
 BLOCK = 1 << 17
-#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``): from there
-#: ``empty_aligned`` maps its outputs in huge pages. Below it the compiled program's outputs
-#: come from ``malloc``'s reused heap (conv 3x3x256x256, 2.25 MiB: compiled 6 ms vs host 15
-#: before; ``benchmarks/RESULTS.md``).
-MIN_BYTES = 4 << 20
+#: ``split`` takes kernels of at least this size here (``supports(min_bytes=)``). Host vs
+#: compiled, same process, 2026-12-07 (``benchmarks/RESULTS.md``): 16 x 2048² (16 MiB each)
+#: ``balance`` 104 vs 188 ms and 107 vs 164; 64 x 1024² (4 MiB) 146 vs 126 and 160 vs 100
+#: (``malloc`` hands XLA's outputs back from its heap there, numpy's 4 MiB blocks fault
+#: afresh); conv 3x3x256x256 (2.25 MiB) even. Stop 27 measured 4 MiB the other way round in
+#: three runs of five, so the line sits between the two sizes.
+MIN_BYTES = 8 << 20
 _ALIGN = 64  # jax wraps a numpy buffer without copying iff it is 64-byte aligned
-#: Transparent huge pages' size on x86-64 and most arm64 kernels.
-HUGE_PAGE = 2 << 20
-#: ``empty_aligned`` maps arrays of at least this size on their own, in huge pages.
-HUGE_BYTES = 2 * HUGE_PAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,37 +188,24 @@ def supports(w, value, *, kind: str, axis, method: str, branches: int, min_bytes
 
 
 def empty_aligned(shape, dtype) -> np.ndarray:
-    """A new, untouched, 64-byte aligned array that faults in huge pages where it can.
+    """A new, untouched, 64-byte aligned array, allocated as numpy allocates any array
+    (so the allocator treats it like the floor's: huge pages from 4 MiB on, freed
+    blocks reused). jax wraps such a buffer without a copy (``device_put(may_alias=True)``).
 
-    From ``HUGE_BYTES`` on it is its own anonymous mapping, aligned to 2 MiB and advised
-    ``MADV_HUGEPAGE`` over its whole 2 MiB pages (the tail faults in 4 KiB pages, so the
-    array never holds more than its size): each 2 MiB of it costs one fault, whatever
-    ``malloc`` would have done with a block that size (glibc maps blocks of 32 MiB and
-    more afresh in 4 KiB faults, trims freed heap and faults it again, and numpy's own
-    ``madvise`` covers only the 2 MiB pages that happen to fall inside its block). It is
-    unmapped when the last array (or ``jax.Array``) using it goes. Below that, or where
-    ``mmap`` cannot advise (not Linux), numpy allocates it. jax wraps such a buffer
-    without a copy (``device_put(may_alias=True)``).
+    Its own huge-page mapping (``mmap`` + ``MADV_HUGEPAGE``, 2 MiB aligned) was tried: one
+    fault per 2 MiB, but never reused, so a loop of splits faults every output afresh where
+    ``malloc`` hands back the last one's blocks; it was no faster in one process and had
+    slower outliers on a VM that reports freed pages to its host (``benchmarks/RESULTS.md``).
 
     Example:
       >>> a = empty_aligned((3, 5), np.float32)
       >>> a.shape, a.dtype.name, a.ctypes.data % 64
       ((3, 5), 'float32', 0)
-      >>> b = empty_aligned((1024, 1024), np.float32)  # 4 MiB: its own huge-page mapping
-      >>> b.ctypes.data % HUGE_PAGE == 0 or not hasattr(mmap, "MADV_HUGEPAGE")
-      True
     """
     dtype = np.dtype(dtype)
     n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if n >= HUGE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
-        private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS  # shared memory gets no THP
-        raw = np.frombuffer(mmap.mmap(-1, n + HUGE_PAGE, flags=private), np.uint8)
-        off = (-raw.ctypes.data) % HUGE_PAGE
-        whole = n - n % HUGE_PAGE
-        raw.base.obj.madvise(mmap.MADV_HUGEPAGE, off, whole)  # ``raw.base``: the memoryview
-    else:
-        raw = np.empty(n + _ALIGN, np.uint8)
-        off = (-raw.ctypes.data) % _ALIGN
+    raw = np.empty(n + _ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % _ALIGN
     return raw[off : off + n].view(dtype).reshape(shape)
 
 

@@ -108,7 +108,18 @@ class NonFiniteError(BadLayerError):
     Example:
       >>> issubclass(NonFiniteError, BadLayerError)
       True
+      >>> str(NonFiniteError.count("d", "kernel", 2))  # doctest: +ELLIPSIS
+      "layer 'd': kernel holds 2 non-finite value(s) (NaN/inf); pass allow_nonfinite=True ..."
     """
+
+    @classmethod
+    def count(cls, path: str, weight: str, n_bad: int) -> NonFiniteError:
+        """The error for ``n_bad`` non-finite values in layer ``path``'s ``weight``."""
+        return cls(
+            path,
+            f"layer {path!r}: {weight} holds {n_bad} non-finite value(s) (NaN/inf); pass "
+            f"allow_nonfinite=True to keep them on branch_0",
+        )
 
 
 class UnsplittableError(TypeError):

@@ -117,7 +117,8 @@ def _threshold_bits(value, dtype: np.dtype, method: str) -> int | None:
     """The threshold's bits in ``dtype`` (cast through float32 as ``resolve_rule``
     does), or ``None`` when it lies outside the range this module is exact for."""
     fmt = _FORMATS[dtype]
-    t = np.asarray(np.float32(value)).astype(dtype)
+    with np.errstate(over="ignore"):  # a threshold past the dtype's range: inf, declined
+        t = np.asarray(np.float32(value)).astype(dtype)
     if not np.isfinite(t) or t <= 0:
         return None
     tb = int(t.view(fmt.int))

@@ -430,6 +430,45 @@ class CheckpointReader:
             raise CheckpointError(f"cannot read {str(self.path)!r}: tensor {keys} is truncated")
         return buf.view(dt).reshape(shape)
 
+    def flat_readable(self, keys: tuple) -> bool:
+        """Whether ``read_flat`` can read ``keys`` in ranges (a dense safetensors tensor).
+
+        Example:
+          >>> import tempfile
+          >>> p = save({"w": np.arange(6.0).reshape(2, 3)}, tempfile.mkdtemp() + "/c.safetensors")
+          >>> with CheckpointReader(p) as r:
+          ...     r.flat_readable(("w",)), r.read_flat(("w",), 2, 5).tolist()
+          (True, [2.0, 3.0, 4.0])
+        """
+        keys = tuple(keys)
+        return self.fmt == "safetensors" and self.tensors[keys].form == "dense"
+
+    def read_flat(self, keys: tuple, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of a dense safetensors tensor in flat C order, as a
+        new 1-D array (one read of those bytes; the rest of the tensor is never read).
+
+        Raises:
+          ValueError: ``flat_readable(keys)`` is false, or the range is not within the
+            tensor (``0 <= start <= stop <= size``).
+          CheckpointError: the file is truncated.
+        """
+        keys = tuple(keys)
+        if not self.flat_readable(keys):
+            raise ValueError(
+                f"read_flat reads dense safetensors tensors; {'/'.join(keys)!r} is a "
+                f"{self.tensors[keys].form} tensor of a {self.fmt} checkpoint"
+            )
+        shape, dt = self._raw[keys]
+        size = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= start <= stop <= size:
+            raise ValueError(f"range [{start}, {stop}) is not within the {size} elements of {keys}")
+        a = self._offsets[keys][0] + start * dt.itemsize
+        n = (stop - start) * dt.itemsize
+        buf = host.empty_aligned((n,), np.uint8)
+        if os.preadv(self._file.fileno(), [memoryview(buf)], self._data_start + a) != n:
+            raise CheckpointError(f"cannot read {str(self.path)!r}: tensor {keys} is truncated")
+        return buf.view(dt)
+
     def _open_npz(self) -> None:
         self._file = np.load(self.path, allow_pickle=False)
         custom = {}

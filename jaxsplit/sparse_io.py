@@ -34,6 +34,8 @@ __all__ = [
     "check_sparse_below",
     "is_twin",
     "encode_leaf",
+    "sparse_fits",
+    "index_dtype",
     "encode_tree",
     "decode_tree",
     "record_from_tree",
@@ -196,17 +198,40 @@ def encode_leaf(array: np.ndarray, sparse_below: float) -> np.ndarray | SparseAr
       >>> type(encode_leaf(w, 0.25)).__name__, type(encode_leaf(w, 0.0)).__name__
       ('SparseArray', 'ndarray')
     """
-    if not sparse_below or array.ndim == 0 or array.size == 0:
-        return array
-    if array.dtype.itemsize not in (1, 2, 4, 8) or array.dtype.kind not in "fV":
+    if not sparse_fits(0, array.size, array.dtype, array.ndim, sparse_below):
         return array
     nnz = int(np.count_nonzero(array.reshape(-1).view(_uint(array.dtype))))
-    if nnz / array.size >= sparse_below:
-        return array
-    cost = nnz * (_index_dtype(array.size).itemsize + array.dtype.itemsize) + 8 * array.ndim
-    if cost >= array.nbytes:
+    if not sparse_fits(nnz, array.size, array.dtype, array.ndim, sparse_below):
         return array
     return SparseArray.from_dense(array)
+
+
+def sparse_fits(nnz: int, size: int, dtype, ndim: int, sparse_below: float) -> bool:
+    """Whether ``encode_leaf`` stores an array of ``nnz`` non-zero bit patterns sparse:
+    density below ``sparse_below`` and a record smaller than the dense bytes. False for
+    every larger ``nnz`` once false (so a writer may count block by block).
+
+    Example:
+      >>> sparse_fits(10, 1000, np.float32, 2, 0.25), sparse_fits(300, 1000, np.float32, 2, 0.25)
+      (True, False)
+    """
+    dtype = np.dtype(dtype)
+    if not sparse_below or ndim == 0 or size == 0:
+        return False
+    if dtype.itemsize not in (1, 2, 4, 8) or dtype.kind not in "fV":
+        return False
+    cost = nnz * (_index_dtype(size).itemsize + dtype.itemsize) + 8 * ndim
+    return nnz / size < sparse_below and cost < size * dtype.itemsize
+
+
+def index_dtype(size: int) -> np.dtype:
+    """The dtype of a ``SparseArray``'s indices for ``size`` dense elements.
+
+    Example:
+      >>> index_dtype(10).name, index_dtype(2**31).name
+      ('int32', 'int64')
+    """
+    return _index_dtype(size)
 
 
 def encode_tree(tree: Mapping, sparse_below: float, _root: Mapping | None = None, _keys=()):

@@ -934,9 +934,9 @@ def _stats(w, kind, value, axis, key=None, **method):
 
 
 #: Methods that concrete CPU kernels of ``host.MIN_BYTES`` and up split on the host (unless
-#: ``host.malloc_huge_pages()``), into outputs mapped in huge pages: ``balance`` (1.04x the
-#: fresh-output floor on 1 x 4096² vs 2.90x compiled, same process) and ``clip`` (1.83x vs
-#: 2.72x; its 14 numpy passes a block are 2.5x ``balance``'s). ``benchmarks/RESULTS.md``.
+#: ``host.malloc_huge_pages()``), into numpy's memory: ``balance`` (1.4-1.6x the fresh-output
+#: floor on 1 x 4096² vs 2.6-3.3x compiled, same process) and ``clip`` (1.8-2.5x vs
+#: 2.8-3.5x; its 14 numpy passes a block are 2.5x ``balance``'s). ``benchmarks/RESULTS.md``.
 HOST_METHODS = ("balance", "clip")
 #: Same-shape kernels of at most this many bytes are split ``GROUP`` at a time by one
 #: program (``programs.fused_group``; the rest of a run as one more group): for them the
@@ -1080,12 +1080,7 @@ def _host_stats(todo: list[Layer], stats: list, cfg: SplitConfig) -> list[tuple]
             counts, thr = counts[s[2]], thr[s[2]]
         n_split, n_bad = (int(x) for x in counts)
         if n_bad and not cfg.allow_nonfinite:
-            raise NonFiniteError(
-                layer.path,
-                f"layer {layer.path!r}: {layer.weight} holds {n_bad} non-finite "
-                f"value(s) (NaN/inf); pass allow_nonfinite=True to keep them on "
-                f"branch_0",
-            )
+            raise NonFiniteError.count(layer.path, layer.weight, n_bad)
         host.append((n_split, _host_threshold(thr)))
     return host
 

@@ -5,7 +5,9 @@ full list of layer paths (an unmatched pattern, an already-split or non-float se
 layer raises before anything is written), then per layer reads that layer's leaves,
 splits the one-layer subtree with ``jaxsplit.split_with_report`` (same config, same
 paths, so the same result as splitting the whole tree) and appends the branches to the
-output. Peak memory is about twice the largest tensor plus the runtime.
+output. Peak memory is about twice the largest tensor read whole plus the runtime; kernels
+past ``block_bytes`` split elementwise between safetensors files are never read whole
+(``_BlockedLayer``, ``jaxsplit.chunked``): the runtime plus a few blocks.
 
 Reading is streamed for safetensors, npz and orbax (one partial restore per layer);
 msgpack is read whole (logged warning). Writing is streamed for safetensors (the header
@@ -44,11 +46,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import io, sparse_io
+from jaxsplit import chunked, io, sparse_io
 from jaxsplit.config import Auto, SplitConfig
-from jaxsplit.errors import ConfigError
+from jaxsplit.errors import ConfigError, NonFiniteError
 from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
 from jaxsplit.split import (
+    LayerPlan,
     SplitReport,
     TreePlan,
     check_calibration,
@@ -62,7 +65,7 @@ from jaxsplit.split import (
     split_with_report,
     tree_curves,
 )
-from jaxsplit.tree import WEIGHT_NAMES, Weights, find_layers, leaf_items, set_in
+from jaxsplit.tree import WEIGHT_NAMES, Weights, find_layers, leaf_items, set_in, x64
 
 __all__ = [
     "LayerSource",
@@ -82,6 +85,10 @@ logger = logging.getLogger("jaxsplit")
 #: ``plan``: per-layer configs by path, or ``(path, {leaf: array}) -> SplitConfig | None``.
 Plan = Mapping[str, "SplitConfig"] | Callable[[str, Mapping[str, np.ndarray]], Any]
 Progress = Callable[[int, int, str], Any]
+#: ``split_checkpoint``'s default ``block_bytes``: kernels past 1 MiB split in 1 MiB blocks (the
+#: 1B-shaped bf16 ``clip`` split: 12.8 s and 32 MiB over the runtime, vs 18.6 s and 72 MiB in
+#: 4 MiB blocks and 22.1 s and 186 MiB whole; ``benchmarks/RESULTS.md``).
+DEFAULT_BLOCK_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,30 +351,52 @@ def iter_split(
 
 
 class _SafetensorsStream:
-    """Appends tensors to a safetensors file whose header is written last into reserved
-    space (padded with spaces, which the format allows)."""
+    """Writes tensors into a safetensors file's data section at known offsets (appended,
+    or into extents reserved first and filled block by block), the header last into
+    reserved space (padded with spaces, which the format allows)."""
 
     def __init__(self, path: pathlib.Path, budget: int):
         self.budget = budget + (-(8 + budget)) % 8  # data starts 8-byte aligned
         self.f = open(path, "wb")  # noqa: SIM115 (closed in close())
         self.f.write(b"\0" * (8 + self.budget))
+        self.f.flush()
         self.entries: dict[str, dict] = {}
-        self.end = 0
+        self.end = 0  # bytes of the data section reserved so far
+
+    def reserve(self, n: int) -> int:
+        """``n`` bytes at the end of the data section; returns their offset."""
+        start, self.end = self.end, self.end + n
+        return start
+
+    def cut(self, end: int) -> None:
+        """Drops what was reserved from ``end`` on (``finish`` truncates the file there)."""
+        self.end = end
+
+    def write_at(self, offset: int, a: np.ndarray) -> None:
+        """Writes ``a``'s bytes at ``offset`` of the data section."""
+        mv = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+        at, fd = 8 + self.budget + offset, self.f.fileno()
+        while mv:  # pwrite may write less than asked (2 GiB at most a call on Linux)
+            n = os.pwrite(fd, mv, at)
+            mv, at = mv[n:], at + n
+
+    def label(self, key: str, dtype: np.dtype, shape: tuple, start: int) -> None:
+        """Names the tensor whose bytes start at ``start`` in the header."""
+        name = io.SAFETENSORS_DTYPE_NAMES.get(np.dtype(dtype))
+        if name is None:
+            raise ValueError(f"tensor {key!r} has dtype {dtype}, which safetensors cannot store")
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        self.entries[key] = {
+            "dtype": name,
+            "shape": list(shape),
+            "data_offsets": [start, start + n],
+        }
 
     def add(self, keys: tuple, a: np.ndarray) -> None:
         key = "/".join(keys)
         a = np.require(a, requirements="C")  # (ascontiguousarray makes 0-d arrays 1-d)
-        name = io.SAFETENSORS_DTYPE_NAMES.get(a.dtype)
-        if name is None:
-            raise ValueError(f"tensor {key!r} has dtype {a.dtype}, which safetensors cannot store")
-        self.f.write(memoryview(a.reshape(-1).view(np.uint8)))
-        n = a.nbytes
-        self.entries[key] = {
-            "dtype": name,
-            "shape": list(a.shape),
-            "data_offsets": [self.end, self.end + n],
-        }
-        self.end += n
+        self.label(key, a.dtype, a.shape, self.end)  # checks the dtype before any write
+        self.write_at(self.reserve(a.nbytes), a)
 
     def finish(self) -> None:
         head = json.dumps(self.entries, separators=(",", ":")).encode()
@@ -375,6 +404,7 @@ class _SafetensorsStream:
             raise RuntimeError(f"safetensors header of {len(head)} bytes exceeds {self.budget}")
         self.f.seek(0)
         self.f.write(self.budget.to_bytes(8, "little") + head + b" " * (self.budget - len(head)))
+        self.f.truncate(8 + self.budget + self.end)
         self.close()
 
     def close(self) -> None:
@@ -475,6 +505,7 @@ def _run(
     prepare: Callable[[LayerSource], dict[str, Callable[[dict], dict]]],
     branches: Callable[[LayerSource], dict[str, int]],
     weights: Weights = WEIGHT_NAMES,
+    blocked: Callable[[LayerSource, str], dict[str, Callable]] | None = None,
 ) -> tuple[pathlib.Path, str, int, int, bool, bool, float]:
     t0 = time.perf_counter()
     out = pathlib.Path(dst)
@@ -485,6 +516,7 @@ def _run(
         source = LayerSource(reader, weights)
         _check_flat_keys(source, out_fmt)
         work = prepare(source)  # checks: raises before anything touches the disk
+        by_block = blocked(source, out_fmt) if blocked is not None else {}
         streamed_write = out_fmt in ("safetensors", "npz")
         if not streamed_write:
             logger.info(
@@ -505,6 +537,15 @@ def _run(
             out_skel = _structure(source.skel)  # the output's keys, for the twin rule
             try:
                 for done, (path, keys, leaves) in enumerate(source.units, 1):
+                    if path in by_block:  # read, split and written block by block
+                        n, node_structure = by_block[path](sink, leaves)
+                        if node_structure is not None:
+                            set_in(out_skel, keys, node_structure)
+                        n_out += n
+                        release()
+                        if progress is not None:
+                            progress(done, total, path)
+                        continue
                     sub = source.read_subtree(leaves, path)
                     if path in work:
                         sub = work[path](sub)
@@ -592,6 +633,7 @@ def split_checkpoint(
     progress: Progress | None = None,
     calibration: Mapping | None = None,
     sensitivity: Mapping | None = None,
+    block_bytes: int | None = DEFAULT_BLOCK_BYTES,
 ) -> StreamReport:
     """Splits a checkpoint file to file, one layer in memory at a time.
 
@@ -626,12 +668,20 @@ def split_checkpoint(
         ``split_params`` (validated against the checkpoint's layers before any read).
       sensitivity: ``{layer path: weight}`` (``js.sensitivity``), as for
         ``split_params``: weights ``Auto(scope="tree")``'s allocation.
+      block_bytes: kernels of more bytes than this, split elementwise (``balance`` or
+        ``clip`` at an absolute or a per-tensor ``Relative`` threshold, no ``plan``,
+        no calibration) from a safetensors input to a safetensors output, are read,
+        split and written in flat blocks of this many bytes (``jaxsplit.chunked``): the
+        same bits, and a peak memory that no longer grows with the kernel (a sparse twin
+        is held as its record until written: at most ``sparse_below`` of the values).
+        ``None``: every layer whole.
 
     Returns:
       A ``StreamReport`` (``.report`` is the ``SplitReport``).
 
     Raises:
       ValueError: unmatched pattern (``cfg.strict``), selected layer already split,
+        ``block_bytes`` not a positive int or ``None``,
         non-finite values (unless ``allow_nonfinite``), keys a flat format cannot store,
         ``dst`` is ``src``, ``plan`` names paths ``cfg`` does not select, ``plan`` with
         ``Auto(scope="tree")``, bad ``sparse_below``, bad ``calibration`` or
@@ -656,6 +706,13 @@ def split_checkpoint(
     _check_streamable(cfg)
     below = sparse_io.check_sparse_below(sparse_below)
     _check_progress(progress)
+    if block_bytes is not None and (
+        isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1
+    ):
+        raise ValueError(
+            f"block_bytes must be a positive int (bytes) or None (every layer whole), "
+            f"got {block_bytes!r}"
+        )
     if plan is not None and not (isinstance(plan, Mapping) or callable(plan)):
         raise TypeError(
             f"plan must be None, a mapping {{path: SplitConfig}} or a callable "
@@ -675,7 +732,7 @@ def split_checkpoint(
         (matches, available), paths, calib, tree = _searched(
             source, cfg, calibration, progress, sensitivity, plan=plan
         )
-        state.update(matches=matches, available=available, paths=paths, plans={})
+        state.update(matches=matches, available=available, paths=paths, plans={}, calib=calib)
 
         def split_one(path: str) -> Callable[[dict], dict]:
             def run(sub: dict) -> dict:
@@ -716,9 +773,31 @@ def split_checkpoint(
     def branches(source: LayerSource) -> dict[str, int]:
         return {p: 8 for p in state["paths"]}  # an upper bound for any plan
 
+    def blocked(source: LayerSource, out_fmt: str) -> dict[str, Callable]:
+        rule = cfg.rule
+        elementwise = not isinstance(rule, Auto) and chunked.supports(
+            rule.kind, rule.per_channel, cfg.method, cfg.branches
+        )
+        if block_bytes is None or out_fmt != "safetensors" or plan is not None or not elementwise:
+            return {}
+        out = {}
+        for path in state["paths"]:
+            lay = source.layers[path]
+            keys = source.layer_keys[path]
+            wkeys = keys if lay.leaf else (*keys, lay.weight)
+            t = source.reader.tensors[wkeys]
+            if (
+                t.nbytes > block_bytes
+                and path not in state["calib"]
+                and (source.reader.flat_readable(wkeys))
+            ):
+                out[path] = _BlockedLayer(source, path, cfg, block_bytes, below, state["plans"])
+        return out
+
     out, out_fmt, n, largest, sr, sw, secs = _run(
         src, dst, fmt=fmt, out_fmt=out_fmt, overwrite=overwrite, sparse_below=below,
         progress=progress, prepare=prepare, branches=branches, weights=cfg.weights,
+        blocked=blocked,
     )  # fmt: skip
     report = SplitReport(
         state["matches"], tuple(state["plans"][p] for p in state["paths"]), state["available"]
@@ -727,6 +806,110 @@ def split_checkpoint(
         out, out_fmt, report, (), n, _size_on_disk(pathlib.Path(src)), _size_on_disk(out),
         largest, sr, sw, secs,
     )  # fmt: skip
+
+
+class _BlockedLayer:
+    """One selected layer whose kernel is split block by block (``chunked``) straight
+    into a ``_SafetensorsStream``: ``branch_0`` into an extent reserved first, the twin
+    as a sparse record held per block (or, once it cannot be sparse, into a dense
+    extent), the other leaves after. Called as ``(sink, leaves) -> (tensors written,
+    the node's output structure or None)``; its ``LayerPlan`` goes into ``plans``."""
+
+    def __init__(self, source, path, cfg, block_bytes: int, below: float, plans: dict):
+        self.source, self.path, self.cfg, self.below, self.plans = source, path, cfg, below, plans
+        self.lay = source.layers[path]
+        self.keys = source.layer_keys[path]
+        self.wkeys = self.keys if self.lay.leaf else (*self.keys, self.lay.weight)
+        t = source.reader.tensors[self.wkeys]
+        self.shape, self.dtype = tuple(t.shape), np.dtype(_dtype(t.dtype))
+        self.size = int(np.prod(self.shape, dtype=np.int64))
+        self.block = max(1, block_bytes // self.dtype.itemsize)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.source.reader.read_flat(self.wkeys, start, stop)
+
+    def _fits(self, nnz: int) -> bool:
+        return sparse_io.sparse_fits(nnz, self.size, self.dtype, len(self.shape), self.below)
+
+    def __call__(self, sink: _SafetensorsStream, leaves: list[tuple]) -> tuple[int, Any]:
+        cfg, item, nbytes = self.cfg, self.dtype.itemsize, self.size * self.dtype.itemsize
+        uint = np.dtype(f"u{item}")
+        thr = chunked.threshold(self.read, self.size, self.block, cfg.rule.kind, cfg.rule.value)
+        b0 = sink.reserve(nbytes)
+        dense = None if self._fits(0) else sink.reserve(nbytes)
+        parts: list[tuple[int, np.ndarray, np.ndarray]] = []  # (start, indices, value bits)
+        nnz = n_split = n_bad = 0
+        for start, w1, w2, ns, nb in chunked.split_blocks(
+            self.read, self.size, self.block, thr, cfg.method
+        ):
+            n_split, n_bad = n_split + ns, n_bad + nb
+            sink.write_at(b0 + start * item, w1)
+            if dense is not None:
+                sink.write_at(dense + start * item, w2)
+                continue
+            bits = w2.view(uint)
+            idx = np.flatnonzero(bits)
+            parts.append((start, idx, bits[idx]))
+            nnz += idx.size
+            if not self._fits(nnz):  # it never fits again: the twin is stored dense
+                dense = sink.reserve(nbytes)
+                for s, i, v in parts:  # the blocks so far, densified one at a time
+                    d = np.zeros(min(self.block, self.size - s), uint)
+                    d[i] = v
+                    sink.write_at(dense + s * item, d)
+                parts = []
+        if n_bad and not cfg.allow_nonfinite:
+            raise NonFiniteError.count(self.path, self.lay.weight, n_bad)
+        others = [k for k in leaves if k != self.wkeys]
+        if n_split == 0:  # skipped, as split_params skips it: the layer as stored
+            sink.cut(b0)
+            self._plan("skip", "no value above threshold", 0, thr)
+            at = sink.reserve(nbytes)  # the stored bits (branch_0 may hold other NaNs)
+            sink.label("/".join(self.wkeys), self.dtype, self.shape, at)
+            for start, stop in chunked.blocks(self.size, self.block):
+                sink.write_at(at + start * item, self.read(start, stop))
+            for k in others:
+                sink.add(k, self.source.reader.read(k))
+            return len(leaves), None
+        self._plan("split", None, n_split, thr)
+        n0 = "branch_0"
+        if self.lay.leaf:
+            k0, k1 = (*self.wkeys, n0), (*self.wkeys, "branch_1")
+        else:
+            k0 = (*self.keys, n0, self.lay.weight)
+            k1 = (*self.keys, "branch_1", self.lay.weight)
+        sink.label("/".join(k0), self.dtype, self.shape, b0)
+        if dense is not None:
+            sink.label("/".join(k1), self.dtype, self.shape, dense)
+        else:
+            self._write_record(sink, k1, parts, nnz)
+        for k in others:
+            sink.add((*self.keys, n0, *k[len(self.keys) :]), self.source.reader.read(k))
+        if self.lay.leaf:
+            return len(leaves) + 1, {n0: None, "branch_1": None}
+        node = _structure(_get(self.source.skel, self.keys))
+        return len(leaves) + 1, {n0: node, "branch_1": {self.lay.weight: None}}
+
+    def _write_record(self, sink, k1: tuple, parts: list, nnz: int) -> None:
+        """The twin's sparse record (``SparseArray.to_tree``), its parts block by block."""
+        kd = sparse_io.index_dtype(self.size)
+        base = "/".join((*k1, sparse_io.SPARSE_KEY))
+        at = sink.reserve(nnz * kd.itemsize)
+        sink.label(f"{base}/indices", kd, (nnz,), at)
+        for s, i, _ in parts:
+            sink.write_at(at, (i + s).astype(kd))
+            at += i.size * kd.itemsize
+        at = sink.reserve(nnz * self.dtype.itemsize)
+        sink.label(f"{base}/values", self.dtype, (nnz,), at)
+        for _, _, v in parts:
+            sink.write_at(at, v)
+            at += v.nbytes
+        sink.add((*k1, sparse_io.SPARSE_KEY, "shape"), np.asarray(self.shape, np.int64))
+
+    def _plan(self, action: str, reason: str | None, n_split: int, thr: float) -> None:
+        self.plans[self.path] = LayerPlan(
+            self.path, action, reason, n_split, self.size, thr, self.shape, str(self.dtype)
+        )
 
 
 def _check_streamable(cfg) -> None:
@@ -857,7 +1040,9 @@ def _with_device_weight(sub: dict, keys: tuple) -> dict:
     can donate it (``branch_0`` reuses it); the numpy array is dropped from the
     (private) subtree. (A numpy input costs ~2 more tensors at the split's peak.)"""
     node = _get(sub, keys[:-1])
-    node[keys[-1]] = jnp.array(node[keys[-1]], copy=True)
+    a = node[keys[-1]]
+    with x64(a.dtype):  # else jax would store a float64 kernel as float32
+        node[keys[-1]] = jnp.array(a, copy=True)
     return sub
 
 

@@ -41,8 +41,25 @@ def _split_args(p: argparse.ArgumentParser) -> None:
         help="store twins denser than nothing but sparser than D as indices + values "
         "(default 0.25; 0 stores every twin dense)",
     )  # fmt: skip
+    p.add_argument(
+        "--block-mb", type=_block_mb, default=stream.DEFAULT_BLOCK_BYTES >> 20, metavar="M",
+        help="split balance/clip kernels bigger than M MiB (safetensors to safetensors) in "
+        "blocks of M MiB: the memory then does not grow with the kernel (default "
+        f"{stream.DEFAULT_BLOCK_BYTES >> 20}; 0 reads every layer whole)",
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print what would split; write nothing")
     add_json_flag(p)
+
+
+def _block_mb(text: str) -> int:
+    """``--block-mb``: a non-negative whole number of MiB."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number of MiB >= 0, got {text!r}")
+    return n
 
 
 def _check_output(args: argparse.Namespace) -> str | None:
@@ -95,6 +112,7 @@ def _split_run(args: argparse.Namespace, ui: UI) -> int:
                     ),
                     calibration=calibration,
                     sensitivity=sensitivity,
+                    block_bytes=(args.block_mb << 20) or None,
                 ).report
     except UnmatchedPatternError as e:
         raise unmatched_usage(e, args.ckpt) from None

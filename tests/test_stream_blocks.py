@@ -166,7 +166,7 @@ def test_non_elementwise_or_other_formats_take_the_whole_path(tmp_path, monkeypa
         ),
         (js.SplitConfig(layers=["a"], threshold=0.5), "o.npz"),
         (
-            js.SplitConfig(layers=["a"], threshold=js.Auto(js.QuantSpec(4)), method="clip"),
+            js.SplitConfig(layers=["a"], threshold=js.Auto(js.QuantSpec(bits=4)), method="clip"),
             "o.safetensors",
         ),
     ]:

@@ -67,6 +67,7 @@ __all__ = [
     "TreePlan",
     "plan_tree",
     "split_planned",
+    "tree_choice",
 ]
 
 logger = logging.getLogger("jaxsplit")
@@ -766,7 +767,7 @@ def _tree_splits(
         outs.append((ws, n, thr))
     fetched = jax.device_get([n for _, n, _ in outs])
     for layer, c, pick, (ws, _, t), n in zip(layers, curves, picks, outs, fetched, strict=True):
-        m, base, size = c.m, c.base, c.size
+        base, size = c.base, c.size
         if pick < 0:
             info = {"split": False, "method": 0, "threshold": 0.0, "mse": base.mse,
                     "mse_unsplit": base.mse, "extra_nonzero": 0,
@@ -775,17 +776,36 @@ def _tree_splits(
             ch = search.choice(info, methods, a.candidates, size=size, budget_share=0.0)
             yield layer, (layer.array,), 0, None, ch
             continue
-        mi, ti = divmod(pick, a.candidates)
-        extra = int(m.extra_nonzero[mi, ti])
-        spent = int(_spent(m, a.cost)[mi, ti])
-        info = {"split": True, "method": mi, "threshold": t, "mse": m.mse[mi, ti],
-                "mse_unsplit": base.mse, "extra_nonzero": extra,
-                "output_error": m.output_error[mi, ti],
-                "output_error_unsplit": base.output_error,
-                "effective_bits": m.effective_bits[mi, ti]}  # fmt: skip
-        share = spent / budget_total if budget_total > 0 else 0.0
-        ch = search.choice(info, methods, a.candidates, size=size, budget_share=share)
+        ch = tree_choice(c, pick, cfg, budget_total)
         yield layer, ws, int(n[0]), _host_threshold(np.asarray(t)), ch
+
+
+def tree_choice(curve: LayerCurve, pick: int, cfg: SplitConfig, budget_total) -> search.AutoChoice:
+    """The ``AutoChoice`` of a layer split at its pick (``pick >= 0``) of ``curve``:
+    method, threshold and the measured figures, with its share of ``budget_total``.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit import Auto, QuantSpec
+      >>> auto = Auto(QuantSpec(bits=4), candidates=4, max_extra=0.5, scope="tree")
+      >>> cfg = SplitConfig(layers=["*"], threshold=auto, method="clip")
+      >>> lay = find_layers({"d": {"kernel": np.array([0.5, -0.25, 8.0], np.float32)}})["d"]
+      >>> plan = plan_tree({"d": tree_curves([lay], cfg)[0]}, cfg)
+      >>> tree_choice(plan.curves["d"], plan.picks["d"], cfg, plan.budget).method
+      'clip'
+    """
+    a = cfg.threshold
+    methods = search.search_methods(cfg.method, a.spec)
+    m, base = curve.m, curve.base
+    mi, ti = divmod(pick, a.candidates)
+    info = {"split": True, "method": mi, "threshold": curve.thresholds[ti], "mse": m.mse[mi, ti],
+            "mse_unsplit": base.mse, "extra_nonzero": int(m.extra_nonzero[mi, ti]),
+            "output_error": m.output_error[mi, ti],
+            "output_error_unsplit": base.output_error,
+            "effective_bits": m.effective_bits[mi, ti]}  # fmt: skip
+    spent = int(_spent(m, a.cost)[mi, ti])
+    share = spent / budget_total if budget_total > 0 else 0.0
+    return search.choice(info, methods, a.candidates, size=curve.size, budget_share=share)
 
 
 @dataclasses.dataclass(frozen=True)

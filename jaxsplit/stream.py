@@ -46,7 +46,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import chunked, io, sparse_io
+from jaxsplit import chunked, io, search, sparse_io
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import ConfigError, NonFiniteError
 from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
@@ -63,6 +63,7 @@ from jaxsplit.split import (
     resolve_selection,
     split_planned,
     split_with_report,
+    tree_choice,
     tree_curves,
 )
 from jaxsplit.tree import WEIGHT_NAMES, Weights, find_layers, leaf_items, set_in, x64
@@ -732,7 +733,9 @@ def split_checkpoint(
         (matches, available), paths, calib, tree = _searched(
             source, cfg, calibration, progress, sensitivity, plan=plan
         )
-        state.update(matches=matches, available=available, paths=paths, plans={}, calib=calib)
+        state.update(
+            matches=matches, available=available, paths=paths, plans={}, calib=calib, tree=tree
+        )
 
         def split_one(path: str) -> Callable[[dict], dict]:
             def run(sub: dict) -> dict:
@@ -774,11 +777,7 @@ def split_checkpoint(
         return {p: 8 for p in state["paths"]}  # an upper bound for any plan
 
     def blocked(source: LayerSource, out_fmt: str) -> dict[str, Callable]:
-        rule = cfg.rule
-        elementwise = not isinstance(rule, Auto) and chunked.supports(
-            rule.kind, rule.per_channel, cfg.method, cfg.branches
-        )
-        if block_bytes is None or out_fmt != "safetensors" or plan is not None or not elementwise:
+        if block_bytes is None or out_fmt != "safetensors" or plan is not None:
             return {}
         out = {}
         for path in state["paths"]:
@@ -786,12 +785,15 @@ def split_checkpoint(
             keys = source.layer_keys[path]
             wkeys = keys if lay.leaf else (*keys, lay.weight)
             t = source.reader.tensors[wkeys]
-            if (
-                t.nbytes > block_bytes
-                and path not in state["calib"]
-                and (source.reader.flat_readable(wkeys))
-            ):
-                out[path] = _BlockedLayer(source, path, cfg, block_bytes, below, state["plans"])
+            if t.nbytes <= block_bytes or path in state["calib"]:
+                continue
+            if not source.reader.flat_readable(wkeys):
+                continue
+            how = _elementwise(cfg, state["tree"], path)
+            if how is not None:
+                out[path] = _BlockedLayer(
+                    source, path, cfg, block_bytes, below, state["plans"], *how
+                )
         return out
 
     out, out_fmt, n, largest, sr, sw, secs = _run(
@@ -808,6 +810,31 @@ def split_checkpoint(
     )  # fmt: skip
 
 
+def _elementwise(cfg: SplitConfig, tree: TreePlan | None, path: str):
+    """``(method, resolve, choice)`` for a layer ``chunked`` can split in blocks under
+    ``cfg``, else ``None``: an elementwise rule (``resolve(read, size, block)`` gives the
+    absolute threshold), or under ``Auto(scope="tree")`` a pick of an elementwise method at
+    a scalar threshold (pass 2: the threshold is known before the layer is read again)."""
+    rule = cfg.rule
+    if not isinstance(rule, Auto):
+        if not chunked.supports(rule.kind, rule.per_channel, cfg.method, cfg.branches):
+            return None
+
+        def resolve(read, size, block):
+            return chunked.threshold(read, size, block, rule.kind, rule.value)
+
+        return cfg.method, resolve, None
+    if tree is None or tree.picks.get(path, -1) < 0 or cfg.branches != 2:
+        return None  # per-layer searches measure the whole kernel; unsplit layers: as stored
+    curve, pick = tree.curves[path], tree.picks[path]
+    mi, ti = divmod(pick, rule.candidates)
+    method = search.search_methods(cfg.method, rule.spec)[mi]
+    thr = np.asarray(curve.thresholds[ti])
+    if method not in chunked.METHODS or thr.ndim != 0:
+        return None
+    return method, lambda *_: float(thr), tree_choice(curve, pick, cfg, tree.budget)
+
+
 class _BlockedLayer:
     """One selected layer whose kernel is split block by block (``chunked``) straight
     into a ``_SafetensorsStream``: ``branch_0`` into an extent reserved first, the twin
@@ -815,8 +842,12 @@ class _BlockedLayer:
     extent), the other leaves after. Called as ``(sink, leaves) -> (tensors written,
     the node's output structure or None)``; its ``LayerPlan`` goes into ``plans``."""
 
-    def __init__(self, source, path, cfg, block_bytes: int, below: float, plans: dict):
+    def __init__(
+        self, source, path, cfg, block_bytes: int, below: float, plans: dict, method, resolve,
+        choice=None,
+    ):  # fmt: skip
         self.source, self.path, self.cfg, self.below, self.plans = source, path, cfg, below, plans
+        self.method, self.resolve, self.choice = method, resolve, choice
         self.lay = source.layers[path]
         self.keys = source.layer_keys[path]
         self.wkeys = self.keys if self.lay.leaf else (*self.keys, self.lay.weight)
@@ -834,13 +865,13 @@ class _BlockedLayer:
     def __call__(self, sink: _SafetensorsStream, leaves: list[tuple]) -> tuple[int, Any]:
         cfg, item, nbytes = self.cfg, self.dtype.itemsize, self.size * self.dtype.itemsize
         uint = np.dtype(f"u{item}")
-        thr = chunked.threshold(self.read, self.size, self.block, cfg.rule.kind, cfg.rule.value)
+        thr = self.resolve(self.read, self.size, self.block)
         b0 = sink.reserve(nbytes)
         dense = None if self._fits(0) else sink.reserve(nbytes)
         parts: list[tuple[int, np.ndarray, np.ndarray]] = []  # (start, indices, value bits)
         nnz = n_split = n_bad = 0
         for start, w1, w2, ns, nb in chunked.split_blocks(
-            self.read, self.size, self.block, thr, cfg.method
+            self.read, self.size, self.block, thr, self.method
         ):
             n_split, n_bad = n_split + ns, n_bad + nb
             sink.write_at(b0 + start * item, w1)
@@ -908,8 +939,9 @@ class _BlockedLayer:
 
     def _plan(self, action: str, reason: str | None, n_split: int, thr: float) -> None:
         self.plans[self.path] = LayerPlan(
-            self.path, action, reason, n_split, self.size, thr, self.shape, str(self.dtype)
-        )
+            self.path, action, reason, n_split, self.size, thr, self.shape, str(self.dtype),
+            self.choice,
+        )  # fmt: skip
 
 
 def _check_streamable(cfg) -> None:

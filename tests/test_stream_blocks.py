@@ -283,3 +283,30 @@ def test_cli_block_mb_chooses_blocks_or_whole_layers(tmp_path, capsys, monkeypat
             result, 2, rf"--block-mb: must be a whole number of MiB >= 0, got '{re.escape(bad)}'"
         )
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "method"),
+    [(ml_dtypes.bfloat16, "clip"), (np.float32, "auto")],
+    ids=["bf16-clip", "f32-auto"],
+)
+def test_tree_budget_pass_two_splits_picked_layers_in_blocks(tmp_path, monkeypatch, dtype, method):
+    src = io.save(_tree(dtype), tmp_path / "src.safetensors")
+    auto = js.Auto(js.QuantSpec(bits=4), max_extra=0.05, scope="tree")
+    cfg = js.SplitConfig(layers=["**"], threshold=auto, method=method, weights=WEIGHTS)
+    blocks = []
+    real = io.CheckpointReader.read_flat
+    monkeypatch.setattr(
+        io.CheckpointReader,
+        "read_flat",
+        lambda self, keys, a, b: blocks.append(keys) or real(self, keys, a, b),
+    )
+    whole, blocked = _both(tmp_path, src, cfg)
+    _assert_same_files(tmp_path / "whole.safetensors", tmp_path / "blocked.safetensors")
+    assert blocked.report == whole.report
+    _, want = js.split_with_report(io.load(src), cfg)
+    assert blocked.report == want
+    picked = {p.path for p in want.layers if p.auto and p.auto.method in chunked.METHODS}
+    assert {"/".join(k[1:-1]) if k[-1] == "kernel" else "/".join(k[1:]) for k in blocks} == {
+        p for p in picked if p != "small"
+    }

@@ -49,6 +49,7 @@ __all__ = [
     "Sample",
     "applies",
     "sample",
+    "sample_stride",
     "order_stats",
     "TREE_LEVELS",
     "predict",
@@ -128,6 +129,16 @@ def _top_abs(a: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return vals, bi[j // _BLOCK] * _BLOCK + j % _BLOCK
 
 
+def sample_stride(size: int, n: int = SAMPLE) -> int:
+    """The odd stride of ``sample``'s strided part: positions ``0, stride, 2 stride, ...``.
+
+    Example:
+      >>> sample_stride(2**20), sample_stride(10)
+      (17, 1)
+    """
+    return max(1, size // max(n, 1)) | 1
+
+
 def sample(w: jax.Array, tail: int = TAIL, n: int = SAMPLE) -> Sample:
     """The ``tail`` largest ``|w|`` values exactly plus about ``n`` strided others, weighted.
 
@@ -147,7 +158,7 @@ def sample(w: jax.Array, tail: int = TAIL, n: int = SAMPLE) -> Sample:
     tail = min(tail, size)
     tail_abs, tail_at = _top_abs(a, tail)
     tail_w = jnp.where(tail_at < size, wf[jnp.minimum(tail_at, size - 1)], 0).astype(wf.dtype)
-    stride = max(1, size // max(n, 1)) | 1
+    stride = sample_stride(size, n)
     rest = wf[::stride]
     rest_at = jnp.arange(0, size, stride, dtype=tail_at.dtype)
     rest_a = jnp.abs(rest).astype(jnp.float32)

@@ -58,6 +58,7 @@ __all__ = [
     "screened_curve",
     "screens",
     "table_curve",
+    "table_thresholds",
     "finite_thresholds",
     "allocate",
     "measure_all",
@@ -461,6 +462,55 @@ def finite_thresholds(w, *, spec, candidates: int):
     """
     wf = jnp.where(jnp.isfinite(w), w, jnp.zeros_like(w))
     return candidate_thresholds(wf, spec, candidates)
+
+
+def table_thresholds(tab, rest: np.ndarray, *, spec, candidates: int) -> jax.Array:
+    """``finite_thresholds`` of a per-tensor kernel of ``screen.MIN_SIZE`` values or more,
+    from its value table ``tab`` (``table.ValueTable``) and its strided sample ``rest``
+    (the kernel's values at ``screen.sample_stride(size)`` steps): the same float32 values,
+    without the kernel (the streamed split reads both in blocks).
+
+    The maximum and the exact tail (``screen.TAIL`` largest ``|w|``, repeats included) come
+    from the table's counts; the rest of the order statistics from ``rest``, as
+    ``screen.order_stats`` reads them.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit import screen, table
+      >>> w = (np.random.default_rng(0).standard_t(3, 2**18) * 0.02).astype(np.float16)
+      >>> q = quant.QuantSpec(bits=4)
+      >>> rest = w[:: screen.sample_stride(w.size)]
+      >>> got = table_thresholds(table.value_table(w), rest, spec=q, candidates=8)
+      >>> bool((got == finite_thresholds(jnp.asarray(w), spec=q, candidates=8)).all())
+      True
+    """
+    size = int(tab.size)
+    if size < screen.MIN_SIZE or (spec is not None and spec.granularity != "per_tensor"):
+        raise ValueError(
+            f"table_thresholds needs a per-tensor kernel of at least {screen.MIN_SIZE} values, "
+            f"got size {size} and spec {spec}"
+        )
+    a = np.abs(np.asarray(tab.values).astype(np.float32))
+    a[~np.isfinite(a)] = 0.0  # non-finite values count as zeros (``finite_thresholds``)
+    counts = np.asarray(tab.counts, np.int64)
+    order = np.argsort(-a, kind="stable")
+    a_desc, c_desc = a[order], counts[order]
+    n_rel = candidates // 2
+    frac = jnp.arange(n_rel, dtype=jnp.float32) / n_rel
+    top_value = jnp.float32(a_desc[c_desc > 0][0]) if (c_desc > 0).any() else jnp.float32(0)
+    rel = frac * top_value
+    ks = np.unique(np.round(np.geomspace(1, max(size // 2, 1), candidates - n_rel)).astype(int))
+    ks = np.resize(ks, candidates - n_rel)
+    tail = min(screen.TAIL, size)
+    ends = np.cumsum(c_desc)  # a_desc[j] fills the positions [ends[j-1], ends[j])
+    tail_abs = a_desc[np.searchsorted(ends, np.arange(tail), side="right")]
+    r = np.abs(np.asarray(rest).astype(np.float32))
+    r[~np.isfinite(r)] = 0.0
+    rest_abs = -np.sort(-r)
+    n = rest_abs.shape[0]
+    at = np.clip(np.round(ks * n / size).astype(int), 0, n - 1)
+    top = np.where(ks < tail, tail_abs[np.clip(ks, 0, tail - 1)], rest_abs[at])
+    return jnp.concatenate([rel, jnp.asarray(top, jnp.float32)])
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "method", "branches", "twin_spec"))

@@ -68,6 +68,8 @@ __all__ = [
     "plan_tree",
     "split_planned",
     "tree_choice",
+    "tabled",
+    "tabled_curve",
 ]
 
 logger = logging.getLogger("jaxsplit")
@@ -917,13 +919,56 @@ def split_planned(
 
 
 def _tabled(w, cfg: SplitConfig, calibration) -> bool:
-    """Whether ``Auto(scope="tree")`` measures and splits ``w`` from its value table
-    (``jaxsplit.table``: 16-bit kernels, per-tensor specs, no ``random``, no calibration)."""
+    return tabled(w.dtype, tuple(w.shape), cfg, calibrated=calibration is not None)
+
+
+def tabled(dtype, shape: tuple[int, ...], cfg: SplitConfig, *, calibrated: bool = False) -> bool:
+    """Whether ``Auto(scope="tree")`` measures and splits a kernel of this dtype and shape
+    from its value table (``jaxsplit.table``: 16-bit kernels of ``table.MIN_SIZE`` values
+    or more, per-tensor specs, no ``random``, no calibration).
+
+    Example:
+      >>> from jaxsplit import Auto, QuantSpec
+      >>> cfg = SplitConfig(layers=["*"], threshold=Auto(QuantSpec(bits=4), max_extra=0.05,
+      ...                   scope="tree"))
+      >>> tabled("bfloat16", (512, 512), cfg), tabled("float32", (512, 512), cfg)
+      (True, False)
+    """
     a = cfg.threshold
     methods = search.search_methods(cfg.method, a.spec)
     return table.applies(
-        w.dtype, tuple(w.shape), a.spec, methods, twin_spec=a.twin_spec,
-        calibrated=calibration is not None,
+        dtype, tuple(shape), a.spec, methods, twin_spec=a.twin_spec, calibrated=calibrated
+    )
+
+
+def tabled_curve(tab: table.ValueTable, rest, cfg: SplitConfig) -> LayerCurve:
+    """``tree_curves``' curve of a kernel that ``tabled`` holds for, from its value table
+    and its strided sample (``screen.sample_stride`` steps; ``search.table_thresholds``):
+    the streamed split reads both in blocks, never the kernel whole.
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxsplit import Auto, QuantSpec, screen
+      >>> w = (np.random.default_rng(0).standard_t(3, (512, 512)) * 0.02).astype(np.float16)
+      >>> cfg = SplitConfig(layers=["*"], threshold=Auto(QuantSpec(bits=4), max_extra=0.05,
+      ...                   scope="tree"))
+      >>> rest = w.reshape(-1)[:: screen.sample_stride(w.size)]
+      >>> c = tabled_curve(table.value_table(w), rest, cfg)
+      >>> ref, = tree_curves([find_layers({"d": {"kernel": w}})["d"]], cfg)
+      >>> bool((c.score == ref.score).all()), c.size
+      (True, 262144)
+    """
+    a = cfg.threshold
+    with x64(tab.values.dtype):
+        thr = search.table_thresholds(tab, rest, spec=a.spec, candidates=a.candidates)
+        c = search.table_curve(
+            tab.values, tab.counts, tab.size, thr, spec=a.spec, method=cfg.method,
+            branches=cfg.branches, twin_spec=a.twin_spec,
+        )  # fmt: skip
+    h = jax.device_get(c)
+    return LayerCurve(
+        np.asarray(h["thresholds"]), h["m"], h["base"], np.asarray(h["score"]),
+        float(h["score0"]), int(tab.size),
     )  # fmt: skip
 
 

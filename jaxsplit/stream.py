@@ -46,7 +46,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import chunked, io, search, sparse_io
+from jaxsplit import chunked, io, screen, search, sparse_io, table
 from jaxsplit.config import Auto, SplitConfig
 from jaxsplit.errors import ConfigError, NonFiniteError
 from jaxsplit.sparse_io import DEFAULT_SPARSE_BELOW, SparseArray
@@ -63,6 +63,8 @@ from jaxsplit.split import (
     resolve_selection,
     split_planned,
     split_with_report,
+    tabled,
+    tabled_curve,
     tree_choice,
     tree_curves,
 )
@@ -731,7 +733,7 @@ def split_checkpoint(
     def prepare(source: LayerSource) -> dict[str, Callable[[dict], dict]]:
         # checks raise before any write
         (matches, available), paths, calib, tree = _searched(
-            source, cfg, calibration, progress, sensitivity, plan=plan
+            source, cfg, calibration, progress, sensitivity, plan=plan, block_bytes=block_bytes
         )
         state.update(
             matches=matches, available=available, paths=paths, plans={}, calib=calib, tree=tree
@@ -953,6 +955,33 @@ def _tree_scope(cfg: SplitConfig) -> bool:
     return isinstance(cfg.threshold, Auto) and cfg.threshold.scope == "tree"
 
 
+def _tabled_in_blocks(source: LayerSource, cfg: SplitConfig, path: str, calib, block_bytes):
+    """The pass-1 curve of a layer that ``split.tabled`` holds for, read in blocks of
+    ``block_bytes`` (its bit-pattern counts and its strided sample: ``split.tabled_curve``),
+    or ``None`` where it must be read whole (small, not a dense safetensors tensor, ...)."""
+    lay = source.layers[path]
+    wkeys = source.layer_keys[path] + (() if lay.leaf else (lay.weight,))
+    t = source.reader.tensors[wkeys]
+    dtype, shape = np.dtype(_dtype(t.dtype)), tuple(t.shape)
+    if block_bytes is None or t.nbytes <= block_bytes or path in calib:
+        return None
+    if not source.reader.flat_readable(wkeys) or not tabled(dtype, shape, cfg):
+        return None
+    size = int(np.prod(shape, dtype=np.int64))
+    stride = screen.sample_stride(size)
+    counts, rest = np.zeros(1 << 16, np.int64), []
+    for start, stop in chunked.blocks(size, max(1, block_bytes // dtype.itemsize)):
+        x = source.reader.read_flat(wkeys, start, stop)
+        counts += table.pattern_counts(x)
+        rest.append(x[(-start) % stride :: stride])
+    tab = table.from_counts(counts, dtype, size)
+    bad = ~np.isfinite(tab.values.astype(np.float32))
+    n_bad = int(tab.counts[bad].sum())
+    if n_bad and not cfg.allow_nonfinite:
+        raise NonFiniteError.count(path, lay.weight, n_bad)
+    return tabled_curve(tab, np.concatenate(rest), cfg)
+
+
 def _search_tree(
     source: LayerSource,
     cfg: SplitConfig,
@@ -960,19 +989,25 @@ def _search_tree(
     calib: Mapping,
     progress,
     sensitivity: Mapping | None = None,
+    block_bytes: int | None = None,
 ) -> TreePlan:
     """Pass 1 of ``Auto(scope="tree")``: each selected layer read once for its curve
-    (``split.tree_curves``: non-finite kernels raise here, before anything is written),
-    then the shared budget allocated (``split.plan_tree``, weighted by ``sensitivity``)."""
+    (``split.tree_curves``: non-finite kernels raise here, before anything is written;
+    value-table kernels past ``block_bytes`` in blocks, ``_tabled_in_blocks``), then the
+    shared budget allocated (``split.plan_tree``, weighted by ``sensitivity``)."""
     chosen = set(paths)
     units = [(p, k, lv) for p, k, lv in source.units if p in chosen]
     curves = {}
     for done, (path, _keys, leaves) in enumerate(units, 1):
-        layer = find_layers(source.read_subtree(leaves, path), cfg.weights)[path]
-        if check_layer(layer) is None:  # empty kernels are skipped, as in memory
-            c = _only(calib, path)
-            curves[path] = tree_curves([layer], cfg, calibration=c)[0]
-        del layer
+        blocked = _tabled_in_blocks(source, cfg, path, calib, block_bytes)
+        if blocked is not None:
+            curves[path] = blocked
+        else:
+            layer = find_layers(source.read_subtree(leaves, path), cfg.weights)[path]
+            if check_layer(layer) is None:  # empty kernels are skipped, as in memory
+                c = _only(calib, path)
+                curves[path] = tree_curves([layer], cfg, calibration=c)[0]
+            del layer
         release()
         if progress is not None:
             progress(done, len(units), f"search {path}")
@@ -980,8 +1015,9 @@ def _search_tree(
 
 
 def _searched(
-    source: LayerSource, cfg: SplitConfig, calibration, progress, sensitivity=None, plan=None
-):
+    source: LayerSource, cfg: SplitConfig, calibration, progress, sensitivity=None, plan=None,
+    block_bytes: int | None = DEFAULT_BLOCK_BYTES,
+):  # fmt: skip
     """Selection, checks, calibration and (``Auto(scope="tree")``) pass 1:
     ``((matches, available), selected paths, calibration by path, TreePlan | None)``.
     A mapping ``plan`` (``split_checkpoint``'s) is checked against the selected paths
@@ -994,7 +1030,11 @@ def _searched(
     calib = check_calibration(calibration, selected, available)
     sens = check_sensitivity(sensitivity, selected, available, cfg)
     paths = [lay.path for lay in selected]
-    tree = _search_tree(source, cfg, paths, calib, progress, sens) if _tree_scope(cfg) else None
+    tree = (
+        _search_tree(source, cfg, paths, calib, progress, sens, block_bytes)
+        if _tree_scope(cfg)
+        else None
+    )
     return (matches, available), paths, calib, tree
 
 

@@ -38,6 +38,8 @@ __all__ = [
     "ValueTable",
     "applies",
     "value_table",
+    "pattern_counts",
+    "from_counts",
     "split_table",
     "split_table_donated",
 ]
@@ -135,10 +137,33 @@ def value_table(w, min_entries: int = MIN_ENTRIES) -> ValueTable:
         a.dtype.itemsize != 2
     ):
         raise TypeError(f"w must be a 16-bit floating array, got dtype {a.dtype}")
-    bits = a.reshape(-1).view(np.uint16)
+    return from_counts(pattern_counts(a), a.dtype, int(a.size), min_entries)
+
+
+def pattern_counts(a) -> np.ndarray:
+    """``(65536,)`` int64: how often each bit pattern occurs in the 16-bit array ``a``
+    (counted in blocks of ``2**20``; the counts of a kernel's blocks add up to its own).
+
+    Example:
+      >>> int(pattern_counts(np.array([1.0, 1.0], np.float16))[15360])
+      2
+    """
+    bits = np.asarray(a).reshape(-1).view(np.uint16)
     counts = np.zeros(1 << 16, np.int64)
     for i in range(0, bits.size, _BLOCK):
         counts += np.bincount(bits[i : i + _BLOCK], minlength=1 << 16)
+    return counts
+
+
+def from_counts(counts: np.ndarray, dtype, size: int, min_entries: int = MIN_ENTRIES) -> ValueTable:
+    """The ``ValueTable`` of a kernel of ``size`` values of ``dtype`` whose bit patterns
+    occur ``counts`` times (``pattern_counts``, summed over its blocks if read in blocks).
+
+    Example:
+      >>> t = from_counts(pattern_counts(np.array([2.0, 2.0, 3.0], np.float16)), np.float16, 3, 4)
+      >>> t.values.tolist(), t.counts.tolist()
+      ([2.0, 3.0, 2.0, 2.0], [2, 1, 0, 0])
+    """
     present = np.flatnonzero(counts)
     n = max(min_entries, 1 << max(int(present.size) - 1, 0).bit_length())
     patterns = np.full(n, present[0] if present.size else 0, np.uint16)
@@ -147,7 +172,7 @@ def value_table(w, min_entries: int = MIN_ENTRIES) -> ValueTable:
     cnt[: present.size] = counts[present]
     index = np.zeros(1 << 16, np.int32)
     index[present] = np.arange(present.size, dtype=np.int32)
-    return ValueTable(patterns.view(a.dtype), cnt, index, int(a.size))
+    return ValueTable(patterns.view(np.dtype(dtype)), cnt, index, int(size))
 
 
 def _split_table(

@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterator
 import jax.numpy as jnp
 import numpy as np
 
-from jaxsplit import host, programs
+from jaxsplit import host, programs, table
 from jaxsplit.tree import x64
 
-__all__ = ["METHODS", "KINDS", "blocks", "supports", "threshold", "split_blocks"]
+__all__ = ["METHODS", "KINDS", "blocks", "supports", "threshold", "split_blocks", "table_blocks"]
 
 #: Methods whose branches are elementwise in the kernel (``random`` folds the layer's
 #: path into a key over the whole kernel; ``grid``, ``residual``, ``snap``, ``auto`` take
@@ -107,3 +107,44 @@ def split_blocks(
                 )
         n_split, n_bad = (int(x) for x in np.asarray(counts))
         yield start, np.asarray(w1), np.asarray(w2), n_split, n_bad
+
+
+def table_blocks(
+    read: Reader, size: int, block: int, dtype, thr, *, method: str, spec=None, twin_spec=None
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, int, int]]:
+    """As ``split_blocks``, for a 16-bit kernel split from its value table (any method
+    ``table.applies`` admits, at the threshold ``thr``): the table is counted in a first
+    pass over the blocks, split once (``table.split_table``, the program the whole
+    kernel's split gathers from), and each block gathered from it by bit pattern.
+
+    Example:
+      >>> w = np.array([0.5, -4.0, 3.0, 0.5], np.float16)
+      >>> [(s, a.tolist(), b.tolist(), n) for s, a, b, n, _ in
+      ...  table_blocks(lambda a, b: w[a:b], 4, 3, w.dtype, 1.0, method="balance")]
+      [(0, [0.5, -2.0, 1.5], [0.0, -2.0, 1.5], 2), (3, [0.5], [0.0], 0)]
+    """
+    counts = np.zeros(1 << 16, np.int64)
+    for start, stop in blocks(size, block):
+        counts += table.pattern_counts(read(start, stop))
+    tab = table.from_counts(counts, dtype, size)  # padded as the whole kernel's table
+    with x64(tab.values.dtype):
+        b0, b1 = (
+            np.asarray(b)
+            for b in table.split_table(
+                tab.values,
+                tab.values,
+                tab.index,
+                thr,
+                None,
+                method=method,
+                branches=2,
+                spec=spec,
+                twin_spec=twin_spec,
+            )  # fmt: skip
+        )
+    for start, stop in blocks(size, block):
+        at = tab.index[read(start, stop).view(np.uint16)]
+        w1, w2 = b0[at], b1[at]
+        m = w2.astype(np.float32) != 0
+        n_bad = int(np.count_nonzero(~m & ~np.isfinite(w1.astype(np.float32))))
+        yield start, w1, w2, int(np.count_nonzero(m)), n_bad

@@ -791,7 +791,7 @@ def split_checkpoint(
                 continue
             if not source.reader.flat_readable(wkeys):
                 continue
-            how = _elementwise(cfg, state["tree"], path)
+            how = _elementwise(cfg, state["tree"], path, _dtype(t.dtype), tuple(t.shape))
             if how is not None:
                 out[path] = _BlockedLayer(
                     source, path, cfg, block_bytes, below, state["plans"], *how
@@ -812,11 +812,14 @@ def split_checkpoint(
     )  # fmt: skip
 
 
-def _elementwise(cfg: SplitConfig, tree: TreePlan | None, path: str):
-    """``(method, resolve, choice)`` for a layer ``chunked`` can split in blocks under
-    ``cfg``, else ``None``: an elementwise rule (``resolve(read, size, block)`` gives the
-    absolute threshold), or under ``Auto(scope="tree")`` a pick of an elementwise method at
-    a scalar threshold (pass 2: the threshold is known before the layer is read again)."""
+def _elementwise(cfg: SplitConfig, tree: TreePlan | None, path: str, dtype, shape):
+    """``(split_blocks, resolve, choice)`` for a layer that can be split in blocks under
+    ``cfg``, else ``None``. ``split_blocks(read, size, block, thr)`` yields ``chunked``'s
+    blocks, ``resolve(read, size, block)`` gives the absolute threshold first. Elementwise
+    rules (``balance``/``clip`` at an absolute or per-tensor ``Relative`` threshold), and
+    under ``Auto(scope="tree")`` each pick (pass 2: known before the layer is read again):
+    gathered from the value table where ``split.tabled`` holds (as the whole kernel's split
+    is), else an elementwise method at a scalar threshold."""
     rule = cfg.rule
     if not isinstance(rule, Auto):
         if not chunked.supports(rule.kind, rule.per_channel, cfg.method, cfg.branches):
@@ -825,16 +828,33 @@ def _elementwise(cfg: SplitConfig, tree: TreePlan | None, path: str):
         def resolve(read, size, block):
             return chunked.threshold(read, size, block, rule.kind, rule.value)
 
-        return cfg.method, resolve, None
+        def blocks(read, size, block, thr):
+            return chunked.split_blocks(read, size, block, thr, cfg.method)
+
+        return blocks, resolve, None
     if tree is None or tree.picks.get(path, -1) < 0 or cfg.branches != 2:
         return None  # per-layer searches measure the whole kernel; unsplit layers: as stored
     curve, pick = tree.curves[path], tree.picks[path]
     mi, ti = divmod(pick, rule.candidates)
     method = search.search_methods(cfg.method, rule.spec)[mi]
-    thr = np.asarray(curve.thresholds[ti])
-    if method not in chunked.METHODS or thr.ndim != 0:
+    thr = curve.thresholds[ti]
+    choice = tree_choice(curve, pick, cfg, tree.budget)
+    if tabled(dtype, shape, cfg):
+
+        def gathered(read, size, block, _):
+            return chunked.table_blocks(
+                read, size, block, dtype, thr, method=method, spec=rule.spec,
+                twin_spec=rule.twin_spec,
+            )  # fmt: skip
+
+        return gathered, lambda *_: float(np.asarray(thr)), choice
+    if method not in chunked.METHODS or np.ndim(thr) != 0:
         return None
-    return method, lambda *_: float(thr), tree_choice(curve, pick, cfg, tree.budget)
+
+    def elementwise(read, size, block, t):
+        return chunked.split_blocks(read, size, block, t, method)
+
+    return elementwise, lambda *_: float(np.asarray(thr)), choice
 
 
 class _BlockedLayer:
@@ -845,11 +865,11 @@ class _BlockedLayer:
     the node's output structure or None)``; its ``LayerPlan`` goes into ``plans``."""
 
     def __init__(
-        self, source, path, cfg, block_bytes: int, below: float, plans: dict, method, resolve,
-        choice=None,
+        self, source, path, cfg, block_bytes: int, below: float, plans: dict, split_blocks,
+        resolve, choice=None,
     ):  # fmt: skip
         self.source, self.path, self.cfg, self.below, self.plans = source, path, cfg, below, plans
-        self.method, self.resolve, self.choice = method, resolve, choice
+        self.split_blocks, self.resolve, self.choice = split_blocks, resolve, choice
         self.lay = source.layers[path]
         self.keys = source.layer_keys[path]
         self.wkeys = self.keys if self.lay.leaf else (*self.keys, self.lay.weight)
@@ -872,9 +892,7 @@ class _BlockedLayer:
         dense = None if self._fits(0) else sink.reserve(nbytes)
         parts: list[tuple[int, np.ndarray, np.ndarray]] = []  # (start, indices, value bits)
         nnz = n_split = n_bad = 0
-        for start, w1, w2, ns, nb in chunked.split_blocks(
-            self.read, self.size, self.block, thr, self.method
-        ):
+        for start, w1, w2, ns, nb in self.split_blocks(self.read, self.size, self.block, thr):
             n_split, n_bad = n_split + ns, n_bad + nb
             sink.write_at(b0 + start * item, w1)
             if dense is not None:

@@ -9,7 +9,10 @@ one multiply is the compiled program's), and ``split_blocks`` splits block by bl
 the routes ``split_params`` takes (``host.split`` where it applies, else the compiled
 ``programs.fused`` at the absolute threshold), which give the same bits.
 
-``stream.split_checkpoint`` uses it for kernels bigger than its ``block_bytes``, so a
+``table_blocks`` does the same for a 16-bit kernel split from its value table
+(``jaxsplit.table``): any method the table admits, gathered block by block.
+
+``stream.split_checkpoint`` uses both for kernels bigger than its ``block_bytes``, so a
 checkpoint's peak memory no longer grows with its largest tensor.
 """
 

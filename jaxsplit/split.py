@@ -789,12 +789,13 @@ def tree_choice(curve: LayerCurve, pick: int, cfg: SplitConfig, budget_total) ->
     Example:
       >>> import numpy as np
       >>> from jaxsplit import Auto, QuantSpec
-      >>> auto = Auto(QuantSpec(bits=4), candidates=4, max_extra=0.5, scope="tree")
-      >>> cfg = SplitConfig(layers=["*"], threshold=auto, method="clip")
-      >>> lay = find_layers({"d": {"kernel": np.array([0.5, -0.25, 8.0], np.float32)}})["d"]
-      >>> plan = plan_tree({"d": tree_curves([lay], cfg)[0]}, cfg)
-      >>> tree_choice(plan.curves["d"], plan.picks["d"], cfg, plan.budget).method
-      'clip'
+      >>> tree = {"d": {"kernel": np.array([0.01, -0.02, 0.03, 4.0], np.float32)}}
+      >>> cfg = SplitConfig(layers=["d"], method="clip", threshold=Auto(
+      ...     QuantSpec(bits=4), candidates=4, max_extra=0.5, scope="tree"))
+      >>> c, = tree_curves([find_layers(tree)["d"]], cfg)
+      >>> ch = tree_choice(c, plan_tree({"d": c}, cfg).picks["d"], cfg, budget_total=2.0)
+      >>> ch.method, ch.mse < ch.mse_unsplit, ch.budget_share
+      ('clip', True, 0.5)
     """
     a = cfg.threshold
     methods = search.search_methods(cfg.method, a.spec)

@@ -7,7 +7,8 @@ splits the one-layer subtree with ``jaxsplit.split_with_report`` (same config, s
 paths, so the same result as splitting the whole tree) and appends the branches to the
 output. Peak memory is about twice the largest tensor read whole plus the runtime; kernels
 past ``block_bytes`` split elementwise between safetensors files are never read whole
-(``_BlockedLayer``, ``jaxsplit.chunked``): the runtime plus a few blocks.
+(``_BlockedLayer``, ``jaxsplit.chunked``): the runtime plus a few blocks. So are the 16-bit
+kernels of a tree budget, in both passes (``_tabled_in_blocks``, ``chunked.table_blocks``).
 
 Reading is streamed for safetensors, npz and orbax (one partial restore per layer);
 msgpack is read whole (logged warning). Writing is streamed for safetensors (the header
@@ -671,13 +672,15 @@ def split_checkpoint(
         ``split_params`` (validated against the checkpoint's layers before any read).
       sensitivity: ``{layer path: weight}`` (``js.sensitivity``), as for
         ``split_params``: weights ``Auto(scope="tree")``'s allocation.
-      block_bytes: kernels of more bytes than this, split elementwise (``balance`` or
-        ``clip`` at an absolute or a per-tensor ``Relative`` threshold, no ``plan``,
-        no calibration) from a safetensors input to a safetensors output, are read,
-        split and written in flat blocks of this many bytes (``jaxsplit.chunked``): the
-        same bits, and a peak memory that no longer grows with the kernel (a sparse twin
-        is held as its record until written: at most ``sparse_below`` of the values).
-        ``None``: every layer whole.
+      block_bytes: kernels of more bytes than this, from a safetensors input to a
+        safetensors output (no ``plan``, no calibration), split elementwise (``balance``
+        or ``clip`` at an absolute or a per-tensor ``Relative`` threshold) or under
+        ``Auto(scope="tree")`` with a value table (16-bit kernels, ``split.tabled``; also
+        a pass-2 pick of ``balance``/``clip`` at a scalar threshold), are read, split and
+        written in flat blocks of this many bytes (``jaxsplit.chunked``): the same bits,
+        and a peak memory that no longer grows with the kernel (a sparse twin is held as
+        its record until written: at most ``sparse_below`` of the values). ``None``:
+        every layer whole.
 
     Returns:
       A ``StreamReport`` (``.report`` is the ``SplitReport``).

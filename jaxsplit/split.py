@@ -951,8 +951,8 @@ def tabled_curve(tab: table.ValueTable, rest, cfg: SplitConfig) -> LayerCurve:
       >>> import numpy as np
       >>> from jaxsplit import Auto, QuantSpec, screen
       >>> w = (np.random.default_rng(0).standard_t(3, (512, 512)) * 0.02).astype(np.float16)
-      >>> cfg = SplitConfig(layers=["*"], threshold=Auto(QuantSpec(bits=4), max_extra=0.05,
-      ...                   scope="tree"))
+      >>> cfg = SplitConfig(layers=["*"], method="clip", threshold=Auto(QuantSpec(bits=4),
+      ...                   max_extra=0.05, scope="tree"))
       >>> rest = w.reshape(-1)[:: screen.sample_stride(w.size)]
       >>> c = tabled_curve(table.value_table(w), rest, cfg)
       >>> ref, = tree_curves([find_layers({"d": {"kernel": w}})["d"]], cfg)

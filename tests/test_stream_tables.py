@@ -30,7 +30,7 @@ def _tabled_tree(seed=0, bad=False):
     }
 
 
-@pytest.mark.parametrize("method", ["auto", "clip"])
+@pytest.mark.parametrize("method", ["residual", "clip"])  # gathered / elementwise
 def test_tree_budget_reads_value_table_kernels_only_in_blocks(tmp_path, monkeypatch, method):
     src = io.save(_tabled_tree(), tmp_path / "src.safetensors")
     auto = js.Auto(js.QuantSpec(bits=4), max_extra=0.05, scope="tree")
@@ -50,6 +50,7 @@ def test_tree_budget_reads_value_table_kernels_only_in_blocks(tmp_path, monkeypa
     _, want = js.split_with_report(io.load(src), cfg)
     assert blocked.report == whole.report == want
     assert {p.action for p in want.layers} == {"split"}
+    assert {p.auto.method for p in want.layers} == {method}
     kernels = {("a", "kernel"), ("m", "gating")}
     assert kernels.isdisjoint(read)  # both passes: counts, samples and gathers by blocks
     assert ("a", "bias") in read

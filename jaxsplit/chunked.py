@@ -98,9 +98,9 @@ def split_blocks(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} to split in blocks, got {method!r}")
+    rule = {"kind": "absolute", "axis": None, "method": method, "branches": 2}
     for start, stop in blocks(size, block):
         w = read(start, stop)
-        rule = {"kind": "absolute", "axis": None, "method": method, "branches": 2}
         if host.supports(w, thr, **rule):
             [((w1, w2), counts, _)] = host.split([w], [thr], method)
         else:

@@ -424,11 +424,15 @@ class CheckpointReader:
     def _read_safetensors(self, keys: tuple) -> np.ndarray:
         shape, dt = self._raw[keys]
         a, b = self._offsets[keys]
-        buf = host.empty_aligned((b - a,), np.uint8)  # jax reads it in place
-        self._file.seek(self._data_start + a)
-        if self._file.readinto(memoryview(buf)) != b - a:
+        return self._pread(keys, a, b - a).view(dt).reshape(shape)
+
+    def _pread(self, keys: tuple, offset: int, n: int) -> np.ndarray:
+        """``n`` bytes of tensor ``keys``'s data from ``offset`` of the data section, in a
+        new aligned buffer (jax reads it in place)."""
+        buf = host.empty_aligned((n,), np.uint8)
+        if os.preadv(self._file.fileno(), [memoryview(buf)], self._data_start + offset) != n:
             raise CheckpointError(f"cannot read {str(self.path)!r}: tensor {keys} is truncated")
-        return buf.view(dt).reshape(shape)
+        return buf
 
     def flat_readable(self, keys: tuple) -> bool:
         """Whether ``read_flat`` can read ``keys`` in ranges (a dense safetensors tensor).
@@ -462,12 +466,8 @@ class CheckpointReader:
         size = int(np.prod(shape, dtype=np.int64))
         if not 0 <= start <= stop <= size:
             raise ValueError(f"range [{start}, {stop}) is not within the {size} elements of {keys}")
-        a = self._offsets[keys][0] + start * dt.itemsize
-        n = (stop - start) * dt.itemsize
-        buf = host.empty_aligned((n,), np.uint8)
-        if os.preadv(self._file.fileno(), [memoryview(buf)], self._data_start + a) != n:
-            raise CheckpointError(f"cannot read {str(self.path)!r}: tensor {keys} is truncated")
-        return buf.view(dt)
+        offset = self._offsets[keys][0] + start * dt.itemsize
+        return self._pread(keys, offset, (stop - start) * dt.itemsize).view(dt)
 
     def _open_npz(self) -> None:
         self._file = np.load(self.path, allow_pickle=False)

@@ -51,6 +51,7 @@ __all__ = [
     "sample",
     "sample_stride",
     "order_stats",
+    "ranked",
     "TREE_LEVELS",
     "predict",
     "row_weights",
@@ -181,12 +182,24 @@ def order_stats(s: Sample, ks) -> jax.Array:
       >>> order_stats(s, [0, 7]).tolist()
       [999.0, 992.0]
     """
+    return ranked(s.tail_abs, s.rest_abs, s.size, ks)
+
+
+def ranked(tail_abs, rest_abs, size: int, ks) -> jax.Array:
+    """``order_stats`` from its parts: ``desc(|w|)[k]`` from the exact ``tail_abs`` (the
+    largest ``|w|``, descending) below its length, else from ``rest_abs`` (the strided
+    sample's ``|w|``, descending) at the matching rank of a kernel of ``size`` values.
+
+    Example:
+      >>> ranked(jnp.array([9.0, 8.0]), jnp.array([7.0, 3.0, 1.0]), 6, [1, 4]).tolist()
+      [8.0, 1.0]
+    """
     ks = np.asarray(ks, int)
-    tail = s.tail_abs.shape[0]
-    n = s.rest_abs.shape[0]
-    at = np.clip(np.round(ks * n / s.size).astype(int), 0, n - 1)
-    exact = s.tail_abs[np.clip(ks, 0, tail - 1)]
-    approx = s.rest_abs[at]
+    tail = tail_abs.shape[0]
+    n = rest_abs.shape[0]
+    at = np.clip(np.round(ks * n / size).astype(int), 0, n - 1)
+    exact = tail_abs[np.clip(ks, 0, tail - 1)]
+    approx = rest_abs[at]
     return jnp.where(jnp.asarray(ks < tail), exact, approx)
 
 

@@ -122,6 +122,13 @@ def _axis(w: jax.Array, spec: quant.QuantSpec) -> int | None:
     return channel_axis(w.ndim, spec.axis)
 
 
+def _tail_ranks(rows: int, n: int) -> np.ndarray:
+    """``candidate_thresholds``' ranks ``k`` (``desc(|W|)[k]`` candidates): ``n`` of them,
+    geometric in ``[1, rows / 2]``, repeated if the grid has fewer distinct sizes."""
+    ks = np.unique(np.round(np.geomspace(1, max(rows // 2, 1), n)).astype(int))
+    return np.resize(ks, n)
+
+
 def candidate_thresholds(
     w: jax.Array, spec: quant.QuantSpec, n: int, *, sampled: screen.Sample | None = None
 ) -> jax.Array:
@@ -148,8 +155,7 @@ def candidate_thresholds(
     n_rel = n // 2
     frac = jnp.arange(n_rel, dtype=jnp.float32) / n_rel
     rel = frac[:, None] * jnp.max(cols, axis=0)[None, :]
-    ks = np.unique(np.round(np.geomspace(1, max(rows // 2, 1), n - n_rel)).astype(int))
-    ks = np.resize(ks, n - n_rel)  # repeat if the geometric grid has fewer distinct sizes
+    ks = _tail_ranks(rows, n - n_rel)
     if ax is None and rows >= screen.MIN_SIZE:  # no full sort: exact tail, sampled rest
         top = screen.order_stats(screen.sample(w) if sampled is None else sampled, ks)[:, None]
     else:
@@ -499,17 +505,12 @@ def table_thresholds(tab, rest: np.ndarray, *, spec, candidates: int) -> jax.Arr
     frac = jnp.arange(n_rel, dtype=jnp.float32) / n_rel
     top_value = jnp.float32(a_desc[c_desc > 0][0]) if (c_desc > 0).any() else jnp.float32(0)
     rel = frac * top_value
-    ks = np.unique(np.round(np.geomspace(1, max(size // 2, 1), candidates - n_rel)).astype(int))
-    ks = np.resize(ks, candidates - n_rel)
     tail = min(screen.TAIL, size)
     ends = np.cumsum(c_desc)  # a_desc[j] fills the positions [ends[j-1], ends[j])
     tail_abs = a_desc[np.searchsorted(ends, np.arange(tail), side="right")]
     r = np.abs(np.asarray(rest).astype(np.float32))
     r[~np.isfinite(r)] = 0.0
-    rest_abs = -np.sort(-r)
-    n = rest_abs.shape[0]
-    at = np.clip(np.round(ks * n / size).astype(int), 0, n - 1)
-    top = np.where(ks < tail, tail_abs[np.clip(ks, 0, tail - 1)], rest_abs[at])
+    top = screen.ranked(tail_abs, -np.sort(-r), size, _tail_ranks(size, candidates - n_rel))
     return jnp.concatenate([rel, jnp.asarray(top, jnp.float32)])
 
 

@@ -631,10 +631,7 @@ def _tree_curves(
             if _tabled(w, cfg, calibration.get(layer.path)):
                 t = table.value_table(w)
                 thr = search.finite_thresholds(w, spec=a.spec, candidates=a.candidates)
-                c = search.table_curve(
-                    t.values, t.counts, t.size, thr, spec=a.spec, method=cfg.method,
-                    branches=cfg.branches, twin_spec=a.twin_spec,
-                )  # fmt: skip
+                c = _table_curve(t, thr, cfg)
             elif search.screens(tuple(w.shape), a, cfg.method):
                 c = search.screened_curve(
                     w, _key(cfg, layer), calibration.get(layer.path), budget, **kw
@@ -647,18 +644,25 @@ def _tree_curves(
         out.append(c)
         tables.append(t)
     host = jax.device_get(out)
-    curves = [
-        LayerCurve(
-            np.asarray(h["thresholds"]),
-            h["m"],
-            h["base"],
-            np.asarray(h["score"]),
-            float(h["score0"]),
-            int(lay.array.size),
-        )  # fmt: skip
-        for h, lay in zip(host, layers, strict=True)
-    ]
+    curves = [_layer_curve(h, int(lay.array.size)) for h, lay in zip(host, layers, strict=True)]
     return curves, tables
+
+
+def _table_curve(t: table.ValueTable, thr, cfg: SplitConfig):
+    """``search.table_curve`` of a value table at candidate thresholds ``thr`` (on device)."""
+    a = cfg.threshold
+    return search.table_curve(
+        t.values, t.counts, t.size, thr, spec=a.spec, method=cfg.method,
+        branches=cfg.branches, twin_spec=a.twin_spec,
+    )  # fmt: skip
+
+
+def _layer_curve(h: Mapping, size: int) -> LayerCurve:
+    """A curve fetched to the host (``search.curve``'s mapping) as a ``LayerCurve``."""
+    return LayerCurve(
+        np.asarray(h["thresholds"]), h["m"], h["base"], np.asarray(h["score"]),
+        float(h["score0"]), size,
+    )  # fmt: skip
 
 
 def tree_picks(
@@ -962,15 +966,8 @@ def tabled_curve(tab: table.ValueTable, rest, cfg: SplitConfig) -> LayerCurve:
     a = cfg.threshold
     with x64(tab.values.dtype):
         thr = search.table_thresholds(tab, rest, spec=a.spec, candidates=a.candidates)
-        c = search.table_curve(
-            tab.values, tab.counts, tab.size, thr, spec=a.spec, method=cfg.method,
-            branches=cfg.branches, twin_spec=a.twin_spec,
-        )  # fmt: skip
-    h = jax.device_get(c)
-    return LayerCurve(
-        np.asarray(h["thresholds"]), h["m"], h["base"], np.asarray(h["score"]),
-        float(h["score0"]), int(tab.size),
-    )  # fmt: skip
+        c = _table_curve(tab, thr, cfg)
+    return _layer_curve(jax.device_get(c), int(tab.size))
 
 
 def _spent(m, cost: str):

@@ -762,8 +762,7 @@ def split_checkpoint(
                         f"config needs scope='layer'",
                     )
                 one = dataclasses.replace(layer_cfg, layers=_exact(path), strict=True)
-                lay = source.layers[path]
-                sub = _with_device_weight(sub, keys if lay.leaf else (*keys, lay.weight))
+                sub = _with_device_weight(sub, _weight_keys(source, path))
                 if tree is not None:
                     out, rep = split_planned(
                         sub, one, tree, donate=True, calibration=_only(calib, path)
@@ -786,16 +785,9 @@ def split_checkpoint(
             return {}
         out = {}
         for path in state["paths"]:
-            lay = source.layers[path]
-            keys = source.layer_keys[path]
-            wkeys = keys if lay.leaf else (*keys, lay.weight)
-            t = source.reader.tensors[wkeys]
-            if t.nbytes <= block_bytes or path in state["calib"]:
-                continue
-            if not source.reader.flat_readable(wkeys):
-                continue
-            how = _elementwise(cfg, state["tree"], path, _dtype(t.dtype), tuple(t.shape))
-            if how is not None:
+            kernel = _in_blocks(source, path, state["calib"], block_bytes)
+            how = kernel and _elementwise(cfg, state["tree"], path, *kernel[1:])
+            if how:
                 out[path] = _BlockedLayer(
                     source, path, cfg, block_bytes, below, state["plans"], *how
                 )
@@ -813,6 +805,25 @@ def split_checkpoint(
         out, out_fmt, report, (), n, _size_on_disk(pathlib.Path(src)), _size_on_disk(out),
         largest, sr, sw, secs,
     )  # fmt: skip
+
+
+def _weight_keys(source: LayerSource, path: str) -> tuple:
+    """The stored keys of layer ``path``'s weight (a leaf layer's keys are the leaf's)."""
+    lay, keys = source.layers[path], source.layer_keys[path]
+    return keys if lay.leaf else (*keys, lay.weight)
+
+
+def _in_blocks(source: LayerSource, path: str, calib, block_bytes) -> tuple | None:
+    """``(weight keys, dtype, shape)`` of a layer whose weight may be read in blocks of
+    ``block_bytes`` (bigger than one, a dense safetensors tensor, not calibrated), else
+    ``None``."""
+    wkeys = _weight_keys(source, path)
+    t = source.reader.tensors[wkeys]
+    if block_bytes is None or t.nbytes <= block_bytes or path in calib:
+        return None
+    if not source.reader.flat_readable(wkeys):
+        return None
+    return wkeys, np.dtype(_dtype(t.dtype)), tuple(t.shape)
 
 
 def _elementwise(cfg: SplitConfig, tree: TreePlan | None, path: str, dtype, shape):
@@ -842,6 +853,10 @@ def _elementwise(cfg: SplitConfig, tree: TreePlan | None, path: str, dtype, shap
     method = search.search_methods(cfg.method, rule.spec)[mi]
     thr = curve.thresholds[ti]
     choice = tree_choice(curve, pick, cfg, tree.budget)
+
+    def picked(*_):  # the pick's threshold: nothing to read
+        return float(np.asarray(thr))
+
     if tabled(dtype, shape, cfg):
 
         def gathered(read, size, block, _):
@@ -850,14 +865,14 @@ def _elementwise(cfg: SplitConfig, tree: TreePlan | None, path: str, dtype, shap
                 twin_spec=rule.twin_spec,
             )  # fmt: skip
 
-        return gathered, lambda *_: float(np.asarray(thr)), choice
+        return gathered, picked, choice
     if method not in chunked.METHODS or np.ndim(thr) != 0:
         return None
 
     def elementwise(read, size, block, t):
         return chunked.split_blocks(read, size, block, t, method)
 
-    return elementwise, lambda *_: float(np.asarray(thr)), choice
+    return elementwise, picked, choice
 
 
 class _BlockedLayer:
@@ -875,7 +890,7 @@ class _BlockedLayer:
         self.split_blocks, self.resolve, self.choice = split_blocks, resolve, choice
         self.lay = source.layers[path]
         self.keys = source.layer_keys[path]
-        self.wkeys = self.keys if self.lay.leaf else (*self.keys, self.lay.weight)
+        self.wkeys = _weight_keys(source, path)
         t = source.reader.tensors[self.wkeys]
         self.shape, self.dtype = tuple(t.shape), np.dtype(_dtype(t.dtype))
         self.size = int(np.prod(self.shape, dtype=np.int64))
@@ -980,14 +995,10 @@ def _tabled_in_blocks(source: LayerSource, cfg: SplitConfig, path: str, calib, b
     """The pass-1 curve of a layer that ``split.tabled`` holds for, read in blocks of
     ``block_bytes`` (its bit-pattern counts and its strided sample: ``split.tabled_curve``),
     or ``None`` where it must be read whole (small, not a dense safetensors tensor, ...)."""
-    lay = source.layers[path]
-    wkeys = source.layer_keys[path] + (() if lay.leaf else (lay.weight,))
-    t = source.reader.tensors[wkeys]
-    dtype, shape = np.dtype(_dtype(t.dtype)), tuple(t.shape)
-    if block_bytes is None or t.nbytes <= block_bytes or path in calib:
+    kernel = _in_blocks(source, path, calib, block_bytes)
+    if kernel is None or not tabled(kernel[1], kernel[2], cfg):
         return None
-    if not source.reader.flat_readable(wkeys) or not tabled(dtype, shape, cfg):
-        return None
+    wkeys, dtype, shape = kernel
     size = int(np.prod(shape, dtype=np.int64))
     stride = screen.sample_stride(size)
     counts, rest = np.zeros(1 << 16, np.int64), []
@@ -999,7 +1010,7 @@ def _tabled_in_blocks(source: LayerSource, cfg: SplitConfig, path: str, calib, b
     bad = ~np.isfinite(tab.values.astype(np.float32))
     n_bad = int(tab.counts[bad].sum())
     if n_bad and not cfg.allow_nonfinite:
-        raise NonFiniteError.count(path, lay.weight, n_bad)
+        raise NonFiniteError.count(path, source.layers[path].weight, n_bad)
     return tabled_curve(tab, np.concatenate(rest), cfg)
 
 
